@@ -1,0 +1,245 @@
+"""Grad-CAM Secondary Capture (RGB) for one analysed image."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.analysis.result import ImageAnalysis, ModelInfo
+from node.reports.common import (
+    check_common_args,
+    check_finding,
+    check_series_number,
+    laterality_of,
+)
+from node.reports.uids import ResultUIDs
+
+log = logging.getLogger(__name__)
+
+SC_SERIES_DESCRIPTION = "AI Grad-CAM"
+BANNER_TEXT = "NOT FOR DIAGNOSTIC USE"
+_ORIENTATION_LETTERS = set("APRLHF")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# Drawing colours, RGB.
+MALIGNANT_RGB = (255, 40, 40)
+BENIGN_RGB = (40, 255, 40)
+BANNER_BG_RGB = (0, 0, 0)
+BANNER_FG_RGB = (255, 255, 0)
+MAX_ALPHA = 0.5  # heat-map opacity where cam == 1
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _valid_orientation(value: object) -> list[str] | None:
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        parts = [str(v) for v in value]  # type: ignore[union-attr]
+    except TypeError:
+        return None
+    if len(parts) == 2 and all(p and set(p) <= _ORIENTATION_LETTERS for p in parts):
+        return parts
+    return None
+
+
+def _fit_text(text: str, width: int, height: int, thickness: int) -> float:
+    """The largest font scale (<= height-based cap) at which ``text`` fits ``width``."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.3, height / 40.0)
+    while scale > 0.3:
+        (w, h), _ = cv2.getTextSize(text, font, scale, thickness)
+        if w <= width and h <= height:
+            break
+        scale *= 0.9
+    return scale
+
+
+def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
+              colour: tuple[int, int, int], thickness: int) -> None:
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(img, text, org, font, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, font, scale, colour, thickness, cv2.LINE_AA)
+
+
+def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) -> np.ndarray:
+    """RGB uint8 rendering: display image, Grad-CAM heat map, ROI outlines with P(malignant),
+    a "NOT FOR DIAGNOSTIC USE" banner at the top and the model identity at the bottom."""
+    display, cam = image.display, image.cam
+    if display is None or cam is None:
+        raise ValueError("the analysed image has no display image or no Grad-CAM map")
+    display = np.asarray(display)
+    cam = np.asarray(cam)
+    if display.ndim != 2 or display.dtype != np.uint8:
+        raise ValueError(f"display must be a 2-D uint8 array, got {display.dtype} {display.shape}")
+    if cam.shape != display.shape:
+        raise ValueError(f"cam shape {cam.shape} differs from display shape {display.shape}")
+    if not np.isfinite(cam).all():
+        raise ValueError("cam contains NaN or infinite values")
+    if not image.display_scale > 0:
+        raise ValueError(f"display_scale must be > 0, got {image.display_scale}")
+    h, w = display.shape
+    if h < 64 or w < 64:
+        raise ValueError(f"display image {w}x{h} is too small for the annotations")
+
+    cam01 = np.clip(cam.astype(np.float32), 0.0, 1.0)
+    grey = np.repeat(display[:, :, None], 3, axis=2).astype(np.float32)
+    heat_bgr = cv2.applyColorMap(np.round(cam01 * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = heat_bgr[:, :, ::-1].astype(np.float32)
+    alpha = (MAX_ALPHA * cam01)[:, :, None]
+    out = np.clip(np.round(grey * (1.0 - alpha) + heat * alpha), 0, 255).astype(np.uint8)
+    out = np.ascontiguousarray(out)  # RGB; cv2 draws channel-agnostic with RGB tuples
+
+    short = min(h, w)
+    line = max(1, round(short / 400))
+    label_scale = max(0.4, short / 1200)
+    label_thick = max(1, round(short / 600))
+    s = float(image.display_scale)
+    for finding in sorted(image.findings, key=lambda f: f.index):
+        colour = MALIGNANT_RGB if finding.probability >= threshold else BENIGN_RGB
+        pts = np.asarray(finding.outline_xy, dtype=np.float64) * s - 0.5  # pixel centres
+        pts_i = np.round(pts).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(out, [pts_i], isClosed=True, color=colour, thickness=line,
+                      lineType=cv2.LINE_AA)
+        text = f"#{finding.index} P(malignant) {finding.probability * 100:.0f}%"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, label_scale,
+                                         label_thick)
+        x = int(np.clip(pts[:, 0].min(), 2, max(2, w - tw - 2)))
+        y = int(pts[:, 1].min()) - 2 * line - base
+        if y - th < 0:  # no room above the ROI: write below it
+            y = int(pts[:, 1].max()) + 2 * line + th
+        y = int(np.clip(y, th + 2, h - base - 2))
+        _put_text(out, text, (x, y), label_scale, colour, label_thick)
+
+    # Banner (top) and model identity (bottom), opaque strips.
+    band = max(20, round(h / 22))
+    thick = max(1, round(band / 14))
+    out[:band] = BANNER_BG_RGB
+    scale = _fit_text(BANNER_TEXT, w - 8, int(band * 0.7), thick)
+    (tw, th), _ = cv2.getTextSize(BANNER_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    cv2.putText(out, BANNER_TEXT, ((w - tw) // 2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, BANNER_FG_RGB, thick, cv2.LINE_AA)
+    footer = f"AI Grad-CAM {model.name} {model.version} - threshold {threshold * 100:.0f}%"
+    fband = max(14, round(band * 0.7))
+    fthick = max(1, round(fband / 14))
+    out[h - fband:] = BANNER_BG_RGB
+    fscale = _fit_text(footer, w - 8, int(fband * 0.7), fthick)
+    (fw, fh), _ = cv2.getTextSize(footer, cv2.FONT_HERSHEY_SIMPLEX, fscale, fthick)
+    cv2.putText(out, footer, (4, h - (fband - fh) // 2), cv2.FONT_HERSHEY_SIMPLEX, fscale,
+                (255, 255, 255), fthick, cv2.LINE_AA)
+    return out
+
+
+def build_sc(
+    image: ImageAnalysis,
+    source: Dataset,
+    *,
+    model: ModelInfo,
+    analysis_key: str,
+    created: dt.datetime,
+    manufacturer: str,
+    series_number: int,
+    instance_number: int,
+    threshold: float,
+    software_version: str,
+) -> hd.sc.SCImage:
+    """The RGB Grad-CAM Secondary Capture of one analysed image (new series, same study).
+
+    ``source`` is the analysed instance (headers suffice). Patient and study attributes are
+    copied from it; PatientOrientation is copied only when it is a valid two-valued value
+    (else written empty, Type 2); PixelSpacing is never written.
+    """
+    check_common_args(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
+                      threshold=threshold, software_version=software_version)
+    check_series_number("series_number", series_number)
+    check_series_number("instance_number", instance_number)
+    if not isinstance(image, ImageAnalysis):
+        raise TypeError(f"image must be an ImageAnalysis, got {type(image).__name__}")
+    if not image.analysed:
+        raise ValueError("the image was skipped by the analysis: no Secondary Capture")
+    if not isinstance(source, Dataset):
+        raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+        if keyword not in source:
+            raise ValueError(f"source lacks {keyword}")
+    if source.SOPInstanceUID != image.sop_instance_uid:
+        raise ValueError("source is not the analysed image (SOP Instance UID differs)")
+    for finding in image.findings:
+        check_finding(image, finding)
+
+    rgb = render_overlay(image, threshold=float(threshold), model=model)
+    uids = ResultUIDs(analysis_key)
+    header = Dataset({e.tag: e for e in source if e.keyword not in _PIXEL_KEYWORDS})
+    lat = laterality_of(source) or (image.laterality if image.laterality in ("L", "R") else "")
+    orientation = _valid_orientation(source.get("PatientOrientation"))
+
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uids.sc_series,
+        series_number=series_number,
+        sop_instance_uid=uids.sc_instance(image.sop_instance_uid),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        patient_orientation=tuple(orientation) if orientation else ("A", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=SC_SERIES_DESCRIPTION,
+        software_versions=software_version,
+        manufacturer_model_name=model.name[:64],
+    )
+    if orientation is None:
+        sc.PatientOrientation = None  # Type 2: empty rather than a guess
+    # The SC series holds both breasts, so laterality is per image: ImageLaterality, and no
+    # series Laterality (dciodvfy: Laterality must be absent when ImageLaterality is sent).
+    # Unknown laterality: empty series Laterality (Type 2C, "unknown").
+    if lat:
+        sc.ImageLaterality = lat
+    else:
+        sc.Laterality = None
+    # Identity: all Patient and Study module attributes of the source (StudyDescription, ...).
+    sc.copy_patient_and_study_information(header)
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.BodyPartExamined = "BREAST"
+    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    src_item = Dataset()
+    src_item.ReferencedSOPClassUID = source.SOPClassUID
+    src_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    src_item.PurposeOfReferenceCodeSequence = [
+        _code_item("121322", "DCM", "Source image for image processing operation")
+    ]
+    sc.SourceImageSequence = [src_item]
+    n = len(image.findings)
+    sc.DerivationDescription = (
+        f"Grad-CAM heat map of {model.name} {model.version} blended over a display rendering;"
+        f" {n} calcification cluster outline(s) with P(malignant) burned in"
+    )[:1024]
+    sc.ImageComments = (
+        "NOT FOR DIAGNOSTIC USE. AI calcification analysis visualisation; "
+        "the machine-readable result is the TID 1500 SR of this study."
+    )
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    sc.ContentDate = sc.InstanceCreationDate = sc.SeriesDate = date
+    sc.ContentTime = sc.InstanceCreationTime = sc.SeriesTime = time
+    for item in sc.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
+    if "PixelSpacing" in sc:
+        del sc.PixelSpacing
+    log.info("built Grad-CAM SC: %dx%d, %d ROI(s)", rgb.shape[1], rgb.shape[0], n)
+    return sc
