@@ -1,0 +1,238 @@
+"""mammo-node command line: serve, echo, send, status, retry (also ``python -m node``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from node import __version__
+from node.config import ConfigError, Settings, load_settings
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.log import setup_logging
+
+    settings = _settings(args)
+    lg = settings.log
+    setup_logging(lg.level, settings.log_file, lg.max_mb, lg.backup_count,
+                  lg.patient_identifiers)
+    from node.service import Node
+
+    try:
+        node = Node(settings)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"mammo-node: cannot start: {exc}", file=sys.stderr)
+        return 2
+    node.serve_forever()
+    return 0
+
+
+def _target(args: argparse.Namespace, settings: Settings) -> tuple[str, int, str]:
+    if args.destination:
+        for d in settings.destinations:
+            if d.name == args.destination:
+                return d.host, d.port, d.ae_title
+        raise ConfigError(f"no destination named {args.destination!r} in {args.config}")
+    host = args.host or ("127.0.0.1" if settings.node.host in ("0.0.0.0", "::")
+                         else settings.node.host)
+    return host, args.port or settings.node.port, args.aet or settings.node.ae_title
+
+
+def _associate(args: argparse.Namespace, contexts: list[str]):  # type: ignore[no-untyped-def]
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    settings = _settings(args)
+    host, port, aet = _target(args, settings)
+    ae = AE(ae_title=args.calling_aet)
+    ae.maximum_pdu_size = 131072
+    for uid, syntaxes in contexts:
+        ae.add_requested_context(uid, syntaxes or [ExplicitVRLittleEndian,
+                                                   ImplicitVRLittleEndian])
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"mammo-node: no association with {aet}@{host}:{port}", file=sys.stderr)
+        return None
+    return assoc
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from pynetdicom.sop_class import Verification
+
+    assoc = _associate(args, [(Verification, None)])
+    if assoc is None:
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else -1
+    print(f"C-ECHO status 0x{code:04X}" if code >= 0 else "C-ECHO: no response")
+    return 0 if code == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import pydicom
+
+    files: list[Path] = []
+    for name in args.files:
+        p = Path(name)
+        files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    headers = [(f, pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
+    contexts: dict[str, set[str]] = {}
+    for _, ds in headers:
+        contexts.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+    assoc = _associate(args, [(uid, sorted(ts)) for uid, ts in contexts.items()])
+    if assoc is None:
+        return 1
+    failures = 0
+    try:
+        for f, _ in headers:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            code = int(status.Status) if status and "Status" in status else -1
+            print(f"{f}: " + (f"0x{code:04X}" if code >= 0 else "no response"))
+            failures += code not in (0x0000, 0xB000, 0xB006, 0xB007)
+    finally:
+        assoc.release()
+    return 1 if failures else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from node.db import Database, Delivery, Job, Result, Study
+
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    db.create_schema()
+    with db.session() as s:
+        studies = Counter(dict(s.execute(select(Study.state, func.count()).group_by(Study.state)
+                                         ).all()))
+        jobs = Counter(dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all()))
+        deliveries = Counter(dict(s.execute(
+            select(Delivery.state, func.count()).group_by(Delivery.state)).all()))
+        errors = []
+        for d, study_uid in s.execute(
+            select(Delivery, Study.study_uid).join(Result, Result.id == Delivery.result_id)
+            .join(Study, Study.id == Result.study_id).where(Delivery.last_error.is_not(None))
+            .order_by(Delivery.id.desc()).limit(args.errors)
+        ).all():
+            errors.append({"kind": "delivery", "study": study_uid, "destination": d.destination,
+                           "state": d.state, "attempts": d.attempts, "error": d.last_error})
+        for j, study_uid in s.execute(
+            select(Job, Study.study_uid).join(Study, Study.id == Job.study_id)
+            .where(Job.error.is_not(None)).order_by(Job.id.desc()).limit(args.errors)
+        ).all():
+            errors.append({"kind": "analysis", "study": study_uid, "state": j.state,
+                           "attempts": j.attempts, "error": j.error})
+    report = {
+        "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
+        "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
+        "recent_errors": errors,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"queue depth: {report['queue_depth']} (queued {jobs.get('queued', 0)}, "
+          f"running {jobs.get('running', 0)})")
+    print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
+    print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
+                            or "none"))
+    if errors:
+        print("recent errors:")
+        for e in errors:
+            where = f" -> {e['destination']}" if e.get("destination") else ""
+            print(f"  {e['kind']}{where} study={e['study']} state={e['state']} "
+                  f"attempts={e['attempts']}: {e['error']}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from sqlalchemy import select, update
+
+    from node.db import Database, Delivery, Job, Result, Study, utcnow
+
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    db.create_schema()
+    with db.session() as s:
+        study_ids = None
+        if args.study:
+            study_ids = s.execute(select(Study.id).where(Study.study_uid == args.study)
+                                  ).scalars().all()
+        dq = update(Delivery).where(Delivery.state == "failed")
+        jq = update(Job).where(Job.state == "failed")
+        if study_ids is not None:
+            dq = dq.where(Delivery.result_id.in_(
+                select(Result.id).where(Result.study_id.in_(study_ids))))
+            jq = jq.where(Job.study_id.in_(study_ids))
+        n_d = s.execute(dq.values(state="pending", attempts=0, next_attempt_at=utcnow())
+                        ).rowcount
+        n_j = s.execute(jq.values(state="queued", attempts=0)).rowcount
+        if n_j:
+            failed_studies = select(Job.study_id).where(Job.state == "queued")
+            s.execute(update(Study).where(Study.state == "failed",
+                                          Study.id.in_(failed_studies)).values(state="complete"))
+    print(f"re-queued {n_d} failed deliveries and {n_j} failed analyses")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mammo-node", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mammo-node {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="configuration file (default: ./config.toml)")
+
+    def network(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--destination", help="talk to this [[destinations]] entry instead "
+                                              "of the node itself")
+        sp.add_argument("--host", help="override the host")
+        sp.add_argument("--port", type=int, help="override the port")
+        sp.add_argument("--aet", help="override the called AE title")
+        sp.add_argument("--calling-aet", default="MAMMO_CLI", help="our AE title")
+
+    sp = sub.add_parser("serve", help="run the node (listener, worker, delivery)")
+    common(sp)
+    sp.set_defaults(func=cmd_serve)
+    sp = sub.add_parser("echo", help="C-ECHO the node (or a destination)")
+    common(sp)
+    network(sp)
+    sp.set_defaults(func=cmd_echo)
+    sp = sub.add_parser("send", help="C-STORE files or folders to the node (or a destination)")
+    common(sp)
+    network(sp)
+    sp.add_argument("files", nargs="+")
+    sp.set_defaults(func=cmd_send)
+    sp = sub.add_parser("status", help="queue depth, studies per state, recent errors")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--errors", type=int, default=10, help="how many recent errors to show")
+    sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("retry", help="re-queue failed deliveries and analyses")
+    common(sp)
+    sp.add_argument("--study", help="only this Study Instance UID")
+    sp.set_defaults(func=cmd_retry)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"mammo-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Study completion: decide when a study has stopped arriving and queue its analysis.
+
+A study in state ``receiving`` is complete when no instance arrived for ``stable_seconds``, or
+earlier when the four screening views (L/R x CC/MLO) are present and that rule is on. Completing
+queues one analysis job whose ``input_key`` digests the study's instances; when a job with the
+same key already finished (e.g. a re-sent, identical instance re-opened the study), nothing new is
+queued, so the same content is never analysed or sent twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db import Database, Instance, Job, Study, utcnow
+from node.log import event
+
+log = logging.getLogger("node.completion")
+
+SCREENING_VIEWS = {("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+
+
+def input_key(instances: list[Instance]) -> str:
+    """Digest of (SOP Instance UID, content hash) of every instance, order-independent."""
+    h = hashlib.sha256()
+    for uid, sha in sorted((i.sop_uid, i.sha256) for i in instances):
+        h.update(f"{uid}:{sha};".encode())
+    return h.hexdigest()
+
+
+def has_four_views(instances: list[Instance]) -> bool:
+    return {(i.laterality, i.view) for i in instances} >= SCREENING_VIEWS
+
+
+def complete_ready_studies(
+    db: Database, stable_seconds: float, complete_on_four_views: bool,
+    now: dt.datetime | None = None,
+) -> list[str]:
+    """Complete every study that is ready; returns their Study Instance UIDs."""
+    now = now or utcnow()
+    done: list[str] = []
+    with db.session() as s:
+        candidates = s.execute(select(Study).where(Study.state == "receiving")).scalars().all()
+        for study in candidates:
+            instances = list(
+                s.execute(select(Instance).where(Instance.study_id == study.id)).scalars()
+            )
+            quiet = (now - study.last_received_at).total_seconds() >= stable_seconds
+            four = complete_on_four_views and has_four_views(instances)
+            if not (quiet or four):
+                continue
+            _complete(s, study, instances, reason="four views" if four and not quiet else
+                      "stable")
+            done.append(study.study_uid)
+    return done
+
+
+def _complete(s: Session, study: Study, instances: list[Instance], reason: str) -> None:
+    key = input_key(instances)
+    study.completed_at = utcnow()
+    previous = s.execute(
+        select(Job).where(Job.study_id == study.id, Job.input_key == key,
+                          Job.state.in_(("queued", "running", "done")))
+    ).scalar()
+    if previous is not None:
+        study.state = "done" if previous.state == "done" else "complete"
+        event(log, "study.complete", study=study.study_uid, instances=len(instances),
+              reason=reason, job="unchanged content, no new analysis")
+        return
+    study.state = "complete"
+    job = Job(study_id=study.id, generation=study.generation, input_key=key, state="queued")
+    s.add(job)
+    s.flush()
+    event(log, "study.complete", study=study.study_uid, instances=len(instances), reason=reason,
+          job=job.id)

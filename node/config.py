@@ -1,0 +1,300 @@
+"""config.toml -> typed, validated settings. The only reader of the configuration file.
+
+Every section is a frozen dataclass. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` whose message names the key (``node.port``, ``destinations[1].host``, ...).
+Relative paths are resolved against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
+
+
+class ConfigError(ValueError):
+    """A problem in the configuration; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "MAMMO_AI"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    data_dir: Path = Path("var")
+    max_pdu_size: int = 131072
+    max_associations: int = 16
+    network_timeout: int = 60
+    min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    stable_seconds: float = 30
+    complete_on_four_views: bool = True
+    check_interval_seconds: float = 2
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    for_processing: str = "analyse"
+    fallback_pixel_spacing_mm: float = 0.1
+    sc_max_side: int = 2048
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    card: Path = Path("models/weights/calc-cluster-lite0.json")
+    architecture: str = "tf_efficientnet_lite0"
+    device: str = "auto"
+    batch_size: int = 16
+    threshold: str | float = "card"
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    manufacturer: str = "mammo-node"
+    sr_series_number: int = 9901
+    sc_series_number: int = 9902
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    max_attempts: int = 6
+    backoff_initial_seconds: float = 5
+    backoff_max_seconds: float = 600
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    days: float = 30
+    check_interval_hours: float = 6
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "INFO"
+    file: str = ""
+    max_mb: float = 50
+    backup_count: int = 10
+    patient_identifiers: bool = False
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    study: StudySettings = field(default_factory=StudySettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    source: Path | None = None  # the file these settings came from
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.node.data_dir / 'node.sqlite3'}"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.log.file) if self.log.file else self.node.data_dir / "node.log"
+
+    @property
+    def threshold_override(self) -> float | None:
+        return None if self.model.threshold == "card" else float(self.model.threshold)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "database": DatabaseSettings,
+    "study": StudySettings,
+    "analysis": AnalysisSettings,
+    "model": ModelSettings,
+    "output": OutputSettings,
+    "delivery": DeliverySettings,
+    "retention": RetentionSettings,
+    "log": LogSettings,
+}
+
+
+def load_settings(path: Path | str, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Read and validate ``path``; ``overrides`` (section -> key -> value) win over the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        if section == "destinations":
+            raw["destinations"] = values
+        else:
+            raw.setdefault(section, {}).update(values)
+    return parse_settings(raw, base_dir=path.resolve().parent, source=path.resolve())
+
+
+def parse_settings(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Settings:
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"destinations"})
+    if unknown:
+        raise ConfigError(f"unknown section or key {unknown[0]!r} (known: "
+                          f"{', '.join(sorted([*_SECTIONS, 'destinations']))})")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} must be a table ([{name}])")
+        kwargs[name] = _build(cls, section, name, base_dir)
+    dests = raw.get("destinations", [])
+    if not isinstance(dests, list):
+        raise ConfigError("destinations must be an array of tables ([[destinations]])")
+    kwargs["destinations"] = [
+        _build(Destination, d, f"destinations[{i}]", base_dir) for i, d in enumerate(dests)
+    ]
+    settings = Settings(**kwargs, source=source)
+    _validate(settings)
+    return settings
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a table")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]}")
+    out: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing key {key}")
+            continue
+        out[name] = _coerce(values[name], hints[name], key, base_dir)
+    return cls(**out)
+
+
+def _coerce(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
+    origin = get_origin(hint)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", base_dir) for i, v in enumerate(value)]
+    args = get_args(hint)
+    if args:  # a union such as str | float: accept any member type
+        for arg in args:
+            try:
+                return _coerce(value, arg, key, base_dir)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has an unsupported value {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} {msg}")
+
+
+def _validate(s: Settings) -> None:
+    n = s.node
+    _check(bool(_AE_RE.match(n.ae_title.strip() or "")), "node.ae_title",
+           "must be 1-16 printable ASCII characters without backslash")
+    _check(0 < n.port < 65536, "node.port", f"must be 1-65535, got {n.port}")
+    for i, aet in enumerate(n.allowed_calling_aets):
+        _check(bool(_AE_RE.match(aet)), f"node.allowed_calling_aets[{i}]",
+               f"is not a valid AE title: {aet!r}")
+    _check(n.max_pdu_size == 0 or n.max_pdu_size >= 4096, "node.max_pdu_size",
+           "must be 0 (unlimited) or at least 4096")
+    _check(n.max_associations >= 1, "node.max_associations", "must be at least 1")
+    _check(n.network_timeout > 0, "node.network_timeout", "must be positive")
+    _check(n.min_free_mb >= 0, "node.min_free_mb", "must not be negative")
+    _check(s.study.stable_seconds >= 0, "study.stable_seconds", "must not be negative")
+    _check(s.study.check_interval_seconds > 0, "study.check_interval_seconds",
+           "must be positive")
+    _check(s.analysis.for_processing in ("analyse", "skip"), "analysis.for_processing",
+           f"must be \"analyse\" or \"skip\", got {s.analysis.for_processing!r}")
+    _check(0.01 <= s.analysis.fallback_pixel_spacing_mm <= 1.0,
+           "analysis.fallback_pixel_spacing_mm", "must be between 0.01 and 1.0 mm")
+    _check(256 <= s.analysis.sc_max_side <= 16384, "analysis.sc_max_side",
+           "must be between 256 and 16384")
+    m = s.model
+    _check(m.device == "auto" or m.device == "cpu" or bool(re.match(r"^cuda(:\d+)?$", m.device)),
+           "model.device", f"must be auto, cpu, cuda or cuda:N, got {m.device!r}")
+    _check(m.batch_size >= 1, "model.batch_size", "must be at least 1")
+    if isinstance(m.threshold, str):
+        _check(m.threshold == "card", "model.threshold", "must be \"card\" or a number in (0, 1)")
+    else:
+        _check(0.0 < m.threshold < 1.0, "model.threshold", "must be in (0, 1)")
+    _check(bool(m.architecture), "model.architecture", "must not be empty")
+    _check(1 <= s.output.sr_series_number < 2**31, "output.sr_series_number", "out of range")
+    _check(1 <= s.output.sc_series_number < 2**31, "output.sc_series_number", "out of range")
+    _check(s.output.sr_series_number != s.output.sc_series_number, "output.sc_series_number",
+           "must differ from output.sr_series_number")
+    d = s.delivery
+    _check(d.max_attempts >= 1, "delivery.max_attempts", "must be at least 1")
+    _check(d.backoff_initial_seconds > 0, "delivery.backoff_initial_seconds", "must be positive")
+    _check(d.backoff_max_seconds >= d.backoff_initial_seconds, "delivery.backoff_max_seconds",
+           "must be at least delivery.backoff_initial_seconds")
+    _check(s.retention.days >= 0, "retention.days", "must not be negative")
+    _check(s.retention.check_interval_hours > 0, "retention.check_interval_hours",
+           "must be positive")
+    _check(s.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level",
+           f"must be DEBUG, INFO, WARNING or ERROR, got {s.log.level!r}")
+    _check(s.log.max_mb > 0, "log.max_mb", "must be positive")
+    _check(s.log.backup_count >= 0, "log.backup_count", "must not be negative")
+    names = set()
+    for i, dest in enumerate(s.destinations):
+        key = f"destinations[{i}]"
+        _check(bool(dest.name) and dest.name not in names, f"{key}.name",
+               f"must be non-empty and unique, got {dest.name!r}")
+        names.add(dest.name)
+        _check(bool(_AE_RE.match(dest.ae_title)), f"{key}.ae_title",
+               f"is not a valid AE title: {dest.ae_title!r}")
+        _check(bool(dest.host), f"{key}.host", "must not be empty")
+        _check(0 < dest.port < 65536, f"{key}.port", f"must be 1-65535, got {dest.port}")

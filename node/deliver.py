@@ -1,0 +1,154 @@
+"""Deliver: C-STORE the result objects of each current result to every destination.
+
+One association per (result, destination), proposing only the SOP classes being sent with
+Explicit/Implicit VR Little Endian (no Deflate: it costs seconds per object). A connection
+failure is retried with exponential backoff up to ``delivery.max_attempts``; a destination that
+answers a failure status (0xA7xx, 0xA9xx, 0xCxxx) is marked failed at once, since repeating the
+same object will not change its answer. ``mammo-node retry`` puts failed deliveries back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import select, update
+
+from node.config import DeliverySettings, Destination
+from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
+from node.log import event
+from node.store import Spool
+
+log = logging.getLogger("node.deliver")
+
+OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    ok: bool
+    permanent: bool  # the destination refused: retrying will not help
+    status: str
+    error: str
+
+
+class Deliverer:
+    def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
+                 settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
+                 timeout: float = 60) -> None:
+        self.db = db
+        self.spool = spool
+        self.destinations = {d.name: d for d in destinations}
+        self.settings = settings
+        self.calling_aet = calling_aet
+        self.max_pdu_size = max_pdu_size
+        self.timeout = timeout
+
+    def recover(self) -> int:
+        with self.db.session() as s:
+            n = s.execute(update(Delivery).where(Delivery.state == "sending")
+                          .values(state="pending")).rowcount
+        if n:
+            event(log, "delivery.recovered", deliveries=n, reason="interrupted by a restart")
+        return n
+
+    def backoff(self, attempts: int) -> float:
+        s = self.settings
+        return min(s.backoff_initial_seconds * (2 ** max(attempts - 1, 0)), s.backoff_max_seconds)
+
+    def run_due(self) -> int:
+        """Send every delivery that is due; returns how many were attempted."""
+        now = utcnow()
+        with self.db.session() as s:
+            due = s.execute(
+                select(Delivery.id).where(Delivery.state == "pending",
+                                          Delivery.next_attempt_at <= now)
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+            ).scalars().all()
+        n = 0
+        for delivery_id in due:
+            with self.db.session() as s:
+                if not claim(s, Delivery, delivery_id, "pending", "sending",
+                             attempts=Delivery.attempts + 1):
+                    continue
+            n += 1
+            self._deliver(delivery_id)
+        return n
+
+    def _deliver(self, delivery_id: int) -> None:
+        with self.db.session() as s:
+            d = s.get(Delivery, delivery_id)
+            result = s.get(Result, d.result_id)
+            objects = s.execute(select(ResultObject).where(
+                ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
+            paths = [self.spool.path(o.relpath) for o in objects]
+            name, attempts = d.destination, d.attempts
+            study_id = result.study_id
+        dest = self.destinations.get(name)
+        t0 = time.perf_counter()
+        if dest is None:
+            outcome = SendOutcome(False, True, "", f"destination {name!r} is no longer in "
+                                                   "the configuration")
+        else:
+            outcome = self.send(dest, paths)
+        ms = round((time.perf_counter() - t0) * 1000, 1)
+        with self.db.session() as s:
+            d = s.get(Delivery, delivery_id)
+            d.last_status = outcome.status or None
+            if outcome.ok:
+                d.state, d.sent_at, d.last_error = "done", utcnow(), None
+            elif outcome.permanent or attempts >= self.settings.max_attempts:
+                d.state, d.last_error = "failed", outcome.error
+            else:
+                d.state, d.last_error = "pending", outcome.error
+                d.next_attempt_at = utcnow() + dt.timedelta(seconds=self.backoff(attempts))
+            state = d.state
+        if outcome.ok:
+            event(log, "delivery.sent", destination=name, study_id=study_id,
+                  objects=len(paths), status=outcome.status, attempt=attempts, ms=ms)
+        else:
+            event(log, "delivery.failed", logging.WARNING if state == "pending" else logging.ERROR,
+                  destination=name, study_id=study_id, attempt=attempts, state=state,
+                  status=outcome.status or None, error=outcome.error,
+                  next_retry_s=self.backoff(attempts) if state == "pending" else None)
+
+    def send(self, dest: Destination, paths: Sequence) -> SendOutcome:
+        """One association, every object; stops at the first failure."""
+        datasets = [pydicom.dcmread(p) for p in paths]
+        ae = AE(ae_title=self.calling_aet)
+        ae.maximum_pdu_size = self.max_pdu_size
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
+            return SendOutcome(False, False, "", f"association failed: {exc}")
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                return SendOutcome(False, False, "", f"association rejected by {dest.ae_title}")
+            return SendOutcome(False, False, "", f"cannot connect to {dest.host}:{dest.port} "
+                                                 f"({dest.ae_title})")
+        try:
+            last = "0x0000"
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                if not status or "Status" not in status:
+                    return SendOutcome(False, False, "", "no response to C-STORE (connection "
+                                                         "lost or timed out)")
+                code = int(status.Status)
+                last = f"0x{code:04X}"
+                if code not in OK_STATUSES:
+                    comment = str(status.get("ErrorComment", "") or "")
+                    return SendOutcome(False, True, last,
+                                       f"C-STORE refused with {last} {comment}".strip())
+            return SendOutcome(True, False, last, "")
+        finally:
+            if assoc.is_established:
+                assoc.release()

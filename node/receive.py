@@ -1,0 +1,392 @@
+"""Receive: the pynetdicom SCP (C-ECHO, C-STORE) and its association policy.
+
+The C-STORE handler is thin: check the header, make the file durable in the spool, record it in
+the database, answer. It never decodes pixels and never analyses. pynetdicom's chunked receive
+writes each dataset straight to a temporary file under ``data_dir/incoming`` (same filesystem as
+the spool, so adopting it is a rename), so a 60 MB mammogram is never held in memory.
+
+DIMSE statuses answered (also listed in the conformance statement):
+0x0000 stored (or already stored with identical content); 0xA700 out of resources (disk below
+``node.min_free_mb`` or the database unavailable; nothing kept, the sender should retry);
+0xC001 not a mammogram (SC/DX whose Modality is not MG); 0xC002 invalid or inconsistent UIDs;
+0xC003 unreadable dataset; 0xC004 no usable pixel data; 0xC005 SOP Instance UID already stored
+with different content. Every 0xCxxx object is kept in ``data_dir/quarantine`` with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from node.analysis.prepare import laterality_and_view
+from node.db import Database, Instance, Series, Study, utcnow
+from node.log import event, patient_fields
+from node.store import Spool
+
+log = logging.getLogger("node.receive")
+
+MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+
+#: SOP classes accepted as SCP; SC and DX only when their Modality is MG.
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    MG_FOR_PRESENTATION: "Digital Mammography X-Ray Image Storage - For Presentation",
+    MG_FOR_PROCESSING: "Digital Mammography X-Ray Image Storage - For Processing",
+    SECONDARY_CAPTURE: "Secondary Capture Image Storage (Modality MG only)",
+    DX_FOR_PRESENTATION: "Digital X-Ray Image Storage - For Presentation (Modality MG only)",
+    DX_FOR_PROCESSING: "Digital X-Ray Image Storage - For Processing (Modality MG only)",
+}
+MG_ONLY_SOP_CLASSES = {SECONDARY_CAPTURE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING}
+
+#: Transfer syntaxes accepted for every storage SOP class; each one decodes in the analysis.
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless, Non-Hierarchical, First-Order Prediction (SV1)",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless, Non-Hierarchical (Process 14)",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Image Compression (Lossless Only)",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000 Image Compression",
+}
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_NOT_MAMMOGRAM = 0xC001
+STATUS_BAD_UIDS = 0xC002
+STATUS_UNREADABLE = 0xC003
+STATUS_NO_PIXELS = 0xC004
+STATUS_CONFLICT = 0xC005
+
+MAX_PIXELS = 30000 * 30000  # larger declared images are refused as absurd
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the receiver tells the rest of the node after an instance became durable."""
+
+    study_uid: str
+    sop_uid: str
+    laterality: str
+    view: str
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _valid_uid(value: object) -> bool:
+    text = str(value or "")
+    return 0 < len(text) <= 64 and UID(text).is_valid
+
+
+class Receiver:
+    """Builds the AE, owns the store handler, and runs the listener."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        spool: Spool,
+        db: Database,
+        allowed_calling_aets: list[str],
+        max_pdu_size: int,
+        max_associations: int,
+        network_timeout: float,
+        min_free_mb: float,
+        on_stored: Callable[[StoredInstance], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.db = db
+        self.host, self.port = host, port
+        self.min_free_mb = min_free_mb
+        self.on_stored = on_stored
+        self.allowed = {a.strip() for a in allowed_calling_aets}
+        self._record_lock = threading.Lock()
+        self._server = None
+        # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(spool.incoming)
+        ae = AE(ae_title=ae_title)
+        ae.maximum_pdu_size = max_pdu_size
+        ae.maximum_associations = max_associations
+        ae.network_timeout = network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = network_timeout
+        ae.require_called_aet = True
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification)
+        if self.allowed:
+            ae.require_calling_aet = sorted(self.allowed)
+        self.ae = ae
+
+    # -- listener ---------------------------------------------------------------------------
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        self._server = self.ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers
+        )
+        event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
+              port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            event(log, "listener.stopped")
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # -- association events -------------------------------------------------------------------
+    @staticmethod
+    def _peer(ev: evt.Event) -> dict[str, object]:
+        r = ev.assoc.requestor
+        return {"peer_aet": r.ae_title, "peer": f"{r.address}:{r.port}"}
+
+    def _on_accepted(self, ev: evt.Event) -> None:
+        event(log, "association.accepted", **self._peer(ev))
+
+    def _on_rejected(self, ev: evt.Event) -> None:
+        event(log, "association.rejected", logging.WARNING, **self._peer(ev),
+              reason="calling AE title not allowed, called AE title wrong, or too many "
+                     "associations")
+
+    def _on_released(self, ev: evt.Event) -> None:
+        event(log, "association.released", logging.DEBUG, **self._peer(ev))
+
+    def _on_aborted(self, ev: evt.Event) -> None:
+        event(log, "association.aborted", logging.WARNING, **self._peer(ev))
+
+    def handle_echo(self, ev: evt.Event) -> int:
+        event(log, "echo", **self._peer(ev))
+        return STATUS_SUCCESS
+
+    # -- C-STORE ----------------------------------------------------------------------------
+    def handle_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+        t0 = time.perf_counter()
+        tmp = Path(ev.dataset_path)
+        peer = self._peer(ev)
+        affected = str(ev.request.AffectedSOPInstanceUID or "")
+        if self.spool.free_mb() < self.min_free_mb:
+            event(log, "instance.refused", logging.ERROR, **peer, status="0xA700",
+                  reason=f"less than {self.min_free_mb} MiB free in data_dir")
+            _unlink(tmp)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            ds = self._check_header(tmp, affected, str(ev.request.AffectedSOPClassUID or ""))
+        except Refused as refusal:
+            relpath = self.spool.quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
+            event(log, "instance.quarantined", logging.WARNING, **peer,
+                  status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
+            return _status(refusal.status, refusal.reason)
+        sop_uid = str(ds.SOPInstanceUID)
+        try:
+            stored = self._store(tmp, ds, calling_aet=str(peer["peer_aet"]))
+        except Refused as refusal:
+            relpath = self.spool.quarantine(tmp, refusal.reason)
+            event(log, "instance.quarantined", logging.WARNING, **peer, sop=sop_uid,
+                  status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
+            return _status(refusal.status, refusal.reason)
+        except Exception as exc:  # database down, disk error...: the sender must retry
+            log.exception("instance.failed sop=%s", sop_uid)
+            event(log, "instance.refused", logging.ERROR, **peer, sop=sop_uid,
+                  status="0xA700", reason=f"{type(exc).__name__}: {exc}")
+            return _status(STATUS_OUT_OF_RESOURCES, "could not store the instance durably")
+        if stored is None:
+            event(log, "instance.duplicate", **peer, sop=sop_uid,
+                  reason="already stored with identical content")
+        else:
+            event(log, "instance.stored", **peer, sop=sop_uid, study=stored.study_uid,
+                  laterality=stored.laterality or "?", view=stored.view or "?",
+                  ms=round((time.perf_counter() - t0) * 1000, 1),
+                  **patient_fields(ds.get("PatientID"), ds.get("PatientName")))
+            if self.on_stored is not None:
+                self.on_stored(stored)
+        return STATUS_SUCCESS
+
+    def _check_header(self, path: Path, affected_sop: str, affected_class: str) -> Dataset:
+        try:
+            # defer_size keeps bulk values (pixel data, huge private elements) on disk.
+            ds = pydicom.dcmread(path, defer_size=4096)
+            ds.get("PixelData")  # force parsing up to the end of the dataset
+        except Exception as exc:
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}") from None
+        try:
+            sop_class = str(ds.SOPClassUID)
+            sop_uid = str(ds.SOPInstanceUID)
+            study_uid = str(ds.StudyInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID)
+        except AttributeError as exc:
+            raise Refused(STATUS_BAD_UIDS, f"missing UID attribute: {exc}") from None
+        for name, value in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
+                            ("SeriesInstanceUID", series_uid), ("SOPClassUID", sop_class)):
+            if not _valid_uid(value):
+                raise Refused(STATUS_BAD_UIDS, f"{name} is not a valid UID: {value[:80]!r}")
+        if sop_uid != affected_sop or sop_class != affected_class:
+            raise Refused(STATUS_BAD_UIDS, "SOP Instance/Class UID in the dataset differ from "
+                                           "the C-STORE request")
+        if sop_class not in STORAGE_SOP_CLASSES:
+            raise Refused(STATUS_NOT_MAMMOGRAM, f"SOP class {sop_class} is not accepted")
+        modality = str(ds.get("Modality", "") or "")
+        if sop_class in MG_ONLY_SOP_CLASSES and modality != "MG":
+            raise Refused(STATUS_NOT_MAMMOGRAM,
+                          f"{STORAGE_SOP_CLASSES[sop_class].split(' (')[0]} with Modality "
+                          f"{modality or '(empty)'} is not a mammogram")
+        if "PixelData" not in ds:
+            raise Refused(STATUS_NO_PIXELS, "no Pixel Data")
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits = int(ds.BitsAllocated)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise Refused(STATUS_NO_PIXELS, f"image attributes missing or bad: {exc}") from None
+        if rows <= 0 or cols <= 0 or bits not in (8, 16) or frames < 1:
+            raise Refused(STATUS_NO_PIXELS, f"bad image geometry {rows}x{cols}, "
+                                            f"{bits} bits, {frames} frames")
+        if rows * cols * frames > MAX_PIXELS:
+            raise Refused(STATUS_NO_PIXELS, f"absurd image size {rows}x{cols}x{frames}")
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+            expected = rows * cols * frames * samples * (bits // 8)
+            actual = _element_length(ds)
+            if actual is not None and actual < expected:
+                raise Refused(STATUS_NO_PIXELS, f"Pixel Data has {actual} bytes, "
+                                                f"{rows}x{cols} needs {expected}")
+        return ds
+
+    def _store(self, tmp: Path, ds: Dataset, calling_aet: str) -> StoredInstance | None:
+        """Make durable and record; None when the same content was already stored."""
+        sop_uid = str(ds.SOPInstanceUID)
+        with self.db.session() as s:
+            existing = s.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar()
+        if existing is not None:
+            return self._duplicate(tmp, existing)
+        relpath, size, sha = self.spool.adopt(tmp)
+        laterality, view = laterality_and_view(ds)
+        study_uid = str(ds.StudyInstanceUID)
+        # One writer at a time from this process keeps SQLite from "database is locked" storms.
+        try:
+            with self._record_lock, self.db.session() as s:
+                study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
+                now = utcnow()
+                if study is None:
+                    study = Study(study_uid=study_uid, state="receiving", generation=1,
+                                  created_at=now, last_received_at=now)
+                    s.add(study)
+                    s.flush()
+                elif study.state != "receiving":
+                    event(log, "study.reopened", study=study_uid, previous_state=study.state,
+                          generation=study.generation + 1)
+                    study.state = "receiving"
+                    study.generation += 1
+                    study.completed_at = None
+                study.last_received_at = now
+                series_uid = str(ds.SeriesInstanceUID)
+                series = s.execute(
+                    select(Series).where(Series.series_uid == series_uid)
+                ).scalar()
+                if series is None:
+                    series = Series(study_id=study.id, series_uid=series_uid,
+                                    modality=str(ds.get("Modality", "") or "")[:16])
+                    s.add(series)
+                    s.flush()
+                s.add(Instance(
+                    study_id=study.id, series_id=series.id, sop_uid=sop_uid,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                    relpath=relpath, size=size, sha256=sha, laterality=laterality,
+                    view=view, for_processing=_is_for_processing(ds), calling_aet=calling_aet,
+                    received_at=now,
+                ))
+        except IntegrityError:
+            # Another association stored the same SOP Instance UID a moment ago.
+            self.spool.remove(relpath)
+            with self.db.session() as s:
+                existing = s.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar()
+            if existing is not None and existing.sha256 == sha:
+                return None
+            raise Refused(STATUS_CONFLICT, "SOP Instance UID stored concurrently with "
+                                           "different content") from None
+        except Exception:
+            self.spool.remove(relpath)  # not recorded: do not leave an orphan behind
+            raise
+        return StoredInstance(study_uid, sop_uid, laterality, view)
+
+    def _duplicate(self, tmp: Path, existing: Instance) -> None:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(tmp, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() == existing.sha256:
+            _unlink(tmp)
+            return None
+        raise Refused(STATUS_CONFLICT, f"SOP Instance UID {existing.sop_uid} already stored "
+                                       "with different content")
+
+
+def _is_for_processing(ds: Dataset) -> bool:
+    if str(ds.SOPClassUID) in (MG_FOR_PROCESSING, DX_FOR_PROCESSING):
+        return True
+    return str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING"
+
+
+def _element_length(ds: Dataset) -> int | None:
+    try:
+        elem = ds.get_item("PixelData")
+    except KeyError:
+        return None
+    length = getattr(elem, "length", None)
+    if length is None or length == 0xFFFFFFFF:
+        value = getattr(elem, "value", None)
+        return len(value) if isinstance(value, bytes | bytearray) else None
+    return int(length)
+
+
+def _status(code: int, comment: str) -> tuple[int, Dataset] | int:
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment[:64]
+    return rsp  # type: ignore[return-value]
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

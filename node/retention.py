@@ -1,0 +1,55 @@
+"""Retention: purge studies, their instances and their results after ``retention.days``.
+
+Only studies that are finished (done or failed) and have no delivery still pending are purged,
+so nothing that is still owed to a destination disappears.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import delete, select
+
+from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Series, Study, utcnow
+from node.log import event
+from node.store import Spool
+
+log = logging.getLogger("node.retention")
+
+
+def purge_expired(db: Database, spool: Spool, days: float, now: dt.datetime | None = None) -> int:
+    """Delete expired studies; returns how many were purged."""
+    if days <= 0:
+        return 0
+    cutoff = (now or utcnow()) - dt.timedelta(days=days)
+    purged = 0
+    with db.session() as s:
+        study_ids = s.execute(select(Study.id).where(
+            Study.state.in_(("done", "failed")), Study.last_received_at < cutoff)).scalars().all()
+    for study_id in study_ids:
+        with db.session() as s:
+            result_ids = s.execute(select(Result.id).where(Result.study_id == study_id)
+                                   ).scalars().all()
+            busy = s.execute(select(Delivery.id).where(
+                Delivery.result_id.in_(result_ids),
+                Delivery.state.in_(("pending", "sending")))).first()
+            if busy:
+                continue
+            files = list(s.execute(select(Instance.relpath).where(
+                Instance.study_id == study_id)).scalars())
+            files += list(s.execute(select(ResultObject.relpath).where(
+                ResultObject.result_id.in_(result_ids))).scalars())
+            s.execute(delete(Delivery).where(Delivery.result_id.in_(result_ids)))
+            s.execute(delete(ResultObject).where(ResultObject.result_id.in_(result_ids)))
+            s.execute(delete(Result).where(Result.study_id == study_id))
+            s.execute(delete(Job).where(Job.study_id == study_id))
+            s.execute(delete(Instance).where(Instance.study_id == study_id))
+            s.execute(delete(Series).where(Series.study_id == study_id))
+            study_uid = s.get(Study, study_id).study_uid
+            s.execute(delete(Study).where(Study.id == study_id))
+        for relpath in files:  # rows are gone (committed): the files follow
+            spool.remove(relpath)
+        purged += 1
+        event(log, "retention.purged", study=study_uid, files=len(files))
+    return purged

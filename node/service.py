@@ -1,0 +1,130 @@
+"""The node: wires the stages in the order data flows through them, and runs them.
+
+receive -> store (spool + database) -> completion (scheduler) -> analyse (worker thread)
+-> report -> deliver (scheduler) ; plus retention. ``serve`` builds exactly one :class:`Node`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import threading
+
+from node import __version__
+from node.analysis.result import StudyAnalyser
+from node.completion import complete_ready_studies
+from node.config import Settings
+from node.db import Database
+from node.deliver import Deliverer
+from node.log import event
+from node.receive import Receiver, StoredInstance
+from node.retention import purge_expired
+from node.schedule import build_scheduler
+from node.store import Spool
+from node.worker import AnalysisWorker, ReportOptions
+
+log = logging.getLogger("node.service")
+
+
+def load_analyser(settings: Settings) -> StudyAnalyser:
+    """Load the classifier once; raises RuntimeError with a clear message when unusable."""
+    from node.analysis.pipeline import AnalysisPipeline
+
+    m, a = settings.model, settings.analysis
+    return AnalysisPipeline(
+        card_path=m.card,
+        expected_architecture=m.architecture,
+        device=m.device,
+        batch_size=m.batch_size,
+        threshold=settings.threshold_override,
+        for_processing=a.for_processing,
+        fallback_spacing_mm=a.fallback_pixel_spacing_mm,
+        sc_max_side=a.sc_max_side,
+    )
+
+
+class Node:
+    def __init__(self, settings: Settings, analyser: StudyAnalyser | None = None) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.node.data_dir)
+        self.db = Database(settings.database_url)
+        self.db.create_schema()
+        self.analyser = analyser or load_analyser(settings)
+        from node.reports import build_reports
+
+        model = self.analyser.model
+        self.worker = AnalysisWorker(
+            self.db, self.spool, self.analyser, build_reports,
+            ReportOptions(
+                manufacturer=settings.output.manufacturer,
+                sr_series_number=settings.output.sr_series_number,
+                sc_series_number=settings.output.sc_series_number,
+                threshold=model.threshold,
+                software_version=f"mammo-node {__version__}",
+            ),
+            destinations=[d.name for d in settings.destinations],
+        )
+        n = settings.node
+        self.deliverer = Deliverer(self.db, self.spool, settings.destinations, settings.delivery,
+                                   calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size)
+        self.receiver = Receiver(
+            ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
+            allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
+            max_associations=n.max_associations, network_timeout=n.network_timeout,
+            min_free_mb=n.min_free_mb, on_stored=self._on_stored,
+        )
+        st = settings.study
+        self.scheduler = build_scheduler([
+            ("complete-studies", self._complete, st.check_interval_seconds),
+            ("deliver", self.deliverer.run_due, 1.0),
+            ("retention", lambda: purge_expired(self.db, self.spool, settings.retention.days),
+             settings.retention.check_interval_hours * 3600),
+        ])
+        self._stopped = threading.Event()
+
+    def _on_stored(self, stored: StoredInstance) -> None:
+        # Four views may be there now: run the completion check at once, in the scheduler's
+        # thread (not in this association thread), rather than at the next tick.
+        if self.settings.study.complete_on_four_views and stored.view in ("CC", "MLO"):
+            job = self.scheduler.get_job("complete-studies")
+            if job is not None:
+                job.modify(next_run_time=dt.datetime.now(dt.UTC))
+
+    def _complete(self) -> None:
+        st = self.settings.study
+        if complete_ready_studies(self.db, st.stable_seconds, st.complete_on_four_views):
+            self.worker.wake.set()
+
+    def start(self) -> None:
+        self.worker.recover()
+        self.deliverer.recover()
+        self.receiver.start()
+        self.worker.start()
+        self.scheduler.start()
+        self.worker.wake.set()
+        event(log, "node.started", version=__version__, model=self.analyser.model.name,
+              model_version=self.analyser.model.version,
+              destinations=",".join(d.name for d in self.settings.destinations) or "none",
+              data_dir=self.settings.node.data_dir)
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.scheduler.shutdown(wait=True)
+        self.worker.stop()
+        self.db.dispose()
+        event(log, "node.stopped")
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        self.start()
+        stop = threading.Event()
+
+        def _signal(signum: int, _frame: object) -> None:
+            event(log, "node.stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        stop.wait()
+        self.stop()

@@ -1,0 +1,118 @@
+"""The spool: received instances, results and quarantined objects on disk, written durably.
+
+Every file is written to a temporary name on the same filesystem, fsynced, atomically renamed and
+its directory fsynced, so that after a crash a file either exists complete or not at all. File
+names are random (uuid4) and never built from UIDs sent by a peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+_DIR_MODE = 0o700
+
+
+class Spool:
+    """Owns the folders under ``data_dir``: incoming/, instances/, results/, quarantine/."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.incoming = self.root / "incoming"
+        self.instances = self.root / "instances"
+        self.results = self.root / "results"
+        self.quarantine_dir = self.root / "quarantine"
+        for d in (self.root, self.incoming, self.instances, self.results, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, _DIR_MODE)
+
+    def free_mb(self) -> float:
+        usage = shutil.disk_usage(self.root)
+        return usage.free / (1024 * 1024)
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def _new_relpath(self, area: str, suffix: str = ".dcm") -> str:
+        day = dt.datetime.now(dt.UTC).strftime("%Y/%m/%d")
+        return f"{area}/{day}/{uuid.uuid4().hex}{suffix}"
+
+    def adopt(self, tmp_path: Path, area: str = "instances") -> tuple[str, int, str]:
+        """Make a fully written file durable under ``area``; returns (relpath, size, sha256).
+
+        The file is hashed (one sequential read, usually from the page cache), fsynced and
+        renamed. When ``tmp_path`` is on another filesystem it is copied first.
+        """
+        relpath = self._new_relpath(area)
+        dest = self.root / relpath
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        h = hashlib.sha256()
+        size = 0
+        with open(tmp_path, "rb+") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+            os.fsync(fh.fileno())
+        try:
+            os.replace(tmp_path, dest)
+        except OSError:  # another filesystem: copy to a temp name beside dest, then rename
+            part = dest.with_suffix(".part")
+            shutil.copyfile(tmp_path, part)
+            _fsync_file(part)
+            os.replace(part, dest)
+            os.unlink(tmp_path)
+        _fsync_dir(dest.parent)
+        return relpath, size, h.hexdigest()
+
+    def quarantine(self, tmp_path: Path, reason: str) -> str:
+        """Keep a refused object with its reason; returns its relpath."""
+        relpath, _, _ = self.adopt(tmp_path, area="quarantine")
+        reason_path = (self.root / relpath).with_suffix(".reason.txt")
+        write_bytes_durably(reason_path, (reason.strip() + "\n").encode("utf-8", "replace"))
+        return relpath
+
+    def write_dataset(self, ds: Dataset, area: str = "results") -> str:
+        """Write a DICOM object durably; returns its relpath."""
+        relpath = self._new_relpath(area)
+        dest = self.root / relpath
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        part = dest.with_suffix(".part")
+        ds.save_as(part, enforce_file_format=True)
+        _fsync_file(part)
+        os.replace(part, dest)
+        _fsync_dir(dest.parent)
+        return relpath
+
+    def remove(self, relpath: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / relpath).unlink()
+
+
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,222 @@
+"""Analyse: the worker that takes queued studies, runs the analysis stage and records results.
+
+It runs in its own thread, apart from the association threads, so a slow model never stalls a
+C-STORE. A job is claimed with a conditional UPDATE; the result objects are written durably first
+and recorded in the same transaction that finishes the job and queues its deliveries, so a crash
+at any point leaves either no result (the job is re-queued at start-up) or a complete one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+
+from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
+from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
+from node.log import event
+from node.store import Spool
+
+log = logging.getLogger("node.worker")
+
+MAX_JOB_ATTEMPTS = 3
+
+ReportBuilder = Callable[..., list[Dataset]]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    manufacturer: str
+    sr_series_number: int
+    sc_series_number: int
+    threshold: float
+    software_version: str
+
+
+class AnalysisWorker:
+    def __init__(
+        self,
+        db: Database,
+        spool: Spool,
+        analyser: StudyAnalyser,
+        build_reports: ReportBuilder,
+        options: ReportOptions,
+        destinations: Sequence[str],
+    ) -> None:
+        self.db = db
+        self.spool = spool
+        self.analyser = analyser
+        self.build_reports = build_reports
+        self.options = options
+        self.destinations = list(destinations)
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Re-queue jobs that were running when the node stopped."""
+        with self.db.session() as s:
+            n = s.execute(
+                update(Job).where(Job.state == "running").values(state="queued")
+            ).rowcount
+        if n:
+            event(log, "worker.recovered", jobs=n, reason="interrupted by a restart")
+        return n
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="analysis-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # never let the worker thread die
+                log.exception("worker.error")
+                worked = False
+            if not worked:
+                self.wake.wait(1.0)
+                self.wake.clear()
+
+    # -- one job ---------------------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Claim and process the oldest queued job; False when there was none."""
+        with self.db.session() as s:
+            job_ids = s.execute(
+                select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(5)
+            ).scalars().all()
+            job_id = None
+            for candidate in job_ids:
+                if claim(s, Job, candidate, "queued", "running", started_at=utcnow(),
+                         attempts=Job.attempts + 1):
+                    job_id = candidate
+                    break
+        if job_id is None:
+            return False
+        self._process(job_id)
+        return True
+
+    def _process(self, job_id: int) -> None:
+        t0 = time.perf_counter()
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            study = s.get(Study, job.study_id)
+            study_uid, attempts = study.study_uid, job.attempts
+            if study.state == "complete":
+                study.state = "analysing"
+            instances = list(s.execute(
+                select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
+            ).scalars())
+        event(log, "analysis.started", study=study_uid, job=job_id, images=len(instances),
+              attempt=attempts)
+        try:
+            inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
+                      for i in instances]
+            analysis = self.analyser.analyse(study_uid, inputs)
+            key = self._analysis_key(job_id)
+            sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
+                                                  stop_before_pixels=True) for i in instances}
+            datasets = self.build_reports(
+                analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
+                manufacturer=self.options.manufacturer,
+                sr_series_number=self.options.sr_series_number,
+                sc_series_number=self.options.sc_series_number,
+                threshold=self.options.threshold,
+                software_version=self.options.software_version,
+            )
+            written = [(ds, self.spool.write_dataset(ds)) for ds in datasets]
+        except Exception as exc:
+            self._fail(job_id, study_uid, attempts, exc)
+            return
+        ms = (time.perf_counter() - t0) * 1000
+        self._record(job_id, key, analysis, written, ms)
+
+    def _analysis_key(self, job_id: int) -> str:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            model = self.analyser.model
+            text = "|".join([job.input_key, model.name, model.version, model.architecture,
+                             f"{self.options.threshold:.6f}"])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _record(self, job_id: int, key: str, analysis: StudyAnalysis,
+                written: list[tuple[Dataset, str]], ms: float) -> None:
+        findings = analysis.findings
+        max_p = max((f.probability for f in findings), default=None)
+        summary = {
+            "timings_ms": {k: round(v, 1) for k, v in analysis.timings_ms.items()},
+            "max_probability_per_breast": analysis.max_probability_per_breast(),
+            "images": [{"sop": i.sop_instance_uid, "laterality": i.laterality, "view": i.view,
+                        "rois": len(i.findings), "skipped": i.skipped_reason}
+                       for i in analysis.images],
+            "model": {"name": analysis.model.name, "version": analysis.model.version},
+        }
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            study = s.get(Study, job.study_id)
+            existing = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
+            if existing is None:
+                old_ids = s.execute(select(Result.id).where(
+                    Result.study_id == study.id, Result.current.is_(True))).scalars().all()
+                if old_ids:
+                    s.execute(update(Result).where(Result.id.in_(old_ids)).values(current=False))
+                    s.execute(update(Delivery).where(
+                        Delivery.result_id.in_(old_ids),
+                        Delivery.state == "pending").values(state="superseded"))
+                result = Result(study_id=study.id, job_id=job.id, analysis_key=key,
+                                current=True, roi_count=len(findings), max_probability=max_p,
+                                analysis_ms=ms, summary=json.dumps(summary))
+                s.add(result)
+                s.flush()
+                for ds, relpath in written:
+                    s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
+                                       sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
+                for name in self.destinations:
+                    s.add(Delivery(result_id=result.id, destination=name, state="pending",
+                                   next_attempt_at=utcnow()))
+            else:
+                for _, relpath in written:  # identical analysis already recorded
+                    self.spool.remove(relpath)
+            job.state = "done"
+            job.finished_at = utcnow()
+            job.error = None
+            if study.generation == job.generation and study.state in ("complete", "analysing"):
+                study.state = "done"
+        event(log, "analysis.done", study=study.study_uid, job=job_id, rois=len(findings),
+              max_probability=None if max_p is None else round(max_p, 3),
+              images=sum(1 for i in analysis.images if i.analysed),
+              skipped=sum(1 for i in analysis.images if not i.analysed),
+              objects=len(written), ms=round(ms, 1),
+              stages=",".join(f"{k}:{v:.0f}" for k, v in analysis.timings_ms.items()))
+
+    def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception) -> None:
+        final = attempts >= MAX_JOB_ATTEMPTS
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        log.exception("analysis.error study=%s job=%s", study_uid, job_id)
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            job.state = "failed" if final else "queued"
+            job.error = message
+            job.finished_at = utcnow()
+            if final:
+                study = s.get(Study, job.study_id)
+                if study.generation == job.generation:
+                    study.state = "failed"
+        event(log, "analysis.failed", logging.ERROR, study=study_uid, job=job_id,
+              attempt=attempts, final=final, error=message[:300])
