@@ -74,12 +74,14 @@ def build_reports(
                  manufacturer=manufacturer, series_number=sr_series_number,
                  threshold=threshold, software_version=software_version)
     ]
+    # One patient/study identity for all objects: the SR's first evidence (see build_sr).
+    identity = presentation_image_for(analysed[0], sources)
     for n, image in enumerate(analysed, start=1):
         out.append(
             build_sc(image, sources[image.sop_instance_uid], model=analysis.model,
                      analysis_key=analysis_key, created=created, manufacturer=manufacturer,
                      series_number=sc_series_number, instance_number=n, threshold=threshold,
-                     software_version=software_version)
+                     software_version=software_version, identity=identity)
         )
     log.info("built %d report object(s): 1 SR, %d SC", len(out), len(out) - 1)
     return out

@@ -152,12 +152,16 @@ def build_sc(
     instance_number: int,
     threshold: float,
     software_version: str,
+    identity: Dataset | None = None,
 ) -> hd.sc.SCImage:
     """The RGB Grad-CAM Secondary Capture of one analysed image (new series, same study).
 
     ``source`` is the analysed instance (headers suffice). Patient and study attributes are
-    copied from it; PatientOrientation is copied only when it is a valid two-valued value
-    (else written empty, Type 2); PixelSpacing is never written.
+    copied from ``identity`` (default: ``source``; :func:`node.reports.build_reports` passes the
+    same dataset for every object of a study so that they agree even when the sources don't).
+    PatientOrientation is copied only when it is a valid two-valued value (else written empty,
+    Type 2); laterality goes to ImageLaterality (the series holds both breasts); PixelSpacing is
+    never written.
     """
     check_common_args(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
                       threshold=threshold, software_version=software_version)
@@ -210,7 +214,12 @@ def build_sc(
     else:
         sc.Laterality = None
     # Identity: all Patient and Study module attributes of the source (StudyDescription, ...).
-    sc.copy_patient_and_study_information(header)
+    if identity is not None:
+        if not isinstance(identity, Dataset):
+            raise TypeError("identity must be a pydicom Dataset")
+        if identity.get("StudyInstanceUID") != source.StudyInstanceUID:
+            raise ValueError("identity belongs to another study than source")
+    sc.copy_patient_and_study_information(header if identity is None else identity)
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"

