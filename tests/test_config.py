@@ -1,0 +1,69 @@
+"""config.toml: the default file, the contract key names, and one clear message per bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_settings
+from tests.netutil import REPO
+
+DEFAULT = REPO / "config.toml"
+
+
+def test_default_config_loads_with_contract_keys() -> None:
+    s = load_settings(DEFAULT)
+    assert (s.node.ae_title, s.node.port, s.node.allowed_calling_aets) == ("MAMMO_AI", 11112, [])
+    assert s.study.stable_seconds == 30
+    assert s.database_url.startswith("sqlite:///") and s.node.data_dir.is_absolute()
+    assert s.model.device == "auto"
+    raw = tomllib.loads(DEFAULT.read_text())
+    for section, keys in {"node": ["ae_title", "host", "port", "allowed_calling_aets",
+                                   "data_dir"], "database": ["url"], "study": ["stable_seconds"],
+                          "log": ["level", "file"]}.items():
+        for key in keys:
+            assert key in raw[section], f"{section}.{key}"
+
+
+def test_every_key_in_default_config_is_commented() -> None:
+    lines = DEFAULT.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert lines[i - 1].lstrip().startswith("#"), f"key without comment: {line}"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[node]\nae_tittle = 'X'\n", "node.ae_tittle"),
+        ("[node]\nport = 'eleven'\n", "node.port"),
+        ("[node]\nport = 70000\n", "node.port"),
+        ("[study]\nstable_seconds = -1\n", "study.stable_seconds"),
+        ("[model]\ndevice = 'tpu'\n", "model.device"),
+        ("[model]\nthreshold = 1.5\n", "model.threshold"),
+        ("[analysis]\nfor_processing = 'maybe'\n", "analysis.for_processing"),
+        ("[[destinations]]\nname = 'p'\nae_title = 'P'\nhost = 'h'\n", "destinations[0].port"),
+        ("[frobnicate]\nx = 1\n", "frobnicate"),
+        ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title"),
+    ],
+)
+def test_bad_key_or_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert key in str(err.value)
+
+
+def test_serve_stops_with_one_message_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[node]\nport = 0\n")
+    proc = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "node.port" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
