@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -394,6 +395,12 @@ def test_uids_are_deterministic(mias_case) -> None:
     for sc, image in zip(objs[1:], analysis.images, strict=True):
         assert sc.SOPInstanceUID == uids.sc_instance(image.sop_instance_uid)
         assert sc.SeriesInstanceUID == uids.sc_series
+    # Same key and same `created`: byte-identical files (a re-send is the same object).
+    for a, b in zip(objs, again, strict=True):
+        buf_a, buf_b = io.BytesIO(), io.BytesIO()
+        a.save_as(buf_a, enforce_file_format=True)
+        b.save_as(buf_b, enforce_file_format=True)
+        assert buf_a.getvalue() == buf_b.getvalue()
     all_uids = [o.SOPInstanceUID for o in objs + other]
     assert len(set(all_uids)) == len(all_uids)
 

@@ -245,6 +245,7 @@ def build_sc(
     date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
     sc.ContentDate = sc.InstanceCreationDate = sc.SeriesDate = date
     sc.ContentTime = sc.InstanceCreationTime = sc.SeriesTime = time
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
     for item in sc.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
