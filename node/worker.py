@@ -132,6 +132,15 @@ class AnalysisWorker:
             key = self._analysis_key(job_id)
             sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
                                                   stop_before_pixels=True) for i in instances}
+            if not any(image.analysed for image in analysis.images):
+                # Nothing analysable (e.g. For Processing only, with for_processing = "skip"):
+                # a finished job without result objects, said so in the log.
+                event(log, "analysis.nothing_to_report", logging.WARNING, study=study_uid,
+                      reasons=";".join(sorted({i.skipped_reason or "" for i in
+                                               analysis.images})))
+                self._record(job_id, self._analysis_key(job_id), analysis, [],
+                             (time.perf_counter() - t0) * 1000)
+                return
             datasets = self.build_reports(
                 analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
                 manufacturer=self.options.manufacturer,
@@ -187,7 +196,7 @@ class AnalysisWorker:
                 for ds, relpath in written:
                     s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
                                        sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
-                for name in self.destinations:
+                for name in self.destinations if written else []:
                     s.add(Delivery(result_id=result.id, destination=name, state="pending",
                                    next_attempt_at=utcnow()))
             else:

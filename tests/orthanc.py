@@ -1,0 +1,77 @@
+"""Orthanc (Debian package) as a real PACS on loopback, started with a temporary config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from tests.netutil import free_port, wait_for_port, wait_until
+from tests.tools import require_binary
+
+
+class Orthanc:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC",
+                 modalities: dict[str, list[object]] | None = None) -> None:
+        self.workdir = workdir
+        self.aet = aet
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        exe = require_binary("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "mammo-node-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": self.modalities,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "StableAge": 2,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        self.log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([exe, str(cfg)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for_port(self.http_port, 60, self.proc)
+        wait_for_port(self.dicom_port, 60, self.proc)
+        wait_until(lambda: self.get("/system"), 30, 0.2, "Orthanc REST API")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+            self.log.close()
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 content_type: str = "application/json", timeout: float = 300) -> object:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                                     method=method, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
+            data = rsp.read()
+        return json.loads(data) if data else None
+
+    def get(self, path: str) -> object:
+        try:
+            return self._request("GET", path)
+        except OSError:
+            return None
+
+    def post(self, path: str, payload: object) -> object:
+        return self._request("POST", path, json.dumps(payload).encode())
+
+    def upload(self, path: Path) -> dict:
+        return self._request("POST", "/instances", path.read_bytes(), "application/dicom")
