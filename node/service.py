@@ -34,7 +34,7 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
     m, a = settings.model, settings.analysis
     return AnalysisPipeline(
         card_path=m.card,
-        expected_architecture=m.architecture,
+        architecture=m.architecture,
         device=m.device,
         batch_size=m.batch_size,
         threshold=settings.threshold_override,
