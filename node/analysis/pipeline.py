@@ -1,0 +1,191 @@
+"""The analysis stage: :class:`AnalysisPipeline` implements :class:`StudyAnalyser`.
+
+Per study: decode and prepare every image, find calcification clusters on each (in millimetres),
+crop every cluster with the shared :func:`models.roi.crop_roi`, score all crops of the study in
+batches with the EfficientNet, compute each ROI's Grad-CAM in the same pass, and paint the maps
+into a display-sized canvas for the Secondary Capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.roi import crop_roi
+from node.analysis.classify import Classifier
+from node.analysis.gradcam import paste_cam
+from node.analysis.prepare import PreparedImage, SkipImage, display_image, prepare
+from node.analysis.result import (
+    Finding,
+    ImageAnalysis,
+    ImageInput,
+    ModelInfo,
+    StudyAnalysis,
+)
+from node.analysis.rois import Cluster, DetectorParams, find_clusters
+
+log = logging.getLogger("node.analysis.pipeline")
+
+
+class AnalysisPipeline:
+    """Calcification-cluster analysis of a study. The model is loaded once, here.
+
+    Plain arguments (no dependency on the node's config module):
+
+    * ``card_path``: model card JSON (``[model] card``); the weights are named inside it.
+    * ``architecture``: expected timm architecture (``[model] architecture``); a card for another
+      one stops start-up. ``None`` accepts the card's.
+    * ``device``: "auto", "cpu", "cuda", "cuda:N"; ``batch_size``: ROIs per forward pass.
+    * ``threshold``: P(malignant) decision threshold, ``None`` = the card's.
+    * ``for_processing``: "analyse" or "skip"; ``fallback_spacing_mm``: pixel size when the header
+      has none (logged); ``sc_max_side``: long side of the display/CAM images.
+    * ``max_rois_per_image``: strongest clusters kept per image.
+
+    Raises ``RuntimeError`` with a clear message when the card or weights are unusable.
+    """
+
+    def __init__(
+        self,
+        card_path: Path | str,
+        *,
+        architecture: str | None = None,
+        device: str = "auto",
+        batch_size: int = 16,
+        threshold: float | None = None,
+        for_processing: str = "analyse",
+        fallback_spacing_mm: float = 0.1,
+        sc_max_side: int = 2048,
+        detector: DetectorParams | None = None,
+        max_rois_per_image: int = 20,
+    ) -> None:
+        if for_processing not in ("analyse", "skip"):
+            raise RuntimeError(
+                f"for_processing must be 'analyse' or 'skip', not {for_processing!r}"
+            )
+        if not fallback_spacing_mm > 0:
+            raise RuntimeError("fallback_spacing_mm must be > 0")
+        self.classifier = Classifier(
+            card_path, architecture=architecture, device=device, batch_size=batch_size,
+            threshold=threshold,
+        )
+        self.model: ModelInfo = self.classifier.info
+        self.for_processing = for_processing
+        self.fallback_spacing_mm = float(fallback_spacing_mm)
+        self.sc_max_side = int(sc_max_side)
+        self.detector = detector or DetectorParams()
+        self.max_rois_per_image = int(max_rois_per_image)
+
+    # ------------------------------------------------------------------------------ public
+
+    def analyse(self, study_instance_uid: str, images: list[ImageInput]) -> StudyAnalysis:
+        timings = {"decode": 0.0, "rois": 0.0, "classify": 0.0, "gradcam": 0.0}
+        t_start = time.perf_counter()
+        results: list[ImageAnalysis] = []
+        work: list[tuple[ImageAnalysis, PreparedImage, list[Cluster]]] = []
+        for item in images:
+            t0 = time.perf_counter()
+            try:
+                prepared = prepare(
+                    item.path, for_processing=self.for_processing,
+                    fallback_spacing_mm=self.fallback_spacing_mm,
+                )
+            except SkipImage as exc:
+                results.append(self._skipped(item, str(exc)))
+                log.info("image %s skipped: %s", item.sop_instance_uid, exc)
+                continue
+            except Exception as exc:  # undecodable pixel data must not stop the study
+                results.append(self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}"))
+                log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
+                continue
+            finally:
+                timings["decode"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            clusters, _ = find_clusters(
+                prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector
+            )
+            clusters = clusters[: self.max_rois_per_image]
+            display, scale = display_image(prepared.image01, self.sc_max_side)
+            timings["rois"] += time.perf_counter() - t0
+            ia = ImageAnalysis(
+                sop_instance_uid=item.sop_instance_uid,
+                sop_class_uid=item.sop_class_uid,
+                laterality=prepared.laterality,
+                view=prepared.view,
+                rows=prepared.rows,
+                columns=prepared.columns,
+                pixel_spacing_mm=prepared.pixel_spacing_mm,
+                spacing_source=prepared.spacing_source,
+                for_presentation=prepared.for_presentation,
+                display=display,
+                cam=np.zeros(display.shape, dtype=np.float32),
+                display_scale=scale,
+            )
+            results.append(ia)
+            work.append((ia, prepared, clusters))
+
+        crops = []
+        card = self.classifier.card
+        for _, prepared, clusters in work:
+            for c in clusters:
+                crops.append(
+                    crop_roi(prepared.image01, c.centre_rc, prepared.pixel_spacing_mm,
+                             card.roi_size_mm, card.input_size)
+                )
+        probs, cams, t = self.classifier.predict(crops, with_cam=True)
+        timings["classify"] += t["classify"] / 1000.0
+        t0 = time.perf_counter()
+        k = 0
+        for ia, prepared, clusters in work:
+            side_px = card.roi_size_mm / prepared.pixel_spacing_mm
+            for c in clusters:
+                ia.findings.append(
+                    Finding(
+                        index=k + 1,
+                        sop_instance_uid=ia.sop_instance_uid,
+                        laterality=ia.laterality,
+                        view=ia.view,
+                        centre_xy=c.centre_xy,
+                        outline_xy=c.outline_xy,
+                        radius_mm=round(c.radius_mm, 2),
+                        n_calcifications=len(c.members),
+                        probability=float(probs[k]),
+                    )
+                )
+                assert ia.cam is not None
+                paste_cam(ia.cam, cams[k], c.centre_rc, side_px, ia.display_scale)
+                k += 1
+        timings["gradcam"] += t["gradcam"] / 1000.0 + (time.perf_counter() - t0)
+        out = StudyAnalysis(
+            study_instance_uid=study_instance_uid,
+            model=self.model,
+            images=results,
+            timings_ms={name: round(1000.0 * s, 1) for name, s in timings.items()},
+        )
+        out.timings_ms["total"] = round(1000.0 * (time.perf_counter() - t_start), 1)
+        log.info(
+            "study %s: %d images (%d analysed), %d findings, max P per breast %s, %s",
+            study_instance_uid, len(results), sum(r.analysed for r in results),
+            len(out.findings),
+            {lat: round(v, 3) for lat, v in out.max_probability_per_breast().items()},
+            out.timings_ms,
+        )
+        return out
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _skipped(self, item: ImageInput, reason: str) -> ImageAnalysis:
+        return ImageAnalysis(
+            sop_instance_uid=item.sop_instance_uid,
+            sop_class_uid=item.sop_class_uid,
+            laterality="",
+            view="",
+            rows=0,
+            columns=0,
+            pixel_spacing_mm=0.0,
+            spacing_source="",
+            for_presentation=True,
+            skipped_reason=reason,
+        )

@@ -1,0 +1,346 @@
+"""Image preparation: decode, VOI/rescale, polarity, pixel size, laterality/view, breast mask.
+
+Everything downstream works on a :class:`PreparedImage`: a float32 image in [0, 1] where bright
+means dense (whatever the PhotometricInterpretation), the physical pixel size in millimetres, and
+a mask of the breast (background, film labels and markers excluded).
+
+Decoding goes through pydicom 3 and its installed plugins (pylibjpeg-openjpeg for JPEG 2000,
+pylibjpeg-rle / pydicom for RLE, python-gdcm for JPEG Lossless SV1, pyjpegls for JPEG-LS; deflate
+and the uncompressed syntaxes are native).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+log = logging.getLogger("node.analysis.prepare")
+
+FOR_PROCESSING_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
+}
+
+_VIEW_CODES = {  # SNOMED CT / SRT codes of ViewCodeSequence -> ViewPosition-style abbreviation
+    "399162004": "CC", "R-10242": "CC",
+    "399368009": "MLO", "R-10226": "MLO",
+    "399260004": "ML", "R-10236": "ML",
+    "399352003": "LM", "R-10230": "LM",
+    "399099002": "XCCL", "R-1024A": "XCCL",
+    "399192003": "XCCM", "R-1024B": "XCCM",
+    "441555000": "FB", "R-40AAA": "FB",
+    "399196006": "SIO", "R-102D0": "SIO",
+}
+_KNOWN_VIEWS = {"CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "AT", "CV"}
+
+
+@dataclass
+class PreparedImage:
+    """One decoded image, ready for ROI finding. ``image01`` is float32 in [0, 1], bright=dense."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    image01: np.ndarray
+    pixel_spacing_mm: float
+    spacing_source: str
+    laterality: str
+    view: str
+    for_presentation: bool
+    breast_mask: np.ndarray  # bool, same shape as image01
+
+    @property
+    def rows(self) -> int:
+        return int(self.image01.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.image01.shape[1])
+
+
+class SkipImage(Exception):
+    """Raised when an image is deliberately not analysed (the message says why)."""
+
+
+def read_dataset(path: Path) -> Dataset:
+    return pydicom.dcmread(path)
+
+
+def is_for_processing(ds: Dataset) -> bool:
+    intent = str(ds.get("PresentationIntentType", "")).upper()
+    if intent:
+        return intent == "FOR PROCESSING"
+    return str(ds.get("SOPClassUID", "")) in FOR_PROCESSING_SOP_CLASSES
+
+
+def prepare(
+    path: Path | str,
+    *,
+    for_processing: str = "analyse",
+    fallback_spacing_mm: float = 0.1,
+    ds: Dataset | None = None,
+) -> PreparedImage:
+    """Decode and prepare one image. Raises :class:`SkipImage` for images not to analyse."""
+    if for_processing not in ("analyse", "skip"):
+        raise ValueError(f"for_processing must be 'analyse' or 'skip', not {for_processing!r}")
+    ds = ds if ds is not None else read_dataset(Path(path))
+    uid = str(ds.get("SOPInstanceUID", ""))
+    presentation = not is_for_processing(ds)
+    if not presentation and for_processing == "skip":
+        raise SkipImage("FOR PROCESSING image skipped (analysis.for_processing = 'skip')")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SkipImage("not a greyscale image (SamplesPerPixel != 1)")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise SkipImage("multi-frame images (tomosynthesis) are not analysed")
+    raw = ds.pixel_array
+    image01 = to_unit_range(raw, ds, for_presentation=presentation)
+    spacing, source = pixel_spacing(ds, fallback_spacing_mm)
+    laterality, view = laterality_and_view(ds)
+    mask = breast_mask(image01, spacing)
+    log.debug(
+        "prepared %s: %dx%d, %.4f mm (%s), %s %s, %s, breast %.0f%%",
+        uid, image01.shape[0], image01.shape[1], spacing, source, laterality or "?", view or "?",
+        "presentation" if presentation else "processing", 100.0 * mask.mean(),
+    )
+    return PreparedImage(
+        sop_instance_uid=uid,
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        image01=image01,
+        pixel_spacing_mm=spacing,
+        spacing_source=source,
+        laterality=laterality,
+        view=view,
+        for_presentation=presentation,
+        breast_mask=mask,
+    )
+
+
+# --------------------------------------------------------------------------------- grey levels
+
+
+def _first(value: object) -> float:
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np.ndarray:
+    """Stored values -> float32 [0, 1], bright = dense.
+
+    Order as in the DICOM grayscale pipeline: Modality LUT (rescale), VOI (window or VOI LUT),
+    then polarity (MONOCHROME1 is inverted). For Processing images carry no usable VOI; they are
+    normalised instead: log-transformed when the pixel intensity relationship is linear, then
+    stretched between the 0.5th and 99.8th percentiles of the non-background pixels.
+    """
+    x = raw.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0 or intercept != 0.0:
+        x = x * np.float32(slope) + np.float32(intercept)
+    mono1 = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
+
+    if not for_presentation:
+        if str(ds.get("PixelIntensityRelationship", "")).upper() == "LIN":
+            x = np.log1p(np.maximum(x - x.min(), 0.0))
+        y = _percentile_stretch(x)
+    elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0 and "WindowCenter" not in ds:
+        y = _apply_voi_lut_sequence(raw, x, ds)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        y = _window(x, centre, width, function)
+    elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        y = _apply_voi_lut_sequence(raw, x, ds)
+    else:
+        # No VOI: the full stored range (or the data's actual range when that is much smaller).
+        bits = int(ds.get("BitsStored", 16))
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 1e-6:
+            hi = lo + 1.0
+        if hi - lo < 0.25 * ((1 << bits) - 1):
+            y = (x - lo) / (hi - lo)
+        else:
+            lo = min(lo, 0.0) if slope == 1.0 and intercept == 0.0 else lo
+            y = (x - lo) / max(hi - lo, 1e-6)
+    y = np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
+    if mono1:
+        y = 1.0 - y
+    return y
+
+
+def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        return (x - centre) / max(width, 1e-6) + 0.5
+    # LINEAR (PS3.3 C.11.2.1.2.1)
+    return (x - (centre - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+
+
+def _apply_voi_lut_sequence(raw: np.ndarray, x: np.ndarray, ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import apply_voi
+
+    item = ds.VOILUTSequence[0]
+    out = apply_voi(raw if "RescaleSlope" not in ds else x, ds, index=0).astype(np.float32)
+    nbits = int(item.LUTDescriptor[2])
+    if nbits not in range(8, 17):
+        nbits = int(math.ceil(math.log2(max(float(out.max()), 1.0) + 1)))
+    return out / float((1 << nbits) - 1)
+
+
+def _percentile_stretch(x: np.ndarray) -> np.ndarray:
+    sample = x[:: max(1, x.shape[0] // 512), :: max(1, x.shape[1] // 512)]
+    fg = sample[sample > sample.min()]
+    if fg.size < 16:
+        fg = sample.ravel()
+    lo, hi = np.percentile(fg, [0.5, 99.8])
+    return (x - lo) / max(float(hi - lo), 1e-6)
+
+
+# --------------------------------------------------------------------------------- geometry
+
+
+def pixel_spacing(ds: Dataset, fallback_mm: float) -> tuple[float, str]:
+    """Physical pixel size (mm) at the breast, and where it came from.
+
+    * PixelSpacing, when present, is already calibrated to the patient plane (PS3.3 10.7.1.3):
+      used as it is.
+    * ImagerPixelSpacing is at the detector plane; the object is magnified by the geometry, so it
+      is divided by EstimatedRadiographicMagnificationFactor when that is present and sensible
+      (1 < f <= 4: contact views ~1.1, magnification views ~1.5-2).
+    * NominalScannedPixelSpacing (digitised film, SC) is used next.
+    * Otherwise ``fallback_mm`` is used and a warning is logged.
+    Non-square pixels use the mean of row and column spacing.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        value = ds.get(keyword)
+        if not value:
+            continue
+        try:
+            spacing = float(np.mean([float(v) for v in value]))
+        except (TypeError, ValueError):
+            continue
+        if not 0.0 < spacing < 5.0:
+            log.warning("%s %s of %s ignored (not a plausible size in mm)", keyword, value,
+                        ds.get("SOPInstanceUID", ""))
+            continue
+        source = keyword
+        if keyword == "ImagerPixelSpacing":
+            factor = ds.get("EstimatedRadiographicMagnificationFactor")
+            try:
+                f = float(factor) if factor is not None else 1.0
+            except (TypeError, ValueError):
+                f = 1.0
+            if 1.0 < f <= 4.0:
+                spacing /= f
+                source = "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor"
+        return spacing, source
+    log.warning(
+        "image %s has no PixelSpacing, ImagerPixelSpacing or NominalScannedPixelSpacing; "
+        "using the configured fallback %.4f mm (analysis.fallback_pixel_spacing_mm)",
+        ds.get("SOPInstanceUID", ""), fallback_mm,
+    )
+    return float(fallback_mm), "fallback"
+
+
+def laterality_and_view(ds: Dataset) -> tuple[str, str]:
+    """("L"/"R"/"", "CC"/"MLO"/.../"").
+
+    Laterality: ImageLaterality, then Laterality, then the frame anatomy of functional groups.
+    View: ViewPosition, then ViewCodeSequence, then a view abbreviation found in
+    PatientOrientation (digitised-film archives such as CBIS-DDSM put "CC"/"MLO" there).
+    """
+    laterality = ""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R", "B"):
+            laterality = value
+            break
+    if not laterality:
+        try:
+            frame = ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
+            value = str(frame.FrameLaterality).upper()
+            if value in ("L", "R", "B"):
+                laterality = value
+        except (AttributeError, IndexError, KeyError):
+            pass
+
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view not in _KNOWN_VIEWS:
+        view = ""
+        for item in ds.get("ViewCodeSequence", []) or []:
+            code = str(item.get("CodeValue", ""))
+            if code in _VIEW_CODES:
+                view = _VIEW_CODES[code]
+                break
+    orientation = ds.get("PatientOrientation")
+    if orientation and (not view or not laterality):
+        values = [str(v).strip().upper() for v in
+                  (orientation if isinstance(orientation, list | pydicom.multival.MultiValue)
+                   else [orientation])]
+        for v in values:
+            if not view and v in _KNOWN_VIEWS:
+                view = v
+            if not laterality and v in ("L", "R") and len(values) == 1:
+                laterality = v
+    return laterality, view
+
+
+# --------------------------------------------------------------------------------- breast mask
+
+
+def breast_mask(image01: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Boolean mask of the breast.
+
+    Works on a ~1 mm copy: Otsu threshold of the smoothed image, the largest connected component
+    (film labels, markers and scanner edges are separate, smaller blobs), holes filled, then
+    eroded by 1.5 mm so that the skin line and the film edge do not produce candidates.
+    """
+    rows, cols = image01.shape
+    step = max(1.0, 1.0 / spacing_mm)  # source pixels per ~1 mm
+    small = cv2.resize(
+        image01,
+        (max(8, int(round(cols / step))), max(8, int(round(rows / step)))),
+        interpolation=cv2.INTER_AREA,
+    )
+    small = cv2.GaussianBlur(small, (0, 0), 2.0)
+    u8 = np.clip(small * 255.0, 0, 255).astype(np.uint8)
+    thr, binary = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Otsu on a film splits breast from background; keep a lower cut so the faint skin edge stays.
+    low = max(1, int(0.6 * thr))
+    binary = (u8 >= low).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if n <= 1:
+        return np.zeros_like(image01, dtype=bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    comp = (labels == largest).astype(np.uint8)
+    # fill holes: flood the background from the border
+    inv = 1 - comp
+    nb, lb = cv2.connectedComponents(inv, connectivity=4)
+    border = set(np.unique(np.concatenate([lb[0], lb[-1], lb[:, 0], lb[:, -1]])).tolist())
+    holes = np.isin(lb, [i for i in range(1, nb) if i not in border])
+    comp = (comp.astype(bool) | holes).astype(np.uint8)
+    erode = max(1, int(round(1.5 / max(spacing_mm * step, 1e-6))))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1, 2 * erode + 1))
+    comp = cv2.erode(comp, kernel)
+    full = cv2.resize(comp, (cols, rows), interpolation=cv2.INTER_NEAREST)
+    return full.astype(bool)
+
+
+def display_image(image01: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """uint8 rendering for the Secondary Capture with long side <= ``max_side``, and its scale."""
+    rows, cols = image01.shape
+    scale = min(1.0, float(max_side) / float(max(rows, cols)))
+    if scale < 1.0:
+        size = (max(1, int(round(cols * scale))), max(1, int(round(rows * scale))))
+        small = cv2.resize(image01, size, interpolation=cv2.INTER_AREA)
+        scale = size[0] / cols
+    else:
+        small = image01
+    return np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), scale
