@@ -83,13 +83,16 @@ class NodeProcess:
         cfg = {
             "node": node,
             "study": {"stable_seconds": 3, "check_interval_seconds": 0.5},
-            "model": {"card": str(REPO / "models/weights/calc-cluster-lite0.json")},
+            # MAMMO_NODE_TEST_CARD runs the network tests with another model card.
+            "model": {"card": os.environ.get("MAMMO_NODE_TEST_CARD",
+                                             str(REPO / "models/weights/calc-cluster-lite0.json"))},
             "delivery": {"backoff_initial_seconds": 1, "backoff_max_seconds": 2},
             "log": {"level": "INFO"},
         }
         for k, v in sections.items():
             cfg.setdefault(k, {}).update(v)
         self.port = node["port"]
+        workdir.mkdir(parents=True, exist_ok=True)
         self.config = write_config(workdir / "node.toml", cfg, list(destinations))
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "node.log"

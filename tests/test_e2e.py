@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -176,13 +175,14 @@ def test_restart_resumes_queued_analysis(tmp_path: Path, dest: StoreSCP) -> None
                        study={"stable_seconds": 600, "complete_on_four_views": False}).start()
     try:
         assert storescu(node.port, study).returncode == 0
+    finally:
         node.stop(sig=9)  # killed before the quiet timer ran out
-        node2 = NodeProcess(tmp_path / "node", [dest.destination()],
-                            node={"port": node.port},
-                            study={"stable_seconds": 1, "complete_on_four_views": False})
-        node2.start()
+    assert dest.files() == []
+    node2 = NodeProcess(tmp_path / "node", [dest.destination()], node={"port": node.port},
+                        study={"stable_seconds": 1, "complete_on_four_views": False}).start()
+    try:
         files = _received(dest, 1, 4)
     finally:
         node2.stop()
     assert len(_objects(files)[0]) == 1
-    shutil.rmtree(tmp_path / "node" / "data", ignore_errors=True)
+    assert "analysis.done" in node2.log()
