@@ -67,3 +67,19 @@ def test_serve_stops_with_one_message_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "node.port" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("problem", ["missing card", "wrong architecture"])
+def test_serve_stops_when_the_model_card_is_unusable(tmp_path: Path, problem: str) -> None:
+    card = tmp_path / "nope.json" if problem == "missing card" else (
+        REPO / "models/weights/calc-cluster-lite0.json")
+    arch = "efficientnet_b3" if problem == "wrong architecture" else "tf_efficientnet_lite0"
+    path = tmp_path / "c.toml"
+    path.write_text(f"[node]\ndata_dir = '{tmp_path / 'data'}'\nport = 11999\n"
+                    f"[model]\ncard = '{card}'\narchitecture = '{arch}'\n")
+    proc = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mammo-node: cannot start:")
+    assert ("nope.json" in last) if problem == "missing card" else ("efficientnet_b3" in last)
