@@ -1,7 +1,7 @@
 """ROI finding: microcalcification candidates, clusters, outlines. All sizes in millimetres.
 
 The image is first resampled to a fixed working grid of ``work_spacing_mm`` (0.1 mm by default:
-area-averaged when the source is finer, linearly interpolated when it is coarser), so the same
+area-averaged when the source is finer, pixel-replicated when it is coarser), so the same
 breast scanned at 0.05, 0.1 or 0.2 mm is searched with the same filters, thresholds and cluster
 rules. 0.1 mm keeps a 0.1 mm speck at one working pixel, i.e. the search runs at the full
 resolution a calcification of the smallest size of interest needs.
@@ -76,7 +76,9 @@ def to_work_grid(
     size = (max(1, int(round(cols * f))), max(1, int(round(rows * f))))
     if abs(f - 1.0) < 1e-3:
         return image01.astype(np.float32, copy=False), mask, 1.0
-    interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_LINEAR
+    # Finer images are area-averaged; coarser ones are replicated, not interpolated, so a speck
+    # keeps the contrast it was measured with (interpolation would blur it and change its SNR).
+    interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_NEAREST
     work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
     wmask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return work, wmask, size[0] / cols
