@@ -49,6 +49,38 @@ def cmd_synth(a: argparse.Namespace) -> None:
     print(f"wrote {p}")
 
 
+def apply_cv(card, results_path: Path, label: str) -> None:  # noqa: ANN001 - ModelCard
+    """Copy the pooled out-of-fold Youden threshold and CV metrics of ``label`` into ``card``."""
+    res = json.loads(Path(results_path).read_text())
+    r = res["configs"][label]
+    if r["input_size"] != card.input_size or res["roi_size_mm"] != card.roi_size_mm:
+        raise SystemExit(f"CV config {label} used {r['input_size']} px / {res['roi_size_mm']} mm,"
+                         f" the model {card.input_size} px / {card.roi_size_mm} mm")
+    card.threshold = float(r["youden_threshold"])
+    card.metrics = {
+        "source": f"{res['n_folds']}-fold patient-level CV, pooled out-of-fold, config {label}",
+        "data": res.get("data", ""),
+        "n_rois": res["n_rois"],
+        "mean_sd_over_folds_at_0.5": {k: [r["mean"][k], r["sd"][k]] for k in r["mean"]},
+        "pooled_auc": r["pooled_oof"]["auc"],
+        "pooled_auc_ci95": r["pooled_auc_ci95"],
+        "cluster_only_auc": r["cluster_only_auc"],
+        "cluster_only_auc_ci95": r["cluster_only_auc_ci95"],
+        "pooled_at_threshold": r["pooled_oof_at_youden"],
+        "infer_ms_cpu": r["infer_ms"],
+    }
+    card.measured_with = res["command"]
+
+
+def cmd_attach_cv(a: argparse.Namespace) -> None:
+    from models.card import ModelCard
+
+    card = ModelCard.load(Path(a.card))
+    apply_cv(card, Path(a.cv_results), a.cv_config)
+    card.save(Path(a.card))
+    print(f"{a.card}: threshold {card.threshold:.4f}, pooled AUC {card.metrics['pooled_auc']:.3f}")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from models import arch
     from models.data import load_rois
@@ -90,21 +122,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     card.training["command"] = _command()
     card.data_licence = a.data_licence
     if a.cv_results:
-        res = json.loads(Path(a.cv_results).read_text())
-        label = a.cv_config or f"{a.arch} ({a.init})"
-        r = res["configs"][label]
-        card.threshold = float(r["youden_threshold"])
-        card.metrics = {
-            "source": f"{res['n_folds']}-fold patient-level CV, pooled out-of-fold, config {label}",
-            "mean_sd_over_folds": {k: [r["mean"][k], r["sd"][k]] for k in r["mean"]},
-            "pooled_auc": r["pooled_oof"]["auc"],
-            "pooled_auc_ci95": r["pooled_auc_ci95"],
-            "cluster_only_auc": r["cluster_only_auc"],
-            "cluster_only_auc_ci95": r["cluster_only_auc_ci95"],
-            "at_threshold": r["pooled_oof_at_youden"],
-            "infer_ms_cpu": r["infer_ms"],
-        }
-        card.measured_with = res["command"]
+        apply_cv(card, Path(a.cv_results), a.cv_config or f"{a.arch} ({a.init})")
     elif a.threshold is not None:
         card.threshold = a.threshold
     card = save_model(model, card, Path(a.out), fp16=a.fp16)
@@ -219,6 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=cmd_evaluate)
+
+    c = sub.add_parser("attach-cv", formatter_class=fmt,
+                       help="put CV metrics + pooled-OOF Youden threshold into an existing card")
+    c.add_argument("--card", required=True)
+    c.add_argument("--cv-results", required=True, help="results.json written by evaluate")
+    c.add_argument("--cv-config", required=True, help='e.g. "tf_efficientnet_lite0 (double)"')
+    c.set_defaults(fn=cmd_attach_cv)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and a.init not in ("imagenet", "scratch", "double") \

@@ -163,14 +163,17 @@ def cross_validate(
         init = cfg.init
         if cfg.init == "double":
             inter = out_dir / "cache" / f"intermediate-{cfg.architecture}-{size}.safetensors"
+            sidecar = inter.with_suffix(".json")
             if not inter.exists():
                 log(f"[{cfg.label}] pre-training on {synth_n} synthetic ROIs")
                 _, m = pretrain_synthetic(cfg.architecture, inter, roi_size_mm=roi_size_mm,
                                           input_size=size, n=synth_n, epochs=synth_epochs,
                                           seed=seed, device=device, progress=progress)
-                results["intermediate"][cfg.architecture] = {"synthetic_test": m, "n": synth_n,
-                                                             "epochs": synth_epochs}
+                info = {"synthetic_test": m, "n": synth_n, "epochs": synth_epochs}
+                sidecar.write_text(json.dumps(info, indent=1) + "\n")
                 log(f"[{cfg.label}] synthetic test metrics {m}")
+            if sidecar.exists():
+                results["intermediate"][cfg.architecture] = json.loads(sidecar.read_text())
             init = str(inter)
         crops = rois.crops
         if crops[0].shape[0] != size:

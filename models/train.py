@@ -230,6 +230,7 @@ def train_classifier(
     step = 0
     bar = _progress(total, progress, f"train {architecture}")
     for epoch in range(epochs):
+        t_epoch = time.perf_counter()
         model.train()
         perm = torch.randperm(len(tr_idx), generator=gen)
         # BatchNorm cannot train on a batch of one: drop a trailing singleton.
@@ -257,7 +258,8 @@ def train_classifier(
             seen += len(b)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{run_loss / max(seen, 1):.3f}")
-        rec = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1)}
+        rec = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1),
+               "s": round(time.perf_counter() - t_epoch, 2)}
         if len(va_idx):
             p = predict_proba(model, x_va, card, device=device)
             w = weights[y_va]
