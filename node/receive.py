@@ -33,8 +33,8 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from node.analysis.prepare import laterality_and_view
 from node.db import Database, Instance, Series, Study, utcnow
+from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
 from node.store import Spool
 
@@ -331,7 +331,7 @@ class Receiver:
                     sop_class_uid=str(ds.SOPClassUID),
                     transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                     relpath=relpath, size=size, sha256=sha, laterality=laterality,
-                    view=view, for_processing=_is_for_processing(ds), calling_aet=calling_aet,
+                    view=view, for_processing=is_for_processing(ds), calling_aet=calling_aet,
                     received_at=now,
                 ))
         except IntegrityError:
@@ -360,12 +360,6 @@ class Receiver:
             return None
         raise Refused(STATUS_CONFLICT, f"SOP Instance UID {existing.sop_uid} already stored "
                                        "with different content")
-
-
-def _is_for_processing(ds: Dataset) -> bool:
-    if str(ds.SOPClassUID) in (MG_FOR_PROCESSING, DX_FOR_PROCESSING):
-        return True
-    return str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING"
 
 
 def _element_length(ds: Dataset) -> int | None:

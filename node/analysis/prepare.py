@@ -21,24 +21,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from node.dicom_header import (  # noqa: F401  (re-exported)
+    FOR_PROCESSING_SOP_CLASSES,
+    is_for_processing,
+    laterality_and_view,
+)
+
 log = logging.getLogger("node.analysis.prepare")
 
-FOR_PROCESSING_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
-}
-
-_VIEW_CODES = {  # SNOMED CT / SRT codes of ViewCodeSequence -> ViewPosition-style abbreviation
-    "399162004": "CC", "R-10242": "CC",
-    "399368009": "MLO", "R-10226": "MLO",
-    "399260004": "ML", "R-10236": "ML",
-    "399352003": "LM", "R-10230": "LM",
-    "399099002": "XCCL", "R-1024A": "XCCL",
-    "399192003": "XCCM", "R-1024B": "XCCM",
-    "441555000": "FB", "R-40AAA": "FB",
-    "399196006": "SIO", "R-102D0": "SIO",
-}
-_KNOWN_VIEWS = {"CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "AT", "CV"}
 
 
 @dataclass
@@ -70,13 +60,6 @@ class SkipImage(Exception):
 
 def read_dataset(path: Path) -> Dataset:
     return pydicom.dcmread(path)
-
-
-def is_for_processing(ds: Dataset) -> bool:
-    intent = str(ds.get("PresentationIntentType", "")).upper()
-    if intent:
-        return intent == "FOR PROCESSING"
-    return str(ds.get("SOPClassUID", "")) in FOR_PROCESSING_SOP_CLASSES
 
 
 def prepare(
@@ -247,49 +230,6 @@ def pixel_spacing(ds: Dataset, fallback_mm: float) -> tuple[float, str]:
         ds.get("SOPInstanceUID", ""), fallback_mm,
     )
     return float(fallback_mm), "fallback"
-
-
-def laterality_and_view(ds: Dataset) -> tuple[str, str]:
-    """("L"/"R"/"", "CC"/"MLO"/.../"").
-
-    Laterality: ImageLaterality, then Laterality, then the frame anatomy of functional groups.
-    View: ViewPosition, then ViewCodeSequence, then a view abbreviation found in
-    PatientOrientation (digitised-film archives such as CBIS-DDSM put "CC"/"MLO" there).
-    """
-    laterality = ""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(ds.get(keyword, "") or "").strip().upper()
-        if value in ("L", "R", "B"):
-            laterality = value
-            break
-    if not laterality:
-        try:
-            frame = ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
-            value = str(frame.FrameLaterality).upper()
-            if value in ("L", "R", "B"):
-                laterality = value
-        except (AttributeError, IndexError, KeyError):
-            pass
-
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view not in _KNOWN_VIEWS:
-        view = ""
-        for item in ds.get("ViewCodeSequence", []) or []:
-            code = str(item.get("CodeValue", ""))
-            if code in _VIEW_CODES:
-                view = _VIEW_CODES[code]
-                break
-    orientation = ds.get("PatientOrientation")
-    if orientation and (not view or not laterality):
-        values = [str(v).strip().upper() for v in
-                  (orientation if isinstance(orientation, list | pydicom.multival.MultiValue)
-                   else [orientation])]
-        for v in values:
-            if not view and v in _KNOWN_VIEWS:
-                view = v
-            if not laterality and v in ("L", "R") and len(values) == 1:
-                laterality = v
-    return laterality, view
 
 
 # --------------------------------------------------------------------------------- breast mask

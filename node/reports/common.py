@@ -7,27 +7,15 @@ import math
 from collections.abc import Mapping
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DigitalMammographyXRayImageStorageForPresentation,
-    DigitalMammographyXRayImageStorageForProcessing,
-)
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation
 
 from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
+from node.dicom_header import is_for_processing, laterality_and_view
 
-FOR_PROCESSING_CLASSES = {
-    DigitalMammographyXRayImageStorageForProcessing,
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray - For Processing
-    "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray - For Processing
-}
 FOR_PRESENTATION_MG = {
     DigitalMammographyXRayImageStorageForPresentation,
     "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray - For Presentation
 }
-
-_VIEW_CODES = {"399162004": "CC", "399368009": "MLO", "399260004": "ML", "399352003": "LM",
-               "399110001": "XCCL", "399192003": "XCCM"}
-
 
 def check_common_args(
     *,
@@ -122,28 +110,13 @@ def check_analysis(analysis: StudyAnalysis, sources: Mapping[str, Dataset]) -> l
 
 
 def laterality_of(ds: Dataset) -> str:
-    """"L", "R" or "" from ImageLaterality, else (series) Laterality."""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(ds.get(keyword, "") or "").strip().upper()
-        if value in ("L", "R"):
-            return value
-    return ""
+    """"L", "R" or "" (bilateral or unknown) from the header."""
+    lat = laterality_and_view(ds)[0]
+    return lat if lat in ("L", "R") else ""
 
 
 def view_of(ds: Dataset) -> str:
-    """The mammography view ("CC", "MLO", ...) from ViewCodeSequence, else ViewPosition."""
-    seq = ds.get("ViewCodeSequence")
-    if seq:
-        code = str(seq[0].get("CodeValue", ""))
-        if code in _VIEW_CODES:
-            return _VIEW_CODES[code]
-    return str(ds.get("ViewPosition", "") or "").strip().upper()
-
-
-def is_for_processing(ds: Dataset) -> bool:
-    if str(ds.SOPClassUID) in FOR_PROCESSING_CLASSES:
-        return True
-    return str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING"
+    return laterality_and_view(ds)[1]
 
 
 def presentation_image_for(
