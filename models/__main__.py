@@ -81,6 +81,16 @@ def cmd_attach_cv(a: argparse.Namespace) -> None:
     print(f"{a.card}: threshold {card.threshold:.4f}, pooled AUC {card.metrics['pooled_auc']:.3f}")
 
 
+def cmd_model_card(a: argparse.Namespace) -> None:
+    from models.card import ModelCard
+    from models.card_md import render_model_card
+
+    card = ModelCard.load(Path(a.card))
+    Path(a.out).write_text(render_model_card(card, Path(a.card).name, a.report),
+                           encoding="utf-8")
+    print(f"wrote {a.out}")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from models import arch
     from models.data import load_rois
@@ -152,7 +162,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
             rois, these, sub, n_folds=a.folds, epochs=a.epochs, input_size=size,
             roi_size_mm=a.roi_size_mm, seed=a.seed, device=_device(a.device), synth_n=a.synth_n,
             synth_epochs=a.synth_epochs, patience=a.patience, command=_command(),
-            data_desc=a.data_desc, progress=not a.quiet,
+            data_desc=a.data_desc, progress=not a.quiet, lr=a.lr,
         )
     print(f"done in {(time.perf_counter() - t) / 60:.1f} min; report in {out}")
     del results
@@ -202,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="synthetic ROIs for the intermediate stage of double transfer")
         q.add_argument("--synth-epochs", type=int, default=3)
         q.add_argument("--data-desc", default="", help="free-text description for the report")
+        q.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
 
     t = sub.add_parser("train", formatter_class=fmt,
                        help="train one model and write safetensors + model card JSON")
@@ -217,7 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--version", default="0.1.0")
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke runs)")
     t.add_argument("--threshold", type=float, default=None, help="fixed decision threshold")
     t.add_argument("--cv-results", default=None,
@@ -244,6 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--cv-results", required=True, help="results.json written by evaluate")
     c.add_argument("--cv-config", required=True, help='e.g. "tf_efficientnet_lite0 (double)"')
     c.set_defaults(fn=cmd_attach_cv)
+
+    mc = sub.add_parser("model-card", formatter_class=fmt,
+                        help="render a human-readable MODEL_CARD.md from a card JSON")
+    mc.add_argument("--card", required=True)
+    mc.add_argument("--out", required=True)
+    mc.add_argument("--report", default="", help="path of the CV report to refer to")
+    mc.set_defaults(fn=cmd_model_card)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and a.init not in ("imagenet", "scratch", "double") \

@@ -126,15 +126,30 @@ def _is_head(model: nn.Module, key: str) -> bool:
     return key.startswith(head + ".")
 
 
+def reset_head(model: nn.Module, std: float = 0.01) -> None:
+    """Re-initialise the classifier with small weights.
+
+    timm's EfficientNet init draws the classifier from U(+-1/sqrt(num_classes)): for 2 classes
+    that is +-0.7 per weight, giving initial logits of +-10 on 1280 features and a huge, unstable
+    first loss. A small head makes fine-tuning (and double transfer) start from p ~ 0.5.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=std)
+        nn.init.zeros_(head.bias)
+
+
 def build(architecture: str, init: str = "imagenet", num_classes: int = 2) -> nn.Module:
     """Create ``architecture`` and initialise it.
 
-    ``init``: "scratch" (random), "imagenet" (only tf_efficientnet_lite0 has offline ImageNet
+    The classifier is always freshly (and small-) initialised. ``init``: "scratch" (random),
+    "imagenet" (only tf_efficientnet_lite0 has offline ImageNet
     weights; other architectures raise), or a path to a ``.safetensors``/``.pth`` checkpoint of
     the same architecture (e.g. the synthetic-calcification intermediate model of double transfer
     learning), whose classifier is replaced when its shape differs.
     """
     model = create(architecture, num_classes=num_classes)
+    reset_head(model)
     if init == "scratch":
         return model
     if init == "imagenet":
@@ -154,5 +169,6 @@ def build(architecture: str, init: str = "imagenet", num_classes: int = 2) -> nn
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    load_backbone(model, {k: v.float() for k, v in state.items()})
+    # the intermediate task's classifier is dropped: a new task gets a fresh (small) head
+    load_backbone(model, {k: v.float() for k, v in state.items() if not _is_head(model, k)})
     return model

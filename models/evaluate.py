@@ -127,6 +127,7 @@ def cross_validate(
     synth_n: int = 600,
     synth_epochs: int = 3,
     patience: int = 4,
+    lr: float = 3e-4,
     command: str = "",
     data_desc: str = "",
     progress: bool = True,
@@ -147,6 +148,7 @@ def cross_validate(
         "n_folds": n_folds,
         "epochs": epochs,
         "patience": patience,
+        "lr": lr,
         "roi_size_mm": roi_size_mm,
         "seed": seed,
         "device": device,
@@ -187,7 +189,7 @@ def cross_validate(
                 [crops[i] for i in tr], rois.labels[tr].tolist(), architecture=cfg.architecture,
                 input_size=size, roi_size_mm=roi_size_mm, epochs=epochs, seed=seed + f,
                 init=init, device=device, val_fraction=0.2, groups=rois.patients[tr].tolist(),
-                patience=patience, progress=progress,
+                patience=patience, progress=progress, lr=lr,
             )
             p = predict_proba(model, [crops[i] for i in te], card, device=device)
             oof[te] = p
@@ -296,7 +298,9 @@ def render_report(results: dict) -> str:
         f"patient in one fold; identical folds for every model, so the tests are paired). In each "
         f"fold 20 % of the training patients are held out for early stopping (patience "
         f"{results['patience']}, at most {results['epochs']} epochs). ROI {results['roi_size_mm']}"
-        f" mm square. Fold metrics at threshold 0.5.\n"
+        f" mm square. Fold metrics at threshold 0.5. Class-weighted cross-entropy with label "
+        f"smoothing 0.1, AdamW one-cycle, peak lr {results.get('lr', 3e-4):g}, batch 16, "
+        f"augmentation: flips, 90° rotations, shifts, gamma/contrast jitter, noise.\n"
     )
     L.append(
         f"Machine: {results['machine']}, torch {results['torch']}, device {results['device']}, "

@@ -170,8 +170,9 @@ def train_classifier(
     val_fraction: float = 0.2,
     groups: list[str] | None = None,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float = 3e-4,
     weight_decay: float = 1e-4,
+    label_smoothing: float = 0.1,
     patience: int = 5,
     max_steps: int | None = None,
     progress: bool = True,
@@ -246,7 +247,8 @@ def train_classifier(
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_tr[b].to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(model(xb).float(), yb, weight=class_w)
+                loss = F.cross_entropy(model(xb).float(), yb, weight=class_w,
+                                       label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -294,6 +296,7 @@ def train_classifier(
         "class_counts_train": [int(c) for c in counts],
         "batch_size": batch_size,
         "lr": lr,
+        "label_smoothing": label_smoothing,
         "device": device,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "history": history,
