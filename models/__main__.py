@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--patience", type=int, default=4, help="early-stopping patience (epochs)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-        q.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores)")
+        q.add_argument("--threads", type=int, default=None,
+                       help="CPU intra-op threads (default 1: on shared CPUs, more threads than "
+                            "free cores is much slower)")
         q.add_argument("--normals", choices=("benign", "drop"), default="benign",
                        help="treat normal-tissue ROIs as negatives, or drop them")
         q.add_argument("--synth-n", type=int, default=600,

@@ -16,7 +16,7 @@ from models.train import load_model, predict_proba, save_model, train_classifier
 
 
 def test_train_classifier_smoke(tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     crops, labels = synthetic_crops(12, roi_size_mm=16.0, input_size=64, seed=0)
     model, card = train_classifier(crops, labels, input_size=64, roi_size_mm=16.0, epochs=2,
                                    seed=0, init="imagenet", val_fraction=0.25, progress=False)
@@ -53,7 +53,23 @@ def test_dataset_format_and_cli_train(tmp_path: Path) -> None:
     main(["train", "--csv", str(csv_path), "--out", str(out), "--init", "scratch",
           "--arch", "efficientnet_b0", "--input-size", "48", "--roi-size-mm", "16",
           "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--device", "cpu",
-          "--threads", "2"])
+          "--threads", "1"])
     card = ModelCard.load(out)
     assert card.weights_file == "card.safetensors" and card.weights_sha256
     assert card.training["data"]["n_rois"] == 10
+
+
+def test_cli_evaluate_writes_report(tmp_path: Path) -> None:
+    csv_path = write_synthetic(tmp_path / "syn", 12, seed=2, size_mm=24.0, spacing_mm=0.2)
+    out = tmp_path / "cv"
+    main(["evaluate", "--csv", str(csv_path), "--out", str(out), "--archs",
+          "efficientnet_b0,tf_efficientnet_lite0:scratch", "--folds", "2", "--epochs", "1",
+          "--input-size", "48", "--roi-size-mm", "16", "--device", "cpu", "--threads", "1",
+          "--quiet"])
+    report = (out / "report.md").read_text()
+    assert "Wilcoxon" in report and "efficientnet_b0 (scratch)" in report
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["configs"]["efficientnet_b0 (scratch)"]["per_fold"]) == 2
+    assert all(0 <= p <= 1 for p in res["configs"]["efficientnet_b0 (scratch)"]["oof"])
