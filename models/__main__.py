@@ -69,7 +69,7 @@ def apply_cv(card, results_path: Path, label: str) -> None:  # noqa: ANN001 - Mo
         "pooled_at_threshold": r["pooled_oof_at_youden"],
         "infer_ms_cpu": r["infer_ms"],
     }
-    card.measured_with = res["command"]
+    card.measured_with = r.get("command", res["command"])
 
 
 def cmd_attach_cv(a: argparse.Namespace) -> None:

@@ -159,7 +159,19 @@ def cross_validate(
         "configs": {},
         "intermediate": {},
     }
+    previous = _resumable(out_dir / "results.json", results)
+    if previous is not None:
+        # same data, folds and recipe: keep finished configurations, add the new ones
+        results["configs"] = previous["configs"]
+        results["intermediate"] = previous.get("intermediate", {})
+        results["commands"] = previous.get("commands", [previous["command"]]) + [command]
+        t0 -= previous.get("wall_s", 0.0)
+        log(f"resuming {out_dir}: keeping {', '.join(results['configs'])}")
+    else:
+        results["commands"] = [command]
     for cfg in configs:
+        if cfg.label in results["configs"]:
+            continue
         size = input_size or arch.native_input_size(cfg.architecture)
         t_cfg = time.perf_counter()
         init = cfg.init
@@ -221,6 +233,7 @@ def cross_validate(
             "cluster_only_auc_ci95": bootstrap_ci(y[clusters], oof[clusters],
                                                   rois.patients[clusters], "auc", seed=seed),
             "wall_s": round(time.perf_counter() - t_cfg, 1),
+            "command": command,
             "oof": oof.tolist(),
         }
         results["configs"][cfg.label] = res
@@ -229,6 +242,18 @@ def cross_validate(
         log(f"[{cfg.label}] mean AUC {res['mean']['auc']:.3f} ± {res['sd']['auc']:.3f}, "
             f"{res['wall_s']:.0f}s")
     return results
+
+
+def _resumable(path: Path, current: dict) -> dict | None:
+    """The previous results.json if it was made with the same data, folds and recipe."""
+    if not path.exists():
+        return None
+    prev = json.loads(path.read_text())
+    keys = ("n_rois", "kinds", "n_folds", "epochs", "patience", "roi_size_mm", "seed", "folds",
+            "lr")
+    if any(prev.get(k, current[k] if k == "lr" else None) != current[k] for k in keys):
+        return None
+    return prev
 
 
 # --------------------------------------------------------------------------------- outputs
@@ -289,7 +314,9 @@ def render_report(results: dict) -> str:
     cfgs = results["configs"]
     L: list[str] = []
     L.append("# Cross-validated comparison of calcification-cluster classifiers\n")
-    L.append(f"Command:\n\n```\n{results['command']}\n```\n")
+    cmds = results.get("commands", [results["command"]])
+    L.append(("Command" if len(cmds) == 1 else "Commands (one run, resumed into the same "
+              "folds)") + ":\n\n```\n" + "\n".join(cmds) + "\n```\n")
     L.append(
         f"Data: {results['data']} — {results['n_rois']} ROIs "
         f"({', '.join(f'{v} {k}' for k, v in results['kinds'].items())}) from "

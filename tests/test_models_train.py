@@ -62,10 +62,12 @@ def test_dataset_format_and_cli_train(tmp_path: Path) -> None:
 def test_cli_evaluate_writes_report(tmp_path: Path) -> None:
     csv_path = write_synthetic(tmp_path / "syn", 12, seed=2, size_mm=24.0, spacing_mm=0.2)
     out = tmp_path / "cv"
-    main(["evaluate", "--csv", str(csv_path), "--out", str(out), "--archs",
-          "efficientnet_b0,tf_efficientnet_lite0:scratch", "--folds", "2", "--epochs", "1",
-          "--input-size", "48", "--roi-size-mm", "16", "--device", "cpu", "--threads", "1",
-          "--quiet"])
+    common = ["evaluate", "--csv", str(csv_path), "--out", str(out), "--folds", "2",
+              "--epochs", "1", "--input-size", "48", "--roi-size-mm", "16", "--device", "cpu",
+              "--threads", "1", "--quiet"]
+    main([*common, "--archs", "efficientnet_b0"])
+    # a second run into the same folder adds configurations on the same folds
+    main([*common, "--archs", "efficientnet_b0,tf_efficientnet_lite0:scratch"])
     report = (out / "report.md").read_text()
     assert "Wilcoxon" in report and "efficientnet_b0 (scratch)" in report
     import json
@@ -73,3 +75,5 @@ def test_cli_evaluate_writes_report(tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     assert len(res["configs"]["efficientnet_b0 (scratch)"]["per_fold"]) == 2
     assert all(0 <= p <= 1 for p in res["configs"]["efficientnet_b0 (scratch)"]["oof"])
+    assert list(res["configs"]) == ["efficientnet_b0 (scratch)", "tf_efficientnet_lite0 (scratch)"]
+    assert len(res["commands"]) == 2
