@@ -95,8 +95,8 @@ def render_model_card(card: ModelCard, card_file: str, report: str = "") -> str:
         "",
         "## Limitations",
         "- mini-MIAS: 1990s digitised film at 0.2 mm (fine calcifications are at the resolution "
-        "limit), MLO views only, 27 located clusters from 20-odd women. The model has not been "
-        "validated on digital mammography (FFDM/DBT), other populations or vendors.",
+        "limit), MLO views only, 27 located clusters in 22 images of 19 women. The model has not "
+        "been validated on digital mammography (FFDM/DBT), other populations or vendors.",
         "- The ROI is centred on an annotated (or detected) cluster; the model does not detect.",
         "- Benign/malignant labels are per cluster from the database, not per calcification.",
     ]
