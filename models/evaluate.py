@@ -223,7 +223,7 @@ def cross_validate(
             "input_size": size,
             "per_fold": per_fold,
             "mean": {k: float(np.nanmean([m[k] for m in per_fold])) for k in METRICS},
-            "sd": {k: float(np.nanstd([m[k] for m in per_fold], ddof=1)) for k in METRICS},
+            "sd": {k: _nansd([m[k] for m in per_fold]) for k in METRICS},
             "infer_ms": float(np.median(ms)),
             "pooled_oof": pooled,
             "pooled_auc_ci95": bootstrap_ci(y, oof, rois.patients, "auc", seed=seed),
@@ -242,6 +242,13 @@ def cross_validate(
         log(f"[{cfg.label}] mean AUC {res['mean']['auc']:.3f} ± {res['sd']['auc']:.3f}, "
             f"{res['wall_s']:.0f}s")
     return results
+
+
+def _nansd(values: list[float]) -> float:
+    """Sample SD ignoring NaN folds (NaN when fewer than two folds have a value)."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
 def _resumable(path: Path, current: dict) -> dict | None:
