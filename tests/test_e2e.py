@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pydicom.errors
 import pytest
 
 from node.testdata import mias_four_view, mias_to_mg
@@ -33,7 +34,10 @@ def _objects(files: list[Path]) -> tuple[list[pydicom.Dataset], list[pydicom.Dat
 def _received(dest: StoreSCP, n_sr: int, n_sc: int, timeout: float = 300) -> list[Path]:
     def ready():  # type: ignore[no-untyped-def]
         files = dest.files()
-        srs, scs = _objects(files) if files else ([], [])
+        try:
+            srs, scs = _objects(files) if files else ([], [])
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError):
+            return None  # storescp is still writing a file
         return files if len(srs) >= n_sr and len(scs) >= n_sc else None
 
     return wait_until(ready, timeout, 1.0, f"{n_sr} SR + {n_sc} SC at the destination")
