@@ -40,7 +40,11 @@ def _received(dest: StoreSCP, n_sr: int, n_sc: int, timeout: float = 300) -> lis
             return None  # storescp is still writing a file
         return files if len(srs) >= n_sr and len(scs) >= n_sc else None
 
-    return wait_until(ready, timeout, 1.0, f"{n_sr} SR + {n_sc} SC at the destination")
+    wait_until(ready, timeout, 1.0, f"{n_sr} SR + {n_sc} SC at the destination")
+    sizes = None
+    while sizes != (sizes := [(f, f.stat().st_size) for f in dest.files()]):
+        time.sleep(0.5)  # until storescp has finished writing every file
+    return [f for f, _ in sizes]
 
 
 def _status(node: NodeProcess) -> dict:
