@@ -57,6 +57,7 @@ def setup_logging(
     # pynetdicom is chatty at INFO (every PDU); keep its own warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
 
 
 def _fmt(value: Any) -> str:
