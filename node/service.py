@@ -97,6 +97,10 @@ class Node:
             self.worker.wake.set()
 
     def start(self) -> None:
+        stale = self.spool.clear_incoming()
+        if stale:
+            event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
+                                                           "before the restart")
         self.worker.recover()
         self.deliverer.recover()
         self.receiver.start()

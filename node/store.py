@@ -33,6 +33,15 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, _DIR_MODE)
 
+    def clear_incoming(self) -> int:
+        """Delete transfers that were in flight when the node stopped (never acknowledged)."""
+        n = 0
+        for path in self.incoming.iterdir():
+            if path.is_file():
+                path.unlink()
+                n += 1
+        return n
+
     def free_mb(self) -> float:
         usage = shutil.disk_usage(self.root)
         return usage.free / (1024 * 1024)
