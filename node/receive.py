@@ -243,7 +243,6 @@ class Receiver:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
-            ds.get("PixelData")  # force parsing up to the end of the dataset
         except Exception as exc:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
