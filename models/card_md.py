@@ -91,6 +91,20 @@ def render_model_card(card: ModelCard, card_file: str, report: str = "") -> str:
                   "intervals: see the report" + (f" `{report}`" if report else "") + "."]
     else:
         lines.append("No cross-validated metrics attached (run `python -m models attach-cv`).")
+    stage = m.get("analysis_stage")
+    if isinstance(stage, dict):
+        lines += [
+            "",
+            "## Whole analysis stage on mini-MIAS (detection + classification)",
+            f"Measured with `{stage.get('command', '')}` ({stage.get('date', '')}): "
+            f"{stage.get('data', '')}.",
+            "",
+            "| measure | result | target |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {row[0]} | {row[1]} | {row[2]} |" for row in stage.get("rows", [])]
+        if stage.get("note"):
+            lines += ["", str(stage["note"])]
     lines += [
         "",
         "## Limitations",
