@@ -155,3 +155,21 @@ def presentation_image_for(
         return src
     candidates.sort(key=lambda c: (c[0], c[1]))
     return candidates[0][2]
+
+
+_ORIENTATION_LETTERS = set("APRLHF")
+
+
+def valid_patient_orientation(value: object) -> list[str] | None:
+    """The two PatientOrientation values when they are valid (letters A P R L H F), else None.
+
+    Digitised-film archives put view names ("CC") there; those must not be copied on."""
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        parts = [str(v) for v in value]  # type: ignore[union-attr]
+    except TypeError:
+        return None
+    if len(parts) == 2 and all(p and set(p) <= _ORIENTATION_LETTERS for p in parts):
+        return parts
+    return None

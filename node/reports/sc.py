@@ -17,6 +17,7 @@ from node.reports.common import (
     check_finding,
     check_series_number,
     laterality_of,
+    valid_patient_orientation,
 )
 from node.reports.uids import ResultUIDs
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI Grad-CAM"
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE"
-_ORIENTATION_LETTERS = set("APRLHF")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 # Drawing colours, RGB.
@@ -39,18 +39,6 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
-
-
-def _valid_orientation(value: object) -> list[str] | None:
-    if value is None or isinstance(value, str):
-        return None
-    try:
-        parts = [str(v) for v in value]  # type: ignore[union-attr]
-    except TypeError:
-        return None
-    if len(parts) == 2 and all(p and set(p) <= _ORIENTATION_LETTERS for p in parts):
-        return parts
-    return None
 
 
 def _fit_text(text: str, width: int, height: int, thickness: int) -> float:
@@ -185,7 +173,7 @@ def build_sc(
     uids = ResultUIDs(analysis_key)
     header = Dataset({e.tag: e for e in source if e.keyword not in _PIXEL_KEYWORDS})
     lat = laterality_of(source) or (image.laterality if image.laterality in ("L", "R") else "")
-    orientation = _valid_orientation(source.get("PatientOrientation"))
+    orientation = valid_patient_orientation(source.get("PatientOrientation"))
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,

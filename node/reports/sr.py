@@ -19,6 +19,7 @@ from node.reports.common import (
     check_series_number,
     laterality_of,
     presentation_image_for,
+    valid_patient_orientation,
 )
 from node.reports.uids import ResultUIDs
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "AI calcification analysis"
 _PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
-_ORIENTATION_LETTERS = set("APRLHFP")
 # Type 2 Patient/Study attributes highdicom reads from the first evidence dataset.
 _TYPE2_IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
@@ -53,16 +53,6 @@ def _header(ds: Dataset) -> Dataset:
     return out
 
 
-def _valid_orientation(value: object) -> bool:
-    if value is None or isinstance(value, str):
-        return False
-    try:
-        parts = [str(v) for v in value]  # type: ignore[union-attr]
-    except TypeError:
-        return False
-    return len(parts) == 2 and all(p and set(p) <= _ORIENTATION_LETTERS for p in parts)
-
-
 def _library_view(ds: Dataset) -> Dataset:
     """What highdicom's Image Library entry needs from ``ds``.
 
@@ -79,7 +69,8 @@ def _library_view(ds: Dataset) -> Dataset:
     if view.Modality in _PROJECTION_MODALITIES:
         spacing = view.get("ImagerPixelSpacing")
         ok_spacing = spacing is not None and len(spacing) == 2
-        if not (ok_spacing and _valid_orientation(view.get("PatientOrientation"))):
+        orientation = valid_patient_orientation(view.get("PatientOrientation"))
+        if not (ok_spacing and orientation is not None):
             view.Modality = "OT"  # only changes which descriptors highdicom emits
     return view
 
