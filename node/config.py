@@ -51,6 +51,8 @@ class AnalysisSettings:
     for_processing: str = "analyse"
     fallback_pixel_spacing_mm: float = 0.1
     sc_max_side: int = 2048
+    min_cluster_score: float = 0.0
+    max_rois_per_image: int = 20
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,9 @@ def _validate(s: Settings) -> None:
            "analysis.fallback_pixel_spacing_mm", "must be between 0.01 and 1.0 mm")
     _check(256 <= s.analysis.sc_max_side <= 16384, "analysis.sc_max_side",
            "must be between 256 and 16384")
+    _check(s.analysis.min_cluster_score >= 0, "analysis.min_cluster_score", "must not be negative")
+    _check(1 <= s.analysis.max_rois_per_image <= 1000, "analysis.max_rois_per_image",
+           "must be between 1 and 1000")
     m = s.model
     _check(m.device == "auto" or m.device == "cpu" or bool(re.match(r"^cuda(:\d+)?$", m.device)),
            "model.device", f"must be auto, cpu, cuda or cuda:N, got {m.device!r}")

@@ -30,6 +30,7 @@ log = logging.getLogger("node.service")
 def load_analyser(settings: Settings) -> StudyAnalyser:
     """Load the classifier once; raises RuntimeError with a clear message when unusable."""
     from node.analysis.pipeline import AnalysisPipeline
+    from node.analysis.rois import DetectorParams
 
     m, a = settings.model, settings.analysis
     return AnalysisPipeline(
@@ -41,6 +42,8 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         for_processing=a.for_processing,
         fallback_spacing_mm=a.fallback_pixel_spacing_mm,
         sc_max_side=a.sc_max_side,
+        detector=DetectorParams(min_score=a.min_cluster_score),
+        max_rois_per_image=a.max_rois_per_image,
     )
 
 

@@ -46,6 +46,7 @@ def test_every_key_in_default_config_is_commented() -> None:
         ("[model]\ndevice = 'tpu'\n", "model.device"),
         ("[model]\nthreshold = 1.5\n", "model.threshold"),
         ("[analysis]\nfor_processing = 'maybe'\n", "analysis.for_processing"),
+        ("[analysis]\nmax_rois_per_image = 0\n", "analysis.max_rois_per_image"),
         ("[[destinations]]\nname = 'p'\nae_title = 'P'\nhost = 'h'\n", "destinations[0].port"),
         ("[frobnicate]\nx = 1\n", "frobnicate"),
         ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title"),

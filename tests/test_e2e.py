@@ -194,3 +194,21 @@ def test_restart_resumes_queued_analysis(tmp_path: Path, dest: StoreSCP) -> None
         node2.stop()
     assert len(_objects(files)[0]) == 1
     assert "analysis.done" in node2.log()
+
+
+def test_operating_point_from_config_reaches_the_detector(tmp_path: Path, dest: StoreSCP) -> None:
+    """With min_cluster_score above any cluster, the SR says no calcification cluster was found."""
+    src = tmp_path / "in" / "mdb209.dcm"
+    mias_to_mg("mdb209", src)
+    node = NodeProcess(tmp_path / "node", [dest.destination()], study={"stable_seconds": 1},
+                       analysis={"min_cluster_score": 1e9}).start()
+    try:
+        assert storescu(node.port, [src]).returncode == 0
+        files = _received(dest, 1, 1)
+    finally:
+        node.stop()
+    sr_file = next(f for f in files if pydicom.dcmread(f).SOPClassUID == SR_CLASS)
+    rc, out = dsrdump(sr_file)
+    assert rc == 0
+    assert "Absent" in out and "Probability of cancer" not in out
+    assert re.search(r"analysis\.done .*rois=0 ", node.log())
