@@ -7,7 +7,8 @@ Presentation DICOM (the node's own input form, ``node.testdata.mias_to_mg``) and
 * Detection: every image goes through :func:`node.analysis.rois.find_clusters`. A ground-truth
   cluster is detected when a reported ROI's centre lies within its radius + 2 mm. Sensitivity is
   over the 27 clusters, false clusters are counted on the 207 normal images. FROC points come from
-  sweeping the cluster score; the node's operating point is ``DetectorParams.min_score``.
+  sweeping the cluster score; the node's operating point is ``[analysis] min_cluster_score``
+  (``DetectorParams.min_score``).
 * Classification: benign-vs-malignant AUC of the detected clusters, each scored by a model that
   never saw its patient: patient-grouped stratified k-fold (mini-MIAS pairs mdb(2k-1), mdb(2k) are
   one woman), one ``models.train.train_classifier`` per fold on crops of the training clusters
