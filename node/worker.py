@@ -29,6 +29,7 @@ from node.store import Spool
 log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 ReportBuilder = Callable[..., list[Dataset]]
 
@@ -141,6 +142,7 @@ class AnalysisWorker:
                 self._record(job_id, self._analysis_key(job_id), analysis, [],
                              (time.perf_counter() - t0) * 1000)
                 return
+            previous = self._current_srs(study_uid)
             datasets = self.build_reports(
                 analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
                 manufacturer=self.options.manufacturer,
@@ -148,6 +150,7 @@ class AnalysisWorker:
                 sc_series_number=self.options.sc_series_number,
                 threshold=self.options.threshold,
                 software_version=self.options.software_version,
+                previous_srs=previous,
             )
             written = [(ds, self.spool.write_dataset(ds)) for ds in datasets]
         except Exception as exc:
@@ -155,6 +158,19 @@ class AnalysisWorker:
             return
         ms = (time.perf_counter() - t0) * 1000
         self._record(job_id, key, analysis, written, ms)
+
+    def _current_srs(self, study_uid: str) -> list[Dataset]:
+        """Headers of the SRs of the study's current result: the new SR supersedes them."""
+        with self.db.session() as s:
+            relpaths = s.execute(
+                select(ResultObject.relpath)
+                .join(Result, Result.id == ResultObject.result_id)
+                .join(Study, Study.id == Result.study_id)
+                .where(Study.study_uid == study_uid, Result.current.is_(True),
+                       ResultObject.sop_class_uid == COMPREHENSIVE_SR)
+            ).scalars().all()
+        return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
+                if self.spool.path(r).exists()]
 
     def _analysis_key(self, job_id: int) -> str:
         with self.db.session() as s:

@@ -134,6 +134,16 @@ def test_reopened_study_supersedes_and_identical_resend_sends_nothing(
         new_sr = next(s for s in srs if s.SOPInstanceUID != first_sr.SOPInstanceUID)
         assert len(list(new_sr.CurrentRequestedProcedureEvidenceSequence[0]
                         .ReferencedSeriesSequence)) == 4
+        # The new SR names the one it supersedes.
+        predecessors = {item.ReferencedSOPInstanceUID
+                        for study_item in new_sr.PredecessorDocumentsSequence
+                        for series in study_item.ReferencedSeriesSequence
+                        for item in series.ReferencedSOPSequence}
+        assert predecessors == {first_sr.SOPInstanceUID}
+        for f in second:
+            assert dciodvfy_problems(f)[0] == [], f.name
+            if pydicom.dcmread(f).SOPClassUID == SR_CLASS:
+                assert dsrdump(f)[0] == 0, f.name
         # The same four instances again: stored already, same content -> nothing new is sent.
         assert storescu(node.port, study).returncode == 0
         time.sleep(8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -51,8 +51,12 @@ def build_reports(
     sc_series_number: int,
     threshold: float,
     software_version: str,
+    previous_srs: Sequence[Dataset] = (),
 ) -> list[Dataset]:
     """The SR followed by one Grad-CAM SC per analysed image (in analysis order).
+
+    ``previous_srs`` are the headers of SRs this one supersedes (a re-opened study); they are
+    listed in the SR's Predecessor Documents Sequence.
 
     Raises ``TypeError``/``ValueError`` naming the problem before anything is built when an
     argument, the analysis or a source header is unusable. Every analysed image must carry
@@ -72,7 +76,8 @@ def build_reports(
     out: list[Dataset] = [
         build_sr(analysis, sources, analysis_key=analysis_key, created=created,
                  manufacturer=manufacturer, series_number=sr_series_number,
-                 threshold=threshold, software_version=software_version)
+                 threshold=threshold, software_version=software_version,
+                 previous_versions=previous_srs)
     ]
     # One patient/study identity for all objects: the SR's first evidence (see build_sr).
     identity = presentation_image_for(analysed[0], sources)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -181,6 +181,7 @@ def build_sr(
     series_number: int,
     threshold: float,
     software_version: str,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The TID 1500 Comprehensive SR of one study analysis.
 
@@ -244,6 +245,7 @@ def build_sr(
         software_versions=software_version,
         manufacturer_model_name=analysis.model.name[:64],
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        previous_versions=list(previous_versions) or None,
     )
     _set_dates(sr, created)
     log.info("built TID 1500 SR: %d ROI(s), %d image(s) without ROI, %d library image(s)",
