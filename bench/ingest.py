@@ -1,12 +1,14 @@
-"""Ingest benchmark: the node's receiver vs dcmtk storescp, same files, same dcmtk storescu.
+"""Ingest: the node's receiver vs dcmtk storescp, same files, same dcmtk storescu.
 
-    .venv/bin/python bench/ingest.py [--images 16] [--rows 4096 --cols 3328] [--repeats 3]
+    .venv/bin/python -m bench --only ingest          (part of the suite)
+    .venv/bin/python -m bench.ingest [--studies 4] [--format big] [--syntax raw] [--repeats 3]
 
-Builds full-field MG images (12 bits stored, Explicit VR LE), then alternates runs of
-``storescu -> storescp`` and ``storescu -> node receiver`` (a separate process running exactly
-the node's Receiver: chunked receive, header checks, fsync + rename, SQLite WAL commit before the
-0x0000). Prints median seconds, MB/s, images/s, the node/dcmtk time ratio and peak RSS of each
-server. TCP_NODELAY=1 is set for dcmtk (it otherwise leaves Nagle on and stalls ~40 ms/C-STORE).
+Alternates runs of ``storescu -> storescp`` and ``storescu -> node receiver`` (a separate process
+running exactly the node's Receiver: chunked receive, header checks, fsync + rename, SQLite WAL
+commit before the 0x0000). Reports median seconds, MB/s, images/s, the node/dcmtk throughput
+ratio and the peak RSS (VmHWM) of each receiving process. storescp writes without fsync; the node
+fsyncs every instance and its directory before acknowledging. TCP_NODELAY=1 is set for dcmtk (it
+otherwise leaves Nagle on and stalls ~40 ms per C-STORE).
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from bench.proc import peak_rss_mib
+from bench.studies import StudyFactory
+from tests.netutil import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from node.testdata import mg_dataset, uid_from  # noqa: E402
-from tests.netutil import free_port, wait_for_port  # noqa: E402
+PDU = 131072
 
 RECEIVER = """
 import sys, signal, threading
@@ -35,10 +37,10 @@ from pathlib import Path
 from node.db import Database
 from node.receive import Receiver
 from node.store import Spool
-root = Path(sys.argv[1]); port = int(sys.argv[2])
+root = Path(sys.argv[1]); port = int(sys.argv[2]); pdu = int(sys.argv[3])
 spool = Spool(root); db = Database(f"sqlite:///{root / 'node.sqlite3'}"); db.create_schema()
 r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=port, spool=spool, db=db,
-             allowed_calling_aets=[], max_pdu_size=131072, max_associations=8,
+             allowed_calling_aets=[], max_pdu_size=pdu, max_associations=8,
              network_timeout=60, min_free_mb=64)
 r.start()
 stop = threading.Event()
@@ -48,46 +50,37 @@ r.stop()
 """
 
 
-def make_files(out: Path, n: int, rows: int, cols: int) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16)
-    files = []
-    for i in range(n):
-        study = uid_from("bench", str(i // 4))
-        lat, view = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")][i % 4]
-        ds = mg_dataset(np.roll(base, i, axis=1), patient_id=f"BENCH{i // 4}", study_uid=study,
-                        sop_uid=uid_from("bench", str(i)), laterality=lat, view=view,
-                        spacing_mm=0.07, bits_stored=12)
-        path = out / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+@dataclass
+class IngestResult:
+    label: str
+    images: int
+    mb: float
+    seconds: dict[str, float]  # median per server
+    peak_rss_mib: dict[str, float]
+    ratio: float  # node/dcmtk throughput, median of per-pair ratios (>1 = node faster)
+
+    def rate(self, server: str) -> tuple[float, float]:
+        s = self.seconds[server]
+        return self.mb / s, self.images / s
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def run_once(kind: str, files: list[Path], work: Path) -> tuple[float, float]:
+def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU) -> tuple[float, float]:
+    """One storescu association with every file; (seconds, server peak RSS MiB)."""
     port = free_port()
     out = work / f"{kind}-{port}"
     env = dict(os.environ, TCP_NODELAY="1")
     if kind == "storescp":
         out.mkdir(parents=True)
         server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out),
-                                   "-pdu", "131072", str(port)], env=env,
+                                   "-pdu", str(PDU), str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
-        server = subprocess.Popen([sys.executable, "-c", RECEIVER, str(out), str(port)],
+        server = subprocess.Popen([sys.executable, "-c", RECEIVER, str(out), str(port), str(pdu)],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, 60, server)
         t0 = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", "131072", "127.0.0.1",
+        subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU), "127.0.0.1",
                         str(port), *map(str, files)], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
@@ -99,37 +92,52 @@ def run_once(kind: str, files: list[Path], work: Path) -> tuple[float, float]:
     return seconds, rss
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--rows", type=int, default=4096)
-    ap.add_argument("--cols", type=int, default=3328)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = PDU
+            ) -> IngestResult:
+    """Alternating storescp / node runs over ``files``; medians and the paired ratio."""
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
+            raise RuntimeError(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    runs: dict[str, list[tuple[float, float]]] = {"storescp": [], "node": []}
+    run_once("node", files[:1], work, pdu)  # warm-up (imports, page cache)
+    for _ in range(repeats):
+        for kind in ("storescp", "node"):
+            runs[kind].append(run_once(kind, files, work, pdu))
+    ratios = [d[0] / n[0] for n, d in zip(runs["node"], runs["storescp"], strict=True)]
+    return IngestResult(
+        label=label, images=len(files), mb=mb,
+        seconds={k: statistics.median(r[0] for r in v) for k, v in runs.items()},
+        peak_rss_mib={k: max(r[1] for r in v) for k, v in runs.items()},
+        ratio=statistics.median(ratios),
+    )
+
+
+def build_files(work: Path, fmt: str, syntax: str, studies: int) -> list[Path]:
+    factory = StudyFactory(fmt, syntax, tag=f"ingest-{fmt}-{syntax}")
+    files: list[Path] = []
+    for i in range(studies):
+        files += factory.write_study(i, work / f"files-{fmt}-{syntax}")
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--studies", type=int, default=4)
+    ap.add_argument("--format", default="big", choices=["big", "small", "tiny"])
+    ap.add_argument("--syntax", default="raw", choices=["raw", "j2k"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pdu", type=int, default=PDU, help="the node's max PDU size")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mammo-bench-") as tmp:
-        work = Path(tmp)
-        files = make_files(work / "files", args.images, args.rows, args.cols)
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        results: dict[str, list[tuple[float, float]]] = {"storescp": [], "node": []}
-        run_once("node", files[:2], work)  # warm-up (imports, page cache)
-        for _ in range(args.repeats):
-            for kind in ("storescp", "node"):
-                results[kind].append(run_once(kind, files, work))
-    print(f"ingest: {args.images} images {args.rows}x{args.cols} uint16, {mb:.1f} MB, "
-          f"{args.repeats} alternating runs, medians; machine: {os.cpu_count()} CPUs")
-    print(f"{'server':<10} {'s':>7} {'MB/s':>8} {'img/s':>7} {'peak RSS MiB':>13}")
-    med = {}
-    for kind, runs in results.items():
-        s = statistics.median(r[0] for r in runs)
-        rss = max(r[1] for r in runs)
-        med[kind] = s
-        print(f"{kind:<10} {s:7.2f} {mb / s:8.1f} {args.images / s:7.1f} {rss:13.1f}")
-    ratios = [n[0] / d[0] for n, d in zip(results["node"], results["storescp"], strict=True)]
-    print(f"node/dcmtk time ratio: {statistics.median(ratios):.2f} (>1 = node slower); "
-          f"throughput ratio node/dcmtk: {med['storescp'] / med['node']:.2f}")
+        files = build_files(Path(tmp), args.format, args.syntax, args.studies)
+        r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu)
+    print(f"ingest {r.label}: {r.images} images, {r.mb:.1f} MB, {args.repeats} alternating runs")
+    for kind in ("storescp", "node"):
+        mbs, ips = r.rate(kind)
+        print(f"{kind:<10} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
+              f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB")
+    print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class ModelSettings:
     device: str = "auto"
     batch_size: int = 16
     threshold: str | float = "card"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,8 @@ def _validate(s: Settings) -> None:
     _check(m.device == "auto" or m.device == "cpu" or bool(re.match(r"^cuda(:\d+)?$", m.device)),
            "model.device", f"must be auto, cpu, cuda or cuda:N, got {m.device!r}")
     _check(m.batch_size >= 1, "model.batch_size", "must be at least 1")
+    _check(m.precision in ("auto", "fp32", "bf16", "fp16"), "model.precision",
+           f"must be auto, fp32, bf16 or fp16, got {m.precision!r}")
     if isinstance(m.threshold, str):
         _check(m.threshold == "card", "model.threshold", "must be \"card\" or a number in (0, 1)")
     else:

@@ -38,6 +38,7 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         architecture=m.architecture,
         device=m.device,
         batch_size=m.batch_size,
+        precision=m.precision,
         threshold=settings.threshold_override,
         for_processing=a.for_processing,
         fallback_spacing_mm=a.fallback_pixel_spacing_mm,
@@ -84,6 +85,7 @@ class Node:
             ("retention", lambda: purge_expired(self.db, self.spool, settings.retention.days),
              settings.retention.check_interval_hours * 3600),
         ])
+        self.worker.on_result = self._on_result
         self._stopped = threading.Event()
 
     def _on_stored(self, stored: StoredInstance) -> None:
@@ -93,6 +95,12 @@ class Node:
             job = self.scheduler.get_job("complete-studies")
             if job is not None:
                 job.modify(next_run_time=dt.datetime.now(dt.UTC))
+
+    def _on_result(self) -> None:
+        # Results were just recorded: deliver now, in the scheduler's thread, not at the next tick.
+        job = self.scheduler.get_job("deliver")
+        if job is not None:
+            job.modify(next_run_time=dt.datetime.now(dt.UTC))
 
     def _complete(self) -> None:
         st = self.settings.study

@@ -60,6 +60,9 @@ class AnalysisWorker:
         self.options = options
         self.destinations = list(destinations)
         self.wake = threading.Event()
+        # Called (in the worker thread) after a result with objects to deliver was recorded, so
+        # that delivery starts at once instead of at the deliverer's next tick.
+        self.on_result: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -158,6 +161,8 @@ class AnalysisWorker:
             return
         ms = (time.perf_counter() - t0) * 1000
         self._record(job_id, key, analysis, written, ms)
+        if written and self.destinations and self.on_result is not None:
+            self.on_result()
 
     def _current_srs(self, study_uid: str) -> list[Dataset]:
         """Headers of the SRs of the study's current result: the new SR supersedes them."""

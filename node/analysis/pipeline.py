@@ -9,7 +9,9 @@ into a display-sized canvas for the Secondary Capture.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ class AnalysisPipeline:
     * ``for_processing``: "analyse" or "skip"; ``fallback_spacing_mm``: pixel size when the header
       has none (logged); ``sc_max_side``: long side of the display/CAM images.
     * ``max_rois_per_image``: strongest clusters kept per image.
+    * ``precision``: "auto", "fp32", "bf16", "fp16" (see :func:`classify.resolve_precision`).
+    * ``max_workers``: images of a study decoded and searched in parallel (default min(4, CPUs)).
 
     Raises ``RuntimeError`` with a clear message when the card or weights are unusable.
     """
@@ -60,6 +64,8 @@ class AnalysisPipeline:
         sc_max_side: int = 2048,
         detector: DetectorParams | None = None,
         max_rois_per_image: int = 20,
+        precision: str = "auto",
+        max_workers: int | None = None,
     ) -> None:
         if for_processing not in ("analyse", "skip"):
             raise RuntimeError(
@@ -69,7 +75,7 @@ class AnalysisPipeline:
             raise RuntimeError("fallback_spacing_mm must be > 0")
         self.classifier = Classifier(
             card_path, architecture=architecture, device=device, batch_size=batch_size,
-            threshold=threshold,
+            threshold=threshold, precision=precision,
         )
         self.model: ModelInfo = self.classifier.info
         self.for_processing = for_processing
@@ -77,54 +83,31 @@ class AnalysisPipeline:
         self.sc_max_side = int(sc_max_side)
         self.detector = detector or DetectorParams()
         self.max_rois_per_image = int(max_rois_per_image)
+        # Images of a study prepared in parallel: at most 4 (a four-view study), at most the CPUs.
+        self.max_workers = int(max_workers or min(4, os.cpu_count() or 1))
 
     # ------------------------------------------------------------------------------ public
 
     def analyse(self, study_instance_uid: str, images: list[ImageInput]) -> StudyAnalysis:
         timings = {"decode": 0.0, "rois": 0.0, "classify": 0.0, "gradcam": 0.0}
         t_start = time.perf_counter()
-        results: list[ImageAnalysis] = []
-        work: list[tuple[ImageAnalysis, PreparedImage, list[Cluster]]] = []
-        for item in images:
-            t0 = time.perf_counter()
-            try:
-                prepared = prepare(
-                    item.path, for_processing=self.for_processing,
-                    fallback_spacing_mm=self.fallback_spacing_mm,
-                )
-            except SkipImage as exc:
-                results.append(self._skipped(item, str(exc)))
-                log.info("image %s skipped: %s", item.sop_instance_uid, exc)
-                continue
-            except Exception as exc:  # undecodable pixel data must not stop the study
-                results.append(self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}"))
-                log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
-                continue
-            finally:
-                timings["decode"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            clusters, _ = find_clusters(
-                prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector
-            )
-            clusters = clusters[: self.max_rois_per_image]
-            display, scale = display_image(prepared.image01, self.sc_max_side)
-            timings["rois"] += time.perf_counter() - t0
-            ia = ImageAnalysis(
-                sop_instance_uid=item.sop_instance_uid,
-                sop_class_uid=item.sop_class_uid,
-                laterality=prepared.laterality,
-                view=prepared.view,
-                rows=prepared.rows,
-                columns=prepared.columns,
-                pixel_spacing_mm=prepared.pixel_spacing_mm,
-                spacing_source=prepared.spacing_source,
-                for_presentation=prepared.for_presentation,
-                display=display,
-                cam=np.zeros(display.shape, dtype=np.float32),
-                display_scale=scale,
-            )
-            results.append(ia)
-            work.append((ia, prepared, clusters))
+        # Decode + ROI finding of the images of a study run side by side (OpenCV, numpy and the
+        # JPEG 2000 decoder release the GIL); the classifier then sees every ROI of the study.
+        workers = max(1, min(self.max_workers, len(images)))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
+                done = list(pool.map(self._prepare_image, images))
+        else:
+            done = [self._prepare_image(item) for item in images]
+        wall = time.perf_counter() - t_start
+        busy = sum(d[3] + d[4] for d in done) or 1.0
+        # Per-stage shares of the parallel phase's wall time (so the stages add up to the total).
+        timings["decode"] = wall * sum(d[3] for d in done) / busy
+        timings["rois"] = wall * sum(d[4] for d in done) / busy
+        results: list[ImageAnalysis] = [d[0] for d in done]
+        work: list[tuple[ImageAnalysis, PreparedImage, list[Cluster]]] = [
+            (d[0], d[1], d[2]) for d in done if d[1] is not None
+        ]
 
         crops = []
         card = self.classifier.card
@@ -175,6 +158,46 @@ class AnalysisPipeline:
         return out
 
     # ------------------------------------------------------------------------------ helpers
+
+    def _prepare_image(
+        self, item: ImageInput
+    ) -> tuple[ImageAnalysis, PreparedImage | None, list[Cluster], float, float]:
+        """Decode, prepare and find the clusters of one image; (analysis, prepared, clusters,
+        decode seconds, ROI seconds). A skipped image comes back with ``prepared`` None."""
+        t0 = time.perf_counter()
+        try:
+            prepared = prepare(
+                item.path, for_processing=self.for_processing,
+                fallback_spacing_mm=self.fallback_spacing_mm,
+            )
+        except SkipImage as exc:
+            log.info("image %s skipped: %s", item.sop_instance_uid, exc)
+            return self._skipped(item, str(exc)), None, [], time.perf_counter() - t0, 0.0
+        except Exception as exc:  # undecodable pixel data must not stop the study
+            log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
+            return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}"), None, [],
+                    time.perf_counter() - t0, 0.0)
+        t1 = time.perf_counter()
+        clusters, _ = find_clusters(
+            prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector
+        )
+        clusters = clusters[: self.max_rois_per_image]
+        display, scale = display_image(prepared.image01, self.sc_max_side)
+        ia = ImageAnalysis(
+            sop_instance_uid=item.sop_instance_uid,
+            sop_class_uid=item.sop_class_uid,
+            laterality=prepared.laterality,
+            view=prepared.view,
+            rows=prepared.rows,
+            columns=prepared.columns,
+            pixel_spacing_mm=prepared.pixel_spacing_mm,
+            spacing_source=prepared.spacing_source,
+            for_presentation=prepared.for_presentation,
+            display=display,
+            cam=np.zeros(display.shape, dtype=np.float32),
+            display_scale=scale,
+        )
+        return ia, prepared, clusters, t1 - t0, time.perf_counter() - t1
 
     def _skipped(self, item: ImageInput, reason: str) -> ImageAnalysis:
         return ImageAnalysis(
