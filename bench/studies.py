@@ -115,10 +115,13 @@ class StudyFactory:
             self._templates[key] = ds
         return self._templates[key]
 
+    def study_uid(self, index: int) -> str:
+        return uid_from(self.tag, str(index))
+
     def write_study(self, index: int, out_dir: Path) -> list[Path]:
         """Write study ``index`` (four files) under ``out_dir``; returns the paths."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        study_uid = uid_from(self.tag, str(index))
+        study_uid = self.study_uid(index)
         paths = []
         for v, (lat, view) in enumerate(VIEWS):
             ds = self._template(v, index % self.variants)
