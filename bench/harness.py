@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.studies import storescu_args
 from tests.netutil import NodeProcess, StoreSCP, wait_until
 
 STAGES = ("wait", "decode", "rois", "classify", "gradcam", "build", "send")
@@ -82,7 +83,8 @@ class Harness:
     def send(self, files: list[Path]) -> None:
         """One dcmtk storescu association with every file (TCP_NODELAY, 128 KiB PDUs)."""
         res = subprocess.run(
-            ["storescu", "-aet", "MODALITY", "-aec", "MAMMO_AI", "-pdu", "131072", "127.0.0.1",
+            ["storescu", "-aet", "MODALITY", "-aec", "MAMMO_AI", "-pdu", "131072",
+             *storescu_args(files), "127.0.0.1",
              str(self.node.port), *map(str, files)],
             capture_output=True, text=True, timeout=600, env=dict(os.environ, TCP_NODELAY="1"),
         )

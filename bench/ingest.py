@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.proc import peak_rss_mib
-from bench.studies import StudyFactory
+from bench.studies import StudyFactory, storescu_args
 from tests.netutil import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU) -> tuple[
     env = dict(os.environ, TCP_NODELAY="1")
     if kind == "storescp":
         out.mkdir(parents=True)
-        server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out),
+        server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out), "+xa",
                                    "-pdu", str(PDU), str(port)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
@@ -80,7 +80,8 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU) -> tuple[
     try:
         wait_for_port(port, 60, server)
         t0 = time.perf_counter()
-        subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU), "127.0.0.1",
+        subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU),
+                        *storescu_args(files), "127.0.0.1",
                         str(port), *map(str, files)], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0

@@ -18,10 +18,20 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from node.testdata import mg_dataset, uid_from
+
+
+def storescu_args(files: list[Path]) -> list[str]:
+    """dcmtk storescu options for these files: JPEG 2000 ones need ``-xv -R`` (propose J2K)."""
+    if files and dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID in (
+            JPEG2000Lossless, JPEG2000):
+        return ["-xv", "-R"]
+    return []
+
 
 VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 
@@ -114,6 +124,12 @@ class StudyFactory:
                 ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
             self._templates[key] = ds
         return self._templates[key]
+
+    def warm(self) -> None:
+        """Generate (and encode) every template now, outside any timed section."""
+        for view_index in range(len(VIEWS)):
+            for variant in range(self.variants):
+                self._template(view_index, variant)
 
     def study_uid(self, index: int) -> str:
         return uid_from(self.tag, str(index))

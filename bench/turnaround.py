@@ -40,6 +40,7 @@ class TurnaroundResult:
 def run(fmt: str, syntax: str, studies: int, *, warmup: int = 1, work: Path | None = None,
         sc_max_side: int | None = None, precision: str = "auto") -> TurnaroundResult:
     factory = StudyFactory(fmt, syntax, tag=f"turnaround-{fmt}-{syntax}")
+    factory.warm()
     with tempfile.TemporaryDirectory(prefix="mammo-bench-ta-", dir=work) as tmp:
         root = Path(tmp)
         harness = Harness(root, sc_max_side=sc_max_side, precision=precision)

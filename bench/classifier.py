@@ -1,0 +1,100 @@
+"""Classifier throughput: ROIs/s of the shipped model and of EfficientNet B0-B4.
+
+Every model runs through the node's own :class:`node.analysis.classify.Classifier` (device
+selection, precision/autocast, channels_last, batching). B0-B4 get random weights (``timm``,
+``pretrained=False``: nothing is downloaded) written as a temporary card + safetensors file, at
+timm's default input size for each. Throughput does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models/weights/calc-cluster-lite0.json"
+
+
+@dataclass
+class ClassifierResult:
+    model: str
+    input_size: int
+    batch: int
+    device: str
+    precision: str
+    rois_per_s: float
+    with_cam: bool
+
+
+def _random_card(arch: str, folder: Path) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    from models.card import ModelCard
+
+    model = timm.create_model(arch, pretrained=False, num_classes=2, in_chans=3)
+    size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / f"{arch}.safetensors"))
+    card = ModelCard(name=f"bench-{arch}", version="random", architecture=arch, input_size=size,
+                     roi_size_mm=12.8, weights_file=f"{arch}.safetensors")
+    path = folder / f"{arch}.json"
+    card.save(path)
+    return path
+
+
+def measure(card: Path, batch: int, *, device: str = "auto", precision: str = "auto",
+            seconds: float = 2.0, with_cam: bool = False) -> ClassifierResult:
+    import torch
+
+    from node.analysis.classify import Classifier
+
+    # Random-init B0-B4 produce denormal activations that slow a CPU 3-4x; trained weights
+    # rarely do. Flushing them measures the network, not the denormal penalty.
+    torch.set_flush_denormal(True)
+    clf = Classifier(card, device=device, batch_size=batch, precision=precision)
+    size = clf.card.input_size
+    rng = np.random.default_rng(0)
+    crops = [rng.random((size, size), dtype=np.float32) for _ in range(batch)]
+    clf.predict(crops, with_cam=with_cam)  # warm-up (allocator, kernels)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        clf.predict(crops, with_cam=with_cam)
+        if clf.device.type == "cuda":
+            torch.cuda.synchronize()
+        n += batch
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and n >= 2 * batch:
+            break
+    prec = str(clf.amp_dtype).replace("torch.", "") if clf.amp_dtype else "fp32"
+    return ClassifierResult(clf.card.architecture + ("" if card != SHIPPED else " (shipped)"),
+                            size, batch, str(clf.device), prec, n / elapsed, with_cam)
+
+
+def run(archs: list[str], batches: list[int], *, device: str = "auto", precision: str = "auto",
+        seconds: float = 2.0) -> list[ClassifierResult]:
+    out: list[ClassifierResult] = []
+    for b in batches:
+        out.append(measure(SHIPPED, b, device=device, precision=precision, seconds=seconds))
+    out.append(measure(SHIPPED, batches[-1], device=device, precision=precision,
+                       seconds=seconds, with_cam=True))
+    with tempfile.TemporaryDirectory(prefix="mammo-bench-clf-") as tmp:
+        for arch in archs:
+            card = _random_card(arch, Path(tmp))
+            for b in batches:
+                out.append(measure(card, b, device=device, precision=precision,
+                                   seconds=seconds))
+    return out
+
+
+def table(results: list[ClassifierResult]) -> list[str]:
+    rows = ["| model | input px | batch | device | precision | Grad-CAM | ROIs/s |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r.model} | {r.input_size} | {r.batch} | {r.device} | {r.precision} | "
+                    f"{'yes' if r.with_cam else 'no'} | {r.rois_per_s:.1f} |")
+    return rows
