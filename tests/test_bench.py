@@ -1,0 +1,55 @@
+"""The benchmark suite keeps working: ``python -m bench --tiny`` prints every section with numbers.
+
+A smoke test only (the figures of a tiny run mean nothing; see bench/results/ for real ones).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tools import require_binary
+
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_bench_prints_every_section(tmp_path: Path) -> None:
+    for tool in ("storescu", "storescp"):
+        require_binary(tool)
+    out_md = tmp_path / "bench.md"
+    res = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out_md),
+                          "--workdir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    text = res.stdout
+    assert out_md.read_text(encoding="utf-8").strip() == text.strip()
+    for title in ("## Ingest", "## Study turnaround", "## Sustained", "## Classifier",
+                  "## Targets"):
+        assert title in text, title
+    num = r"\d+(?:\.\d+)?"
+    # ingest: both syntaxes, a paired node/dcmtk ratio and both peak RSS figures
+    for label in ("tiny raw", "tiny j2k"):
+        assert re.search(rf"\| {label} \| 4 \|.*\*\*{num}\*\* \| {num} \| {num} \|", text), label
+    # turnaround: p50, p95 and every stage
+    row = re.search(r"^\| tiny raw \| 2 \|(.*)$", text, re.M)
+    assert row is not None
+    cells = [c.strip() for c in row.group(1).split("|") if c.strip()]
+    assert len(cells) == 1 + 2 + 7 + 1 and all(re.fullmatch(num, c) for c in cells), cells
+    assert float(cells[1]) > 0  # p50 turnaround
+    # sustained: studies/h and RSS samples
+    assert re.search(rf"\| 3 \(tiny raw\) \| {num} \| \*\*{num}\*\* \|", text)
+    assert re.search(rf"RSS over time \(s: MiB\): {num}: {num}", text)
+    # classifier: the shipped model and B0, batch 1 and batched, all > 0 ROIs/s
+    rates = re.findall(rf"^\| (\S+)(?: \(shipped\))? \| {num} \| (\d+) \| \w+ \| \w+ \| "
+                       rf"(?:yes|no) \| ({num}) \|$", text, re.M)
+    assert {(m, b) for m, b, _ in rates} >= {("tf_efficientnet_lite0", "1"),
+                                              ("tf_efficientnet_lite0", "4"),
+                                              ("efficientnet_b0", "1"), ("efficientnet_b0", "4")}
+    assert all(float(r) > 0 for _, _, r in rates)
+    assert re.search(r"\| turnaround p50 ≤ 5 s", text) and "ROIs/s" in text
