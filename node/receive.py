@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from node import fastrecv
 from node.db import Database, Instance, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
@@ -131,6 +132,7 @@ class Receiver:
         self._server = None
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        fastrecv.install()  # recv_into + SHA-256 while receiving (see node/fastrecv.py)
         tempfile.tempdir = str(spool.incoming)
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu_size

@@ -1,0 +1,119 @@
+"""Faster chunked C-STORE receive: fewer syscalls, and the SHA-256 computed while data arrives.
+
+Two narrow adjustments to pynetdicom 3.0 (measured with ``python -m bench --only ingest``):
+
+* ``AssociationSocket.recv`` reads a PDU with ``recv_into`` into one pre-sized buffer instead of
+  4 KiB ``recv`` calls appended to a growing bytearray (~6,700 calls per 27 MB instance).
+* The temporary file pynetdicom streams a C-STORE dataset into is wrapped so that every chunk is
+  also fed to SHA-256 as it is written. :meth:`node.store.Spool.adopt` then takes the digest with
+  :func:`take_digest` instead of reading the whole file back before the fsync.
+* Every 4 MiB the wrapper asks the kernel to start writing the new range to disk (Linux
+  ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, asynchronous), so the fsync before the 0x0000 only
+  waits for the tail (16 -> ~10 ms per 27 MB instance here, more where the disk is slow).
+
+The digest is only used when the byte count matches the file on disk, so a write that bypassed
+the wrapper falls back to hashing the file. :func:`install` is idempotent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+_MAX_PENDING = 256  # digests of files never adopted (refused, aborted) are dropped oldest-first
+_lock = threading.Lock()
+_pending: OrderedDict[str, _HashingTempFile] = OrderedDict()
+_installed = False
+_WRITEBACK_STEP = 4 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: the fsync does all the work
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _HashingTempFile:
+    """A ``NamedTemporaryFile`` whose ``write`` also updates a SHA-256 and a byte count."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._file = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
+        self.name = self._file.name
+        self.file = self._file.file
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self._flushed_to = 0  # bytes already handed to the kernel's writeback
+        with _lock:
+            _pending[str(Path(self.name))] = self
+            while len(_pending) > _MAX_PENDING:
+                _pending.popitem(last=False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._file.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+        if _sync_file_range is not None and self.size - self._flushed_to >= _WRITEBACK_STEP:
+            self.file.flush()
+            _sync_file_range(self.file.fileno(), self._flushed_to, self.size - self._flushed_to,
+                             _SYNC_FILE_RANGE_WRITE)  # a hint: errors are left to the fsync
+            self._flushed_to = self.size
+        return n
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def take_digest(path: Path | str) -> tuple[int, str] | None:
+    """(bytes written, SHA-256 hex) of a received temp file, once; None when unknown."""
+    with _lock:
+        entry = _pending.pop(str(Path(path)), None)
+    if entry is None:
+        return None
+    if not entry.file.closed:
+        entry.file.flush()
+    return entry.size, entry.hexdigest()
+
+
+def _recv(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv``: read ``nr_bytes`` (fewer on a closed connection)."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    n = 0
+    while n < nr_bytes:
+        got = self.socket.recv_into(view[n:], nr_bytes - n)
+        if not got:  # connection closed: return what was read
+            view.release()
+            del buf[n:]
+            return buf
+        n += got
+    view.release()
+    return buf
+
+
+def install() -> None:
+    """Apply both adjustments to pynetdicom (process-wide; the node has one receiver)."""
+    global _installed
+    if _installed:
+        return
+    from pynetdicom import dimse_messages, transport
+
+    transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[attr-defined,misc]
+    _installed = True
