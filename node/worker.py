@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
 from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
 from node.log import event
+from node.memory import release_free_memory
 from node.store import Spool
 
 log = logging.getLogger("node.worker")
@@ -113,7 +114,10 @@ class AnalysisWorker:
                     break
         if job_id is None:
             return False
-        self._process(job_id)
+        try:
+            self._process(job_id)
+        finally:
+            release_free_memory()  # keeps the RSS flat study after study (node/memory.py)
         return True
 
     def _process(self, job_id: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
 from node.analysis.gradcam import paste_cam
-from node.analysis.prepare import PreparedImage, SkipImage, display_image, prepare
+from node.analysis.prepare import SkipImage, display_image, prepare
 from node.analysis.result import (
     Finding,
     ImageAnalysis,
@@ -105,24 +105,20 @@ class AnalysisPipeline:
         timings["decode"] = wall * sum(d[3] for d in done) / busy
         timings["rois"] = wall * sum(d[4] for d in done) / busy
         results: list[ImageAnalysis] = [d[0] for d in done]
-        work: list[tuple[ImageAnalysis, PreparedImage, list[Cluster]]] = [
+        # (analysis, ROI crops, clusters) per analysed image; the full-resolution images are
+        # already gone (cropped in the worker thread), which keeps the peak RSS down.
+        work: list[tuple[ImageAnalysis, list[np.ndarray], list[Cluster]]] = [
             (d[0], d[1], d[2]) for d in done if d[1] is not None
         ]
 
-        crops = []
+        crops = [crop for _, image_crops, _ in work for crop in image_crops]
         card = self.classifier.card
-        for _, prepared, clusters in work:
-            for c in clusters:
-                crops.append(
-                    crop_roi(prepared.image01, c.centre_rc, prepared.pixel_spacing_mm,
-                             card.roi_size_mm, card.input_size)
-                )
         probs, cams, t = self.classifier.predict(crops, with_cam=True)
         timings["classify"] += t["classify"] / 1000.0
         t0 = time.perf_counter()
         k = 0
-        for ia, prepared, clusters in work:
-            side_px = card.roi_size_mm / prepared.pixel_spacing_mm
+        for ia, _, clusters in work:
+            side_px = card.roi_size_mm / ia.pixel_spacing_mm
             for c in clusters:
                 ia.findings.append(
                     Finding(
@@ -161,9 +157,9 @@ class AnalysisPipeline:
 
     def _prepare_image(
         self, item: ImageInput
-    ) -> tuple[ImageAnalysis, PreparedImage | None, list[Cluster], float, float]:
-        """Decode, prepare and find the clusters of one image; (analysis, prepared, clusters,
-        decode seconds, ROI seconds). A skipped image comes back with ``prepared`` None."""
+    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float]:
+        """Decode, prepare, find the clusters of one image and crop them; (analysis, crops,
+        clusters, decode seconds, ROI seconds). A skipped image comes back with ``crops`` None."""
         t0 = time.perf_counter()
         try:
             prepared = prepare(
@@ -197,7 +193,10 @@ class AnalysisPipeline:
             cam=np.zeros(display.shape, dtype=np.float32),
             display_scale=scale,
         )
-        return ia, prepared, clusters, t1 - t0, time.perf_counter() - t1
+        card = self.classifier.card
+        crops = [crop_roi(prepared.image01, c.centre_rc, prepared.pixel_spacing_mm,
+                          card.roi_size_mm, card.input_size) for c in clusters]
+        return ia, crops, clusters, t1 - t0, time.perf_counter() - t1
 
     def _skipped(self, item: ImageInput, reason: str) -> ImageAnalysis:
         return ImageAnalysis(

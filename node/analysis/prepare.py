@@ -151,9 +151,10 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
         else:
             lo = min(lo, 0.0) if slope == 1.0 and intercept == 0.0 else lo
             y = (x - lo) / max(hi - lo, 1e-6)
-    y = np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
+    y = y.astype(np.float32, copy=False)
+    np.clip(y, 0.0, 1.0, out=y)  # in place: a full-field image is 54 MB per float32 copy
     if mono1:
-        y = 1.0 - y
+        np.subtract(1.0, y, out=y)
     return y
 
 
