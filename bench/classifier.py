@@ -8,9 +8,13 @@ timm's default input size for each. Throughput does not depend on the weights' v
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,20 +79,50 @@ def measure(card: Path, batch: int, *, device: str = "auto", precision: str = "a
                             size, batch, str(clf.device), prec, n / elapsed, with_cam)
 
 
+def _measure_model(arch: str, batches: list[int], device: str, precision: str, seconds: float
+                   ) -> list[ClassifierResult]:
+    """Every batch size of one model (``arch`` "shipped" or a timm name), in this process."""
+    if arch == "shipped":
+        out = [measure(SHIPPED, b, device=device, precision=precision, seconds=seconds)
+               for b in batches]
+        out.append(measure(SHIPPED, batches[-1], device=device, precision=precision,
+                           seconds=seconds, with_cam=True))
+        return out
+    with tempfile.TemporaryDirectory(prefix="mammo-bench-clf-") as tmp:
+        card = _random_card(arch, Path(tmp))
+        return [measure(card, b, device=device, precision=precision, seconds=seconds)
+                for b in batches]
+
+
 def run(archs: list[str], batches: list[int], *, device: str = "auto", precision: str = "auto",
         seconds: float = 2.0) -> list[ClassifierResult]:
+    """The shipped model, then each of ``archs``; every model in a fresh process (one model's
+    allocator state and caches must not slow the next one down)."""
     out: list[ClassifierResult] = []
-    for b in batches:
-        out.append(measure(SHIPPED, b, device=device, precision=precision, seconds=seconds))
-    out.append(measure(SHIPPED, batches[-1], device=device, precision=precision,
-                       seconds=seconds, with_cam=True))
-    with tempfile.TemporaryDirectory(prefix="mammo-bench-clf-") as tmp:
-        for arch in archs:
-            card = _random_card(arch, Path(tmp))
-            for b in batches:
-                out.append(measure(card, b, device=device, precision=precision,
-                                   seconds=seconds))
+    for arch in ["shipped", *archs]:
+        res = subprocess.run(
+            [sys.executable, "-m", "bench.classifier", "--arch", arch, "--device", device,
+             "--precision", precision, "--seconds", str(seconds),
+             "--batches", ",".join(map(str, batches))],
+            cwd=REPO, capture_output=True, text=True, timeout=900,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"classifier bench of {arch} failed: {res.stderr[-2000:]}")
+        out += [ClassifierResult(**r) for r in json.loads(res.stdout.strip().splitlines()[-1])]
     return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", default="shipped", help='"shipped" or a timm EfficientNet name')
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args()
+    results = _measure_model(args.arch, [int(b) for b in args.batches.split(",")], args.device,
+                             args.precision, args.seconds)
+    print(json.dumps([asdict(r) for r in results]))
 
 
 def table(results: list[ClassifierResult]) -> list[str]:
@@ -98,3 +132,7 @@ def table(results: list[ClassifierResult]) -> list[str]:
         rows.append(f"| {r.model} | {r.input_size} | {r.batch} | {r.device} | {r.precision} | "
                     f"{'yes' if r.with_cam else 'no'} | {r.rois_per_s:.1f} |")
     return rows
+
+
+if __name__ == "__main__":
+    main()
