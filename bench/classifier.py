@@ -5,13 +5,15 @@ selection, precision/autocast, channels_last, batching). B0-B4 get random weight
 ``pretrained=False``: nothing is downloaded) written as a temporary card + safetensors file, at
 timm's default input size for each. Throughput does not depend on the weights' values.
 ROIs/s is the best of the timed calls (batch / fastest call): other processes on a shared
-machine only ever slow a call down.
+machine only ever slow a call down. Each model runs in a fresh process with
+``OMP_WAIT_POLICY=PASSIVE`` unless the caller sets it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,6 +109,9 @@ def run(archs: list[str], batches: list[int], *, device: str = "auto", precision
              "--precision", precision, "--seconds", str(seconds),
              "--batches", ",".join(map(str, batches))],
             cwd=REPO, capture_output=True, text=True, timeout=900,
+            # Sleeping, not spinning, OpenMP workers: on a CPU shared with other processes a
+            # spinning worker waits for a descheduled peer and one call can take 10x longer.
+            env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
         )
         if res.returncode != 0:
             raise RuntimeError(f"classifier bench of {arch} failed: {res.stderr[-2000:]}")
