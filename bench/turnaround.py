@@ -66,7 +66,7 @@ def stage_table(results: list[TurnaroundResult]) -> list[str]:
     """Markdown rows: p50/p95 turnaround and the p50 of every stage."""
     head = ("| study | n | ROIs/study | p50 s | p95 s | "
             + " | ".join(f"{s} p50" for s in STAGES) + " | node peak RSS MiB |")
-    rows = [head, "|" + "---|" * (7 + len(STAGES))]
+    rows = [head, "|" + "---|" * (6 + len(STAGES))]
     for r in results:
         rows.append(
             f"| {r.label} | {len(r.timings)} | {r.rois:.0f} | {r.pct(50):.2f} | "
