@@ -73,7 +73,7 @@ class Spool:
                 size, digest = streamed
             else:
                 # The fsync (disk writeback) runs while this thread hashes the page-cached copy:
-                # both release the GIL, so the two overlap (~30 % less time per instance).
+                # both release the GIL, so the two overlap instead of adding up.
                 syncer = _Fsync(fh.fileno())
                 size, digest = _sha256(fh)
                 syncer.wait()
