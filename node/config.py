@@ -69,6 +69,11 @@ class OutputSettings:
     manufacturer: str = "mammo-node"
     sr_series_number: int = 9901
     sc_series_number: int = 9902
+    # Output kinds (node.reports.kinds): tid1500, mammo_cad, gsps, sc.
+    objects: list[str] = field(default_factory=lambda: ["tid1500", "sc"])
+    cad_operating_point: str | float = "card"
+    cad_sr_series_number: int = 9903
+    gsps_series_number: int = 9904
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    objects: list[str] | None = None  # None: [output] objects
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,23 @@ class Settings:
     @property
     def threshold_override(self) -> float | None:
         return None if self.model.threshold == "card" else float(self.model.threshold)
+
+    def objects_for(self, destination: Destination) -> list[str]:
+        """The output kinds sent to ``destination``."""
+        return list(self.output.objects if destination.objects is None else destination.objects)
+
+    @property
+    def report_kinds(self) -> list[str]:
+        """The output kinds to build: every kind some destination wants ([output] objects
+        when there is no destination, so that the results are kept)."""
+        lists = [self.objects_for(d) for d in self.destinations] or [self.output.objects]
+        return [k for k in ("tid1500", "mammo_cad", "gsps", "sc") if any(k in x for x in lists)]
+
+    @property
+    def cad_operating_point_override(self) -> float | None:
+        """The CAD SR operating point, or None for the model card's threshold."""
+        op = self.output.cad_operating_point
+        return None if op == "card" else float(op)
 
 
 _SECTIONS: dict[str, type] = {
@@ -243,6 +266,40 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key} {msg}")
 
 
+_OUTPUT_KINDS = ("tid1500", "mammo_cad", "gsps", "sc")  # node.reports.kinds.KINDS
+
+
+def _check_objects(objects: list[str], key: str) -> None:
+    _check(bool(objects), key, f"must name at least one of {', '.join(_OUTPUT_KINDS)}")
+    for i, kind in enumerate(objects):
+        _check(kind in _OUTPUT_KINDS, f"{key}[{i}]",
+               f"is not an output kind: {kind!r} (known: {', '.join(_OUTPUT_KINDS)})")
+    _check(len(set(objects)) == len(objects), key, "lists an output kind twice")
+
+
+def _validate_outputs(s: Settings) -> None:
+    o = s.output
+    _check_objects(o.objects, "output.objects")
+    if isinstance(o.cad_operating_point, str):
+        _check(o.cad_operating_point == "card", "output.cad_operating_point",
+               f"must be \"card\" or a number in [0, 1], got {o.cad_operating_point!r}")
+    else:
+        _check(0.0 <= o.cad_operating_point <= 1.0, "output.cad_operating_point",
+               f"must be in [0, 1], got {o.cad_operating_point}")
+    numbers = {"output.sr_series_number": o.sr_series_number,
+               "output.sc_series_number": o.sc_series_number,
+               "output.cad_sr_series_number": o.cad_sr_series_number,
+               "output.gsps_series_number": o.gsps_series_number}
+    seen: dict[int, str] = {}
+    for key, value in numbers.items():
+        _check(1 <= value < 2**31, key, "out of range")
+        _check(value not in seen, key, f"must differ from {seen.get(value)}")
+        seen[value] = key
+    for i, dest in enumerate(s.destinations):
+        if dest.objects is not None:
+            _check_objects(dest.objects, f"destinations[{i}].objects")
+
+
 def _validate(s: Settings) -> None:
     n = s.node
     _check(bool(_AE_RE.match(n.ae_title.strip() or "")), "node.ae_title",
@@ -281,6 +338,7 @@ def _validate(s: Settings) -> None:
     _check(1 <= s.output.sc_series_number < 2**31, "output.sc_series_number", "out of range")
     _check(s.output.sr_series_number != s.output.sc_series_number, "output.sc_series_number",
            "must differ from output.sr_series_number")
+    _validate_outputs(s)
     d = s.delivery
     _check(d.max_attempts >= 1, "delivery.max_attempts", "must be at least 1")
     _check(d.backoff_initial_seconds > 0, "delivery.backoff_initial_seconds", "must be positive")

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
 from node.log import event
+from node.reports.kinds import DEFAULT_KINDS, sop_classes_for
 from node.store import Spool
 
 log = logging.getLogger("node.deliver")
@@ -41,8 +42,9 @@ class SendOutcome:
 class Deliverer:
     def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
-                 timeout: float = 60) -> None:
+                 timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS) -> None:
         self.db = db
+        self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
@@ -87,14 +89,20 @@ class Deliverer:
             result = s.get(Result, d.result_id)
             objects = s.execute(select(ResultObject).where(
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
-            paths = [self.spool.path(o.relpath) for o in objects]
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
         dest = self.destinations.get(name)
+        if dest is not None:  # only the output kinds this destination takes
+            wanted = sop_classes_for(dest.objects if dest.objects is not None
+                                     else self.default_objects)
+            objects = [o for o in objects if o.sop_class_uid in wanted]
+        paths = [self.spool.path(o.relpath) for o in objects]
         t0 = time.perf_counter()
         if dest is None:
             outcome = SendOutcome(False, True, "", f"destination {name!r} is no longer in "
                                                    "the configuration")
+        elif not paths:
+            outcome = SendOutcome(True, False, "", "")  # none of its kinds in this result
         else:
             outcome = self.send(dest, paths)
         ms = round((time.perf_counter() - t0) * 1000, 1)

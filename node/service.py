@@ -65,12 +65,17 @@ class Node:
                 sc_series_number=settings.output.sc_series_number,
                 threshold=model.threshold,
                 software_version=f"mammo-node {__version__}",
+                kinds=tuple(settings.report_kinds),
+                cad_operating_point=settings.cad_operating_point_override,
+                cad_sr_series_number=settings.output.cad_sr_series_number,
+                gsps_series_number=settings.output.gsps_series_number,
             ),
             destinations=[d.name for d in settings.destinations],
         )
         n = settings.node
         self.deliverer = Deliverer(self.db, self.spool, settings.destinations, settings.delivery,
-                                   calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size)
+                                   calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
+                                   default_objects=settings.output.objects)
         self.receiver = Receiver(
             ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
             allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
