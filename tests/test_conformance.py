@@ -189,3 +189,15 @@ def test_scu_proposes_exactly_the_documented_contexts_and_sr_codes(  # type: ign
                       for ds in sc)
     assert pydicom.uid.UID(sr.file_meta.TransferSyntaxUID) in {
         "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
+
+
+def test_wrong_called_ae_title_is_rejected_permanently(running) -> None:  # type: ignore[no-untyped-def]
+    node, _ = running
+    ae = AE(ae_title="CONFORMANCE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="NOT_THE_NODE")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    # Result 1 = rejected-permanent, source 1 = service user, reason 7 = called AE not recognised
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    assert "called AE title" in DOC.read_text(encoding="utf-8")
