@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from node.db import Database, Delivery, utcnow
+from node.metrics import last_success
 from node.store import Spool
 
 
@@ -53,11 +54,8 @@ def check_destinations(db: Database, names: Sequence[str]) -> dict[str, Any]:
                                "failed": 0} for n in names}
     try:
         with db.session() as s:
-            for name, when in s.execute(select(Delivery.destination, func.max(Delivery.sent_at))
-                                        .group_by(Delivery.destination)).all():
-                out.setdefault(name, {"last_success": None, "last_error": None,
-                                      "pending": 0, "failed": 0})
-                out[name]["last_success"] = _iso(when)
+            for name in out:
+                out[name]["last_success"] = _iso(last_success(s, name))
             for name, state, n in s.execute(
                 select(Delivery.destination, Delivery.state, func.count())
                 .where(Delivery.state.in_(("pending", "failed")))

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from node.db import Database, Delivery, Job, Study
 
@@ -63,7 +64,7 @@ DELIVERY_FAILURES = Counter(
     registry=REGISTRY)
 
 STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
-DELIVERY_STATES = ("pending", "sending", "done", "failed", "superseded")
+WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
 
 
 # -- hooks called by the stages ----------------------------------------------------------------
@@ -120,11 +121,13 @@ class StateCollector(Collector):
             studies = dict(s.execute(select(Study.state, func.count())
                                      .group_by(Study.state)).all())
             jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            # Only the states a delivery waits in: "done" and "superseded" are history and
+            # would need a scan of every delivery ever made (see the delivery counters).
             deliveries = s.execute(
                 select(Delivery.destination, Delivery.state, func.count())
+                .where(Delivery.state.in_(WAITING_DELIVERY_STATES))
                 .group_by(Delivery.destination, Delivery.state)).all()
-            last_ok = dict(s.execute(select(Delivery.destination, func.max(Delivery.sent_at))
-                                     .group_by(Delivery.destination)).all())
+            last_ok = {name: last_success(s, name) for name in self.destinations}
         g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
         for state in sorted(set(STUDY_STATES) | set(studies)):
             g.add_metric([state], float(studies.get(state, 0)))
@@ -132,11 +135,12 @@ class StateCollector(Collector):
         g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
         g.add_metric([], float(jobs.get("queued", 0) + jobs.get("running", 0)))
         yield g
-        g = GaugeMetricFamily("mammo_deliveries", "Deliveries by destination and state",
+        g = GaugeMetricFamily("mammo_deliveries",
+                              "Deliveries waiting (pending, sending) or failed, by destination",
                               labels=["destination", "state"])
         counts = {(d, st): n for d, st, n in deliveries}
         for dest in sorted(set(self.destinations) | {d for d, _ in counts}):
-            for state in DELIVERY_STATES:
+            for state in WAITING_DELIVERY_STATES:
                 g.add_metric([dest, state], float(counts.get((dest, state), 0)))
         yield g
         g = GaugeMetricFamily("mammo_destination_last_success_timestamp_seconds",
@@ -146,6 +150,18 @@ class StateCollector(Collector):
             if when is not None:
                 g.add_metric([dest], when.replace(tzinfo=dt.UTC).timestamp())
         yield g
+
+
+def last_success(session: Session, destination: str) -> dt.datetime | None:
+    """When the newest successful delivery to ``destination`` was sent.
+
+    Walks the state index backwards from the newest delivery instead of aggregating the whole
+    table, so it stays fast with years of history.
+    """
+    return session.execute(
+        select(Delivery.sent_at).where(Delivery.state == "done",
+                                       Delivery.destination == destination)
+        .order_by(Delivery.id.desc()).limit(1)).scalar()
 
 
 _state: StateCollector | None = None

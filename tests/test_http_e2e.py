@@ -87,10 +87,11 @@ def test_metrics_health_and_status_page_during_a_real_run(tmp_path: Path) -> Non
 
         def delivered() -> dict | None:
             m = _scrape(base)
-            done = m.get(("mammo_deliveries", (("destination", "pacs"), ("state", "done"))))
+            done = m.get(("mammo_destination_last_success_timestamp_seconds",
+                          (("destination", "pacs"),)))
             failed = m.get(("mammo_deliveries", (("destination", "archive"),
                                                  ("state", "failed"))))
-            return m if done == 1 and failed == 1 else None
+            return m if done and failed == 1 else None
 
         after = wait_until(delivered, 400, 1.0, "delivery done to pacs and failed to archive")
         code, body = _get(base + "/health")
@@ -121,7 +122,8 @@ def test_metrics_health_and_status_page_during_a_real_run(tmp_path: Path) -> Non
     assert after[("mammo_queue_depth", ())] == 0
     assert after[("mammo_disk_free_bytes", ())] > 0
     assert ("mammo_destination_last_success_timestamp_seconds",
-            (("destination", "pacs"),)) in after
+            (("destination", "archive"),)) not in after
+    assert after[("mammo_deliveries", (("destination", "pacs"), ("state", "pending")))] == 0
 
     assert code == 200 and health["ok"] is True
     assert health["checks"]["listener"]["ok"] and health["checks"]["database"]["ok"]
