@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -145,6 +146,18 @@ def test_server_routes_health_503_and_404(db: Database, tmp_path: Path) -> None:
         assert _get(base + "/nothing")[0] == 404
     finally:
         server.stop()
+
+
+def test_port_in_use_stops_start_up_with_a_clear_message(db: Database) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            MonitoringServer("127.0.0.1", port, health=lambda: (True, {}),
+                             status_page=lambda: "")
+    server = MonitoringServer("127.0.0.1", 0, health=lambda: (True, {}), status_page=lambda: "")
+    server.stop()  # never started: must not wait for a serve loop
 
 
 def test_health_reports_database_down(tmp_path: Path) -> None:
