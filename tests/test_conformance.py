@@ -168,7 +168,11 @@ def test_scu_proposes_exactly_the_documented_contexts_and_sr_codes(  # type: ign
         running, tmp_path: Path) -> None:
     node, recorder = running
     src = tmp_path / "mdb209.dcm"
-    mias_to_mg("mdb209", src)
+    ds = mias_to_mg("mdb209")
+    # Section 7: results keep the source's character set and its non-ASCII names.
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jürgen"
+    ds.save_as(src, enforce_file_format=True)
     assert storescu(node.port, [src], calling="MODALITY").returncode == 0
     wait_until(lambda: len(recorder.received) >= 2, 400, 1.0, "SR + SC at the recorder")
     echo = node.cli("echo", "--destination", "rec")
@@ -187,6 +191,9 @@ def test_scu_proposes_exactly_the_documented_contexts_and_sr_codes(  # type: ign
     sc = [ds for ds in received if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     assert sc and all(ds.ConversionType == "WSD" and ds.BurnedInAnnotation == "YES"
                       for ds in sc)
+    for result in received:
+        assert result.SpecificCharacterSet == "ISO_IR 192"
+        assert str(result.PatientName) == "Müller^Jürgen"
     assert pydicom.uid.UID(sr.file_meta.TransferSyntaxUID) in {
         "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
 
