@@ -102,6 +102,9 @@ class StateCollector(Collector):
         self.data_dir = data_dir
         self.destinations = destinations
 
+    def describe(self) -> list[Metric]:
+        return []  # registering must not query the database
+
     def collect(self) -> Iterator[Metric]:
         disk = GaugeMetricFamily("mammo_disk_free_bytes", "Free bytes on data_dir's filesystem")
         disk.add_metric([], float(shutil.disk_usage(self.data_dir).free))
