@@ -99,6 +99,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    recent_studies: int = 50
+    refresh_seconds: int = 10
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -118,6 +127,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None  # the file these settings came from
 
@@ -161,6 +171,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "retention": RetentionSettings,
     "log": LogSettings,
+    "http": HttpSettings,
 }
 
 
@@ -351,6 +362,11 @@ def _validate(s: Settings) -> None:
            f"must be DEBUG, INFO, WARNING or ERROR, got {s.log.level!r}")
     _check(s.log.max_mb > 0, "log.max_mb", "must be positive")
     _check(s.log.backup_count >= 0, "log.backup_count", "must not be negative")
+    h = s.http
+    _check(bool(h.host), "http.host", "must not be empty")
+    _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
+    _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
+    _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
     names = set()
     for i, dest in enumerate(s.destinations):
         key = f"destinations[{i}]"

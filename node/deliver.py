@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
 
+from node import metrics
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
 from node.log import event
@@ -106,6 +107,7 @@ class Deliverer:
         else:
             outcome = self.send(dest, paths)
         ms = round((time.perf_counter() - t0) * 1000, 1)
+        metrics.delivery_attempt(name, outcome.ok)
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
             d.last_status = outcome.status or None

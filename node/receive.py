@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from node import metrics
 from node.db import Database, Instance, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
@@ -149,7 +150,7 @@ class Receiver:
     # -- listener ---------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
-            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_STORE, self._counted_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -171,6 +172,15 @@ class Receiver:
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    @property
+    def listening(self) -> bool:
+        """The server socket is open and its accept thread alive (for /health)."""
+        server = self._server
+        if server is None or server.socket.fileno() < 0:
+            return False
+        return any(t.is_alive() and t.name.startswith("AcceptorServer")
+                   for t in threading.enumerate())
 
     # -- association events -------------------------------------------------------------------
     @staticmethod
@@ -238,6 +248,16 @@ class Receiver:
             if self.on_stored is not None:
                 self.on_stored(stored)
         return STATUS_SUCCESS
+
+    def _counted_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+        """:meth:`handle_store` plus the received/rejected counters of /metrics."""
+        result = self.handle_store(ev)
+        code = result if isinstance(result, int) else int(result.Status)  # type: ignore[union-attr]
+        if code == STATUS_SUCCESS:
+            metrics.instance_received()
+        else:
+            metrics.instance_rejected(code)
+        return result
 
     def _check_header(self, path: Path, affected_sop: str, affected_class: str) -> Dataset:
         try:

@@ -11,12 +11,13 @@ import logging
 import signal
 import threading
 
-from node import __version__
+from node import __version__, metrics
 from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
 from node.deliver import Deliverer
+from node.httpd import MonitoringServer
 from node.log import event
 from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
@@ -44,6 +45,23 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         sc_max_side=a.sc_max_side,
         detector=DetectorParams(min_score=a.min_cluster_score),
         max_rois_per_image=a.max_rois_per_image,
+    )
+
+
+def build_monitoring(node: Node) -> MonitoringServer:
+    """The [http] server over this node's listener, database and data_dir."""
+    from node import health, status_page
+
+    s = node.settings
+    return MonitoringServer(
+        s.http.host, s.http.port,
+        health=lambda: health.health(
+            host=s.node.host, port=s.node.port, listening=node.receiver.listening, db=node.db,
+            spool=node.spool, min_free_mb=s.node.min_free_mb,
+            destinations=[d.name for d in s.destinations]),
+        status_page=lambda: status_page.render(
+            node.db, ae_title=s.node.ae_title, version=__version__,
+            limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds),
     )
 
 
@@ -90,6 +108,8 @@ class Node:
              settings.retention.check_interval_hours * 3600),
         ])
         self._stopped = threading.Event()
+        metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
+        self.http = build_monitoring(self) if settings.http.enabled else None
 
     def _on_stored(self, stored: StoredInstance) -> None:
         # Four views may be there now: run the completion check at once, in the scheduler's
@@ -115,12 +135,16 @@ class Node:
         self.worker.start()
         self.scheduler.start()
         self.worker.wake.set()
+        if self.http is not None:
+            self.http.start()
         event(log, "node.started", version=__version__, model=self.analyser.model.name,
               model_version=self.analyser.model.version,
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
               data_dir=self.settings.node.data_dir)
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         self.worker.stop()

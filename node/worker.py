@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
+from node import metrics
 from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
 from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
 from node.log import event
@@ -243,6 +244,7 @@ class AnalysisWorker:
             job.error = None
             if study.generation == job.generation and study.state in ("complete", "analysing"):
                 study.state = "done"
+        metrics.analysis_done(ms / 1000, len(findings))
         event(log, "analysis.done", study=study.study_uid, job=job_id, rois=len(findings),
               max_probability=None if max_p is None else round(max_p, 3),
               images=sum(1 for i in analysis.images if i.analysed),
@@ -254,6 +256,7 @@ class AnalysisWorker:
         final = attempts >= MAX_JOB_ATTEMPTS
         message = f"{type(exc).__name__}: {exc}"[:2000]
         log.exception("analysis.error study=%s job=%s", study_uid, job_id)
+        metrics.analysis_failed()
         with self.db.session() as s:
             job = s.get(Job, job_id)
             job.state = "failed" if final else "queued"
