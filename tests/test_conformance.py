@@ -112,8 +112,11 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProc
                                                                         RecordingSCP]]:
     tmp = tmp_path_factory.mktemp("conformance")
     recorder = RecordingSCP().start()
+    # Every output kind, so that every documented SCU SOP class is really proposed.
     node = NodeProcess(tmp / "node", [{"name": "rec", "ae_title": recorder.ae_title,
-                                       "host": "127.0.0.1", "port": recorder.port}]).start()
+                                       "host": "127.0.0.1", "port": recorder.port,
+                                       "objects": ["tid1500", "sc", "mammo_cad", "gsps"]}]
+                       ).start()
     try:
         yield node, recorder
     finally:
@@ -158,7 +161,7 @@ def _sr_codes(ds: Dataset) -> Iterator[tuple[str, str]]:
     for item in ds.get("ContentSequence", []):
         for code in item.get("ConceptCodeSequence", []):
             yield str(code.CodeValue), str(code.CodingSchemeDesignator)
-        if item.ValueType == "NUM":
+        if item.get("ValueType") == "NUM":  # by-reference items have no value type
             name = item.ConceptNameCodeSequence[0]
             yield str(name.CodeValue), str(name.CodingSchemeDesignator)
         yield from _sr_codes(item)
@@ -174,20 +177,26 @@ def test_scu_proposes_exactly_the_documented_contexts_and_sr_codes(  # type: ign
     ds.PatientName = "Müller^Jürgen"
     ds.save_as(src, enforce_file_format=True)
     assert storescu(node.port, [src], calling="MODALITY").returncode == 0
-    wait_until(lambda: len(recorder.received) >= 2, 400, 1.0, "SR + SC at the recorder")
+    # One image: TID 1500 SR + CAD SR + SC + GSPS.
+    wait_until(lambda: len(recorder.received) >= 4, 400, 1.0,
+               "SR, CAD SR, SC and GSPS at the recorder")
     echo = node.cli("echo", "--destination", "rec")
     assert echo.returncode == 0, echo.stdout + echo.stderr
     with recorder.lock:
         proposed = {(sop, ts) for sop, syntaxes in recorder.proposed for ts in syntaxes}
         received = list(recorder.received)
     assert proposed == documented_scu()
-    # The SR's value codes are all listed in the statement's SR content table.
+    # The codes of both SRs are all listed in the statement's SR content tables.
     doc = DOC.read_text(encoding="utf-8")
-    (sr,) = [ds for ds in received if ds.Modality == "SR"]
-    codes = {c for c in _sr_codes(sr) if c[1] not in ("UCUM", "RFC5646", "ISO3166_1")}
-    assert codes, "no codes found in the SR"
-    missing = sorted(c for c in codes if f"({c[0]}, {c[1]})" not in doc)
-    assert not missing, f"SR codes not in the conformance statement: {missing}"
+    srs = [ds for ds in received if ds.Modality == "SR"]
+    assert sorted(ds.SOPClassUID for ds in srs) == ["1.2.840.10008.5.1.4.1.1.88.33",
+                                                    "1.2.840.10008.5.1.4.1.1.88.50"]
+    sr = next(ds for ds in srs if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33")
+    for report in srs:
+        codes = {c for c in _sr_codes(report) if c[1] not in ("UCUM", "RFC5646", "ISO3166_1")}
+        assert codes, "no codes found in the SR"
+        missing = sorted(c for c in codes if f"({c[0]}, {c[1]})" not in doc)
+        assert not missing, f"SR codes not in the conformance statement: {missing}"
     sc = [ds for ds in received if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     assert sc and all(ds.ConversionType == "WSD" and ds.BurnedInAnnotation == "YES"
                       for ds in sc)
