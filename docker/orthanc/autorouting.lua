@@ -2,9 +2,9 @@
 -- sent to the node, which C-STOREs its results (a Structured Report and a Secondary Capture
 -- series) back into the same study.
 --
--- Only MG series that the node did not produce are sent (the node's Secondary Captures keep
--- Modality MG, so they are recognised by their Manufacturer, [output] manufacturer in the node's
--- config). The number of MG instances routed is kept in the study's metadata, so the study
+-- Only MG series that the node did not produce are sent (the node's results are SR, PR and
+-- Secondary Captures with Modality OT; the Manufacturer check, [output] manufacturer in the
+-- node's config, also keeps out results of older versions whose SCs said MG). The number of MG instances routed is kept in the study's metadata, so the study
 -- becoming stable again when the results arrive sends nothing; a study that receives new MG
 -- images later is sent again (the node skips instances it already has and re-analyses).
 --
