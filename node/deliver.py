@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
 
+from node import faults
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
 from node.log import event
@@ -97,6 +98,7 @@ class Deliverer:
                                                    "the configuration")
         else:
             outcome = self.send(dest, paths)
+            faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
@@ -137,7 +139,9 @@ class Deliverer:
                                                  f"({dest.ae_title})")
         try:
             last = "0x0000"
-            for ds in datasets:
+            for n, ds in enumerate(datasets):
+                if n == 1 or len(datasets) == 1:
+                    faults.hit("deliver.mid_send")
                 status = assoc.send_c_store(ds)
                 if not status or "Status" not in status:
                     return SendOutcome(False, False, "", "no response to C-STORE (connection "

@@ -26,13 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from node import faults
 from node.db import Database, Instance, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
@@ -79,6 +82,8 @@ STATUS_NO_PIXELS = 0xC004
 STATUS_CONFLICT = 0xC005
 
 MAX_PIXELS = 30000 * 30000  # larger declared images are refused as absurd
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ class Receiver:
         try:
             ds = self._check_header(tmp, affected, str(ev.request.AffectedSOPClassUID or ""))
         except Refused as refusal:
-            relpath = self.spool.quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
+            relpath = self._quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
             event(log, "instance.quarantined", logging.WARNING, **peer,
                   status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
             return _status(refusal.status, refusal.reason)
@@ -218,7 +223,7 @@ class Receiver:
         try:
             stored = self._store(tmp, ds, calling_aet=str(peer["peer_aet"]))
         except Refused as refusal:
-            relpath = self.spool.quarantine(tmp, refusal.reason)
+            relpath = self._quarantine(tmp, refusal.reason)
             event(log, "instance.quarantined", logging.WARNING, **peer, sop=sop_uid,
                   status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
             return _status(refusal.status, refusal.reason)
@@ -237,15 +242,39 @@ class Receiver:
                   **patient_fields(ds.get("PatientID"), ds.get("PatientName")))
             if self.on_stored is not None:
                 self.on_stored(stored)
+        faults.hit("store.before_ack")
         return STATUS_SUCCESS
+
+    def _quarantine(self, tmp: Path, reason: str) -> str:
+        """Keep a refused object; a failure here (disk full...) must not fail the answer."""
+        try:
+            return self.spool.quarantine(tmp, reason)
+        except Exception as exc:
+            event(log, "quarantine.failed", logging.ERROR, reason=reason,
+                  error=f"{type(exc).__name__}: {exc}")
+            _unlink(tmp)
+            return "(not kept)"
 
     def _check_header(self, path: Path, affected_sop: str, affected_class: str) -> Dataset:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
+            problem = _structure_problem(ds, path.stat().st_size)
         except Exception as exc:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
+        if problem:
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {problem}")
+        try:
+            return self._check_attributes(ds, affected_sop, affected_class)
+        except Refused:
+            raise
+        except Exception as exc:  # a value pydicom cannot interpret
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}") from None
+
+    def _check_attributes(self, ds: Dataset, affected_sop: str, affected_class: str
+                          ) -> Dataset:
         try:
             sop_class = str(ds.SOPClassUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -297,6 +326,7 @@ class Receiver:
         if existing is not None:
             return self._duplicate(tmp, existing)
         relpath, size, sha = self.spool.adopt(tmp)
+        faults.hit("store.after_write")
         laterality, view = laterality_and_view(ds)
         study_uid = str(ds.StudyInstanceUID)
         # One writer at a time from this process keeps SQLite from "database is locked" storms.
@@ -361,14 +391,42 @@ class Receiver:
                                        "with different content")
 
 
+def _structure_problem(ds: Dataset, file_size: int) -> str | None:
+    """Why the top level of ``ds`` is not a complete, decodable dataset (None when it is).
+
+    pydicom stops quietly at the end of a truncated file and converts values lazily, so check
+    here: every element's declared length fits in the file and was read in full, and every value
+    that was read (the deferred bulk values are not) converts under its VR.
+    """
+    last_end = 0
+    for tag, elem in list(ds._dict.items()):
+        if not isinstance(elem, RawDataElement):
+            continue
+        if elem.length != UNDEFINED_LENGTH:
+            end = elem.value_tell + elem.length
+            if end > file_size or (elem.value is not None and len(elem.value) < elem.length):
+                return (f"element {elem.tag} declares {elem.length} bytes, the dataset ends "
+                        f"{max(file_size - elem.value_tell, 0)} bytes later (truncated)")
+            last_end = max(last_end, end)
+        else:
+            last_end = file_size  # undefined length: the reader found its delimiter
+        if elem.value is not None:
+            ds[tag]  # noqa: B018 - converts the raw value; raises on a bad VR or length
+    if 0 < file_size - last_end < 8:
+        return f"{file_size - last_end} stray bytes at the end (truncated element header)"
+    return None
+
+
 def _element_length(ds: Dataset) -> int | None:
-    try:
-        elem = ds.get_item("PixelData")
-    except KeyError:
+    """Declared Pixel Data length without loading it (get_item would read a deferred value)."""
+    elem = ds._dict.get(PIXEL_DATA_TAG)
+    if elem is None:
         return None
     length = getattr(elem, "length", None)
-    if length is None or length == 0xFFFFFFFF:
+    if length is None or length == UNDEFINED_LENGTH:
         value = getattr(elem, "value", None)
+        if value is None:
+            return 0 if length is None else None
         return len(value) if isinstance(value, bytes | bytearray) else None
     return int(length)
 
