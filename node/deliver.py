@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class SendOutcome:
 class Deliverer:
     def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
-                 timeout: float = 60) -> None:
+                 timeout: float = 60, tls_context: ssl.SSLContext | None = None) -> None:
         self.db = db
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
@@ -50,6 +51,7 @@ class Deliverer:
         self.calling_aet = calling_aet
         self.max_pdu_size = max_pdu_size
         self.timeout = timeout
+        self.tls_context = tls_context
 
     def recover(self) -> int:
         with self.db.session() as s:
@@ -129,7 +131,14 @@ class Deliverer:
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            tls_args = None
+            if getattr(dest, "tls", False):
+                if self.tls_context is None:
+                    return SendOutcome(False, True, "", "destination needs TLS but [tls] has "
+                                                        "no client context")
+                tls_args = (self.tls_context, dest.host)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 tls_args=tls_args)
         except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:

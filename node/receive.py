@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -39,6 +40,7 @@ from node import faults
 from node.db import Database, Instance, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
+from node.security import GuardedAE
 from node.store import Spool
 
 log = logging.getLogger("node.receive")
@@ -125,6 +127,9 @@ class Receiver:
         network_timeout: float,
         min_free_mb: float,
         on_stored: Callable[[StoredInstance], None] | None = None,
+        allowed_peer_ips: list[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.spool = spool
         self.db = db
@@ -134,10 +139,11 @@ class Receiver:
         self.allowed = {a.strip() for a in allowed_calling_aets}
         self._record_lock = threading.Lock()
         self._server = None
+        self.ssl_context = ssl_context
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(spool.incoming)
-        ae = AE(ae_title=ae_title)
+        ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout)
         ae.maximum_pdu_size = max_pdu_size
         ae.maximum_associations = max_associations
         ae.network_timeout = network_timeout
@@ -162,10 +168,15 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = self.ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers
+            (self.host, self.port), block=False, evt_handlers=handlers,
+            ssl_context=self.ssl_context,
         )
         event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
-              port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any")
+              port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any",
+              allowed_peer_ips=",".join(map(str, self.ae.networks)) or "any",
+              tls="mutual" if self.ssl_context is not None and
+              self.ssl_context.verify_mode == ssl.CERT_REQUIRED else
+              "on" if self.ssl_context is not None else "off")
 
     def stop(self) -> None:
         if self._server is not None:
