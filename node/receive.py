@@ -86,6 +86,7 @@ STATUS_CONFLICT = 0xC005
 MAX_PIXELS = 30000 * 30000  # larger declared images are refused as absurd
 PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,9 @@ class Receiver:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
-            problem = _structure_problem(ds, path.stat().st_size)
+            deflated = ds.file_meta.get("TransferSyntaxUID") == DEFLATED
+            # A deflated dataset is parsed from its inflated copy: offsets are not file offsets.
+            problem = _structure_problem(ds, None if deflated else path.stat().st_size)
         except Exception as exc:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
@@ -402,7 +405,7 @@ class Receiver:
                                        "with different content")
 
 
-def _structure_problem(ds: Dataset, file_size: int) -> str | None:
+def _structure_problem(ds: Dataset, file_size: int | None) -> str | None:
     """Why the top level of ``ds`` is not a complete, decodable dataset (None when it is).
 
     pydicom stops quietly at the end of a truncated file and converts values lazily, so check
@@ -415,15 +418,16 @@ def _structure_problem(ds: Dataset, file_size: int) -> str | None:
             continue
         if elem.length != UNDEFINED_LENGTH:
             end = elem.value_tell + elem.length
-            if end > file_size or (elem.value is not None and len(elem.value) < elem.length):
-                return (f"element {elem.tag} declares {elem.length} bytes, the dataset ends "
-                        f"{max(file_size - elem.value_tell, 0)} bytes later (truncated)")
+            if (elem.value is not None and len(elem.value) < elem.length) or (
+                    file_size is not None and end > file_size):
+                return (f"element {elem.tag} declares {elem.length} bytes, more than the "
+                        "dataset holds (truncated)")
             last_end = max(last_end, end)
         else:
-            last_end = file_size  # undefined length: the reader found its delimiter
+            last_end = file_size or 0  # undefined length: the reader found its delimiter
         if elem.value is not None:
             ds[tag]  # noqa: B018 - converts the raw value; raises on a bad VR or length
-    if 0 < file_size - last_end < 8:
+    if file_size is not None and 0 < file_size - last_end < 8:
         return f"{file_size - last_end} stray bytes at the end (truncated element header)"
     return None
 
