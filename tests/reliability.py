@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import sqlite3
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+
+from tests.netutil import StoreSCP, wait_for_port
+from tests.tools import require_binary
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -96,8 +100,37 @@ def echo(port: int, calling: str = "ECHOER", called: str = "MAMMO_AI") -> int:
 
 
 def node_db(data_dir: Path) -> sqlite3.Connection:
-    """Read-only view of the node's SQLite database."""
-    return sqlite3.connect(f"file:{data_dir / 'node.sqlite3'}?mode=ro", uri=True, timeout=60)
+    """A connection to the node's SQLite database (the tests only read through it)."""
+    return sqlite3.connect(data_dir / "node.sqlite3", timeout=60)
+
+
+def delivered_studies(data_dir: Path) -> set[str]:
+    """Study UIDs whose current result has been delivered to every destination."""
+    if not (data_dir / "node.sqlite3").exists():
+        return set()
+    with node_db(data_dir) as con:
+        rows = con.execute(
+            "SELECT s.study_uid, SUM(d.state = 'done'), COUNT(d.id) FROM studies s "
+            "JOIN results r ON r.study_id = s.id AND r.current "
+            "JOIN deliveries d ON d.result_id = r.id GROUP BY s.id").fetchall()
+    return {uid for uid, done, total in rows if total and done == total}
+
+
+class RecordingSCP(StoreSCP):
+    """dcmtk storescp that keeps every received copy (+uf: unique file names), so that a
+    re-sent object shows up twice and duplicates can be counted."""
+
+    def start(self) -> RecordingSCP:
+        exe = require_binary("storescp")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out_dir.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [exe, "-aet", self.ae_title, "-od", str(self.out_dir), "+xa", "+uf", *self.extra,
+             str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, 30, self.proc)
+        return self
+
+    extra: list[str] = []
 
 
 def stored_sop_uids(data_dir: Path) -> set[str]:
