@@ -177,3 +177,12 @@ def test_sigkill_at_every_fault_point_loses_nothing(tmp_path: Path,
           f"{orphans} extra result files from killed analyses, {duration:.0f} s")
     assert sum(kills.values()) >= 14
     assert set(kills) >= set(POINTS), kills
+
+
+def test_fault_plan_parsing() -> None:
+    from node.faults import _parse
+
+    assert _parse("store.after_write:3, deliver.mid_send") == {"store.after_write": 3,
+                                                              "deliver.mid_send": 1}
+    with pytest.raises(ValueError, match="unknown fault point"):
+        _parse("store.nowhere:1")

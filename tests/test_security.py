@@ -175,3 +175,39 @@ def test_peer_ip_allow_list(tmp_path: Path, allowed: list[str], admitted: bool,
     assert out2.returncode == out.returncode
     refused = "connection.refused" in caplog.text
     assert refused is (not admitted)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[node]\nallowed_peer_ips = ["10.0.0.300"]\n', "node.allowed_peer_ips[0]"),
+    ("[tls]\nenabled = true\n", "tls.ca_certificates"),
+    ('[tls]\nenabled = true\nca_certificates = "missing-ca.pem"\n', "missing-ca.pem"),
+    ("[tls]\nhandshake_timeout_seconds = 0\n", "tls.handshake_timeout_seconds"),
+    ("[tls]\nverify = true\n", "tls.verify"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\ntls = true\n',
+     "tls.ca_certificates"),
+])
+def test_security_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    from node.config import ConfigError, load_settings
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(cfg)
+
+
+def test_tls_files_resolve_against_the_config_directory(tmp_path: Path, pki: dict) -> None:
+    import shutil
+
+    from node.config import load_settings
+    for name in ("ca", "node"):
+        shutil.copy(pki[name][1], tmp_path / f"{name}.crt")
+    shutil.copy(pki["node"][0], tmp_path / "node.key")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[tls]\nenabled = true\ncertificate = "node.crt"\nprivate_key = "node.key"\n'
+                   'ca_certificates = "ca.crt"\n')
+    s = load_settings(cfg)
+    assert s.tls.certificate == str(tmp_path / "node.crt")
+    from node.security import server_context
+
+    assert server_context(s.tls).verify_mode.name == "CERT_REQUIRED"
+
