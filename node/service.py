@@ -18,6 +18,7 @@ from node.config import Settings
 from node.db import Database
 from node.deliver import Deliverer
 from node.log import event
+from node.orphans import sweep_orphans
 from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
@@ -111,6 +112,7 @@ class Node:
         if stale:
             event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
                                                            "before the restart")
+        sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
         self.worker.recover()
         self.deliverer.recover()
         self.receiver.start()
