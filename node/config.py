@@ -8,6 +8,7 @@ Relative paths are resolved against the directory of the configuration file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class NodeSettings:
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aets: list[str] = field(default_factory=list)
+    allowed_peer_ips: list[str] = field(default_factory=list)
     data_dir: Path = Path("var")
     max_pdu_size: int = 131072
     max_associations: int = 16
@@ -108,12 +110,23 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+    handshake_timeout_seconds: float = 10
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
     objects: list[str] | None = None  # None: [output] objects
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None  # the file these settings came from
 
@@ -172,6 +186,7 @@ _SECTIONS: dict[str, type] = {
     "retention": RetentionSettings,
     "log": LogSettings,
     "http": HttpSettings,
+    "tls": TLSSettings,
 }
 
 
@@ -203,6 +218,10 @@ def parse_settings(raw: dict[str, Any], base_dir: Path, source: Path | None = No
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a table ([{name}])")
         kwargs[name] = _build(cls, section, name, base_dir)
+    kwargs["tls"] = dataclasses.replace(kwargs["tls"], **{  # files relative to the config
+        k: str(base_dir / Path(v).expanduser()) for k in ("certificate", "private_key",
+                                                          "ca_certificates")
+        if (v := getattr(kwargs["tls"], k))})
     dests = raw.get("destinations", [])
     if not isinstance(dests, list):
         raise ConfigError("destinations must be an array of tables ([[destinations]])")
@@ -367,6 +386,13 @@ def _validate(s: Settings) -> None:
     _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
     _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
     _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
+    for i, entry in enumerate(n.allowed_peer_ips):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"node.allowed_peer_ips[{i}] is not an IP address or network: "
+                              f"{entry!r}") from None
+    _validate_tls(s)
     names = set()
     for i, dest in enumerate(s.destinations):
         key = f"destinations[{i}]"
@@ -377,3 +403,20 @@ def _validate(s: Settings) -> None:
                f"is not a valid AE title: {dest.ae_title!r}")
         _check(bool(dest.host), f"{key}.host", "must not be empty")
         _check(0 < dest.port < 65536, f"{key}.port", f"must be 1-65535, got {dest.port}")
+
+
+def _validate_tls(s: Settings) -> None:
+    t = s.tls
+    uses_tls = t.enabled or any(d.tls for d in s.destinations)
+    _check(t.handshake_timeout_seconds > 0, "tls.handshake_timeout_seconds", "must be positive")
+    if not uses_tls:
+        return
+    needed = [("ca_certificates", t.ca_certificates)]
+    if t.enabled:
+        needed += [("certificate", t.certificate), ("private_key", t.private_key)]
+    for key, value in needed:
+        _check(bool(value), f"tls.{key}", "must name a PEM file when TLS is used "
+                                          "(tls.enabled or a destination with tls = true)")
+        _check(Path(value).is_file(), f"tls.{key}", f"file {value} does not exist")
+    for key, value in (("certificate", t.certificate), ("private_key", t.private_key)):
+        _check(not value or Path(value).is_file(), f"tls.{key}", f"file {value} does not exist")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
 
-from node import metrics
+from node import faults, metrics
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
 from node.log import event
@@ -43,7 +44,8 @@ class SendOutcome:
 class Deliverer:
     def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
-                 timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS) -> None:
+                 timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.db = db
         self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
@@ -52,6 +54,7 @@ class Deliverer:
         self.calling_aet = calling_aet
         self.max_pdu_size = max_pdu_size
         self.timeout = timeout
+        self.tls_context = tls_context
 
     def recover(self) -> int:
         with self.db.session() as s:
@@ -106,6 +109,7 @@ class Deliverer:
             outcome = SendOutcome(True, False, "", "")  # none of its kinds in this result
         else:
             outcome = self.send(dest, paths)
+            faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
         metrics.delivery_attempt(name, outcome.ok)
         with self.db.session() as s:
@@ -137,7 +141,14 @@ class Deliverer:
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            tls_args = None
+            if getattr(dest, "tls", False):
+                if self.tls_context is None:
+                    return SendOutcome(False, True, "", "destination needs TLS but [tls] has "
+                                                        "no client context")
+                tls_args = (self.tls_context, dest.host)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 tls_args=tls_args)
         except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:
@@ -147,7 +158,9 @@ class Deliverer:
                                                  f"({dest.ae_title})")
         try:
             last = "0x0000"
-            for ds in datasets:
+            for n, ds in enumerate(datasets):
+                if n == 1 or len(datasets) == 1:
+                    faults.hit("deliver.mid_send")
                 status = assoc.send_c_store(ds)
                 if not status or "Status" not in status:
                     return SendOutcome(False, False, "", "no response to C-STORE (connection "

@@ -19,9 +19,11 @@ from node.db import Database
 from node.deliver import Deliverer
 from node.httpd import MonitoringServer
 from node.log import event
+from node.orphans import sweep_orphans
 from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
+from node.security import client_context, server_context
 from node.store import Spool
 from node.worker import AnalysisWorker, ReportOptions
 
@@ -90,15 +92,21 @@ class Node:
             ),
             destinations=[d.name for d in settings.destinations],
         )
-        n = settings.node
-        self.deliverer = Deliverer(self.db, self.spool, settings.destinations, settings.delivery,
-                                   calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
-                                   default_objects=settings.output.objects)
+        n, tls = settings.node, settings.tls
+        self.deliverer = Deliverer(
+            self.db, self.spool, settings.destinations, settings.delivery,
+            calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
+            default_objects=settings.output.objects,
+            tls_context=client_context(tls) if any(d.tls for d in settings.destinations)
+            else None)
         self.receiver = Receiver(
             ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
             allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
             max_associations=n.max_associations, network_timeout=n.network_timeout,
             min_free_mb=n.min_free_mb, on_stored=self._on_stored,
+            allowed_peer_ips=n.allowed_peer_ips,
+            ssl_context=server_context(tls) if tls.enabled else None,
+            handshake_timeout=tls.handshake_timeout_seconds,
         )
         st = settings.study
         self.scheduler = build_scheduler([
@@ -129,6 +137,7 @@ class Node:
         if stale:
             event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
                                                            "before the restart")
+        sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
         self.worker.recover()
         self.deliverer.recover()
         self.receiver.start()

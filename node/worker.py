@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
-from node import metrics
+from node import faults, metrics
 from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
 from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
 from node.log import event
@@ -136,6 +136,7 @@ class AnalysisWorker:
         try:
             inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
                       for i in instances]
+            faults.hit("analysis.running")
             analysis = self.analyser.analyse(study_uid, inputs)
             key = self._analysis_key(job_id)
             sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
@@ -168,6 +169,7 @@ class AnalysisWorker:
             self._fail(job_id, study_uid, attempts, exc)
             return
         ms = (time.perf_counter() - t0) * 1000
+        faults.hit("analysis.before_record")
         self._record(job_id, key, analysis, written, ms)
 
     def _current_srs(self, study_uid: str) -> list[Dataset]:
