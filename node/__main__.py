@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.log import setup_logging
 
     settings = _settings(args)
+    os.umask(0o077)  # everything the node writes (instances, results, log) is private
     lg = settings.log
     setup_logging(lg.level, settings.log_file, lg.max_mb, lg.backup_count,
                   lg.patient_identifiers)

@@ -8,6 +8,7 @@ Relative paths are resolved against the directory of the configuration file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class NodeSettings:
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_calling_aets: list[str] = field(default_factory=list)
+    allowed_peer_ips: list[str] = field(default_factory=list)
     data_dir: Path = Path("var")
     max_pdu_size: int = 131072
     max_associations: int = 16
@@ -70,6 +72,11 @@ class OutputSettings:
     manufacturer: str = "mammo-node"
     sr_series_number: int = 9901
     sc_series_number: int = 9902
+    # Output kinds (node.reports.kinds): tid1500, mammo_cad, gsps, sc.
+    objects: list[str] = field(default_factory=lambda: ["tid1500", "sc"])
+    cad_operating_point: str | float = "card"
+    cad_sr_series_number: int = 9903
+    gsps_series_number: int = 9904
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,32 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    recent_studies: int = 50
+    refresh_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+    handshake_timeout_seconds: float = 10
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
+    objects: list[str] | None = None  # None: [output] objects
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None  # the file these settings came from
 
@@ -128,6 +158,23 @@ class Settings:
     def threshold_override(self) -> float | None:
         return None if self.model.threshold == "card" else float(self.model.threshold)
 
+    def objects_for(self, destination: Destination) -> list[str]:
+        """The output kinds sent to ``destination``."""
+        return list(self.output.objects if destination.objects is None else destination.objects)
+
+    @property
+    def report_kinds(self) -> list[str]:
+        """The output kinds to build: every kind some destination wants ([output] objects
+        when there is no destination, so that the results are kept)."""
+        lists = [self.objects_for(d) for d in self.destinations] or [self.output.objects]
+        return [k for k in ("tid1500", "mammo_cad", "gsps", "sc") if any(k in x for x in lists)]
+
+    @property
+    def cad_operating_point_override(self) -> float | None:
+        """The CAD SR operating point, or None for the model card's threshold."""
+        op = self.output.cad_operating_point
+        return None if op == "card" else float(op)
+
 
 _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
@@ -139,6 +186,8 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "retention": RetentionSettings,
     "log": LogSettings,
+    "http": HttpSettings,
+    "tls": TLSSettings,
 }
 
 
@@ -170,6 +219,10 @@ def parse_settings(raw: dict[str, Any], base_dir: Path, source: Path | None = No
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a table ([{name}])")
         kwargs[name] = _build(cls, section, name, base_dir)
+    kwargs["tls"] = dataclasses.replace(kwargs["tls"], **{  # files relative to the config
+        k: str(base_dir / Path(v).expanduser()) for k in ("certificate", "private_key",
+                                                          "ca_certificates")
+        if (v := getattr(kwargs["tls"], k))})
     dests = raw.get("destinations", [])
     if not isinstance(dests, list):
         raise ConfigError("destinations must be an array of tables ([[destinations]])")
@@ -244,6 +297,40 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key} {msg}")
 
 
+_OUTPUT_KINDS = ("tid1500", "mammo_cad", "gsps", "sc")  # node.reports.kinds.KINDS
+
+
+def _check_objects(objects: list[str], key: str) -> None:
+    _check(bool(objects), key, f"must name at least one of {', '.join(_OUTPUT_KINDS)}")
+    for i, kind in enumerate(objects):
+        _check(kind in _OUTPUT_KINDS, f"{key}[{i}]",
+               f"is not an output kind: {kind!r} (known: {', '.join(_OUTPUT_KINDS)})")
+    _check(len(set(objects)) == len(objects), key, "lists an output kind twice")
+
+
+def _validate_outputs(s: Settings) -> None:
+    o = s.output
+    _check_objects(o.objects, "output.objects")
+    if isinstance(o.cad_operating_point, str):
+        _check(o.cad_operating_point == "card", "output.cad_operating_point",
+               f"must be \"card\" or a number in [0, 1], got {o.cad_operating_point!r}")
+    else:
+        _check(0.0 <= o.cad_operating_point <= 1.0, "output.cad_operating_point",
+               f"must be in [0, 1], got {o.cad_operating_point}")
+    numbers = {"output.sr_series_number": o.sr_series_number,
+               "output.sc_series_number": o.sc_series_number,
+               "output.cad_sr_series_number": o.cad_sr_series_number,
+               "output.gsps_series_number": o.gsps_series_number}
+    seen: dict[int, str] = {}
+    for key, value in numbers.items():
+        _check(1 <= value < 2**31, key, "out of range")
+        _check(value not in seen, key, f"must differ from {seen.get(value)}")
+        seen[value] = key
+    for i, dest in enumerate(s.destinations):
+        if dest.objects is not None:
+            _check_objects(dest.objects, f"destinations[{i}].objects")
+
+
 def _validate(s: Settings) -> None:
     n = s.node
     _check(bool(_AE_RE.match(n.ae_title.strip() or "")), "node.ae_title",
@@ -284,6 +371,7 @@ def _validate(s: Settings) -> None:
     _check(1 <= s.output.sc_series_number < 2**31, "output.sc_series_number", "out of range")
     _check(s.output.sr_series_number != s.output.sc_series_number, "output.sc_series_number",
            "must differ from output.sr_series_number")
+    _validate_outputs(s)
     d = s.delivery
     _check(d.max_attempts >= 1, "delivery.max_attempts", "must be at least 1")
     _check(d.backoff_initial_seconds > 0, "delivery.backoff_initial_seconds", "must be positive")
@@ -296,6 +384,18 @@ def _validate(s: Settings) -> None:
            f"must be DEBUG, INFO, WARNING or ERROR, got {s.log.level!r}")
     _check(s.log.max_mb > 0, "log.max_mb", "must be positive")
     _check(s.log.backup_count >= 0, "log.backup_count", "must not be negative")
+    h = s.http
+    _check(bool(h.host), "http.host", "must not be empty")
+    _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
+    _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
+    _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
+    for i, entry in enumerate(n.allowed_peer_ips):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"node.allowed_peer_ips[{i}] is not an IP address or network: "
+                              f"{entry!r}") from None
+    _validate_tls(s)
     names = set()
     for i, dest in enumerate(s.destinations):
         key = f"destinations[{i}]"
@@ -306,3 +406,20 @@ def _validate(s: Settings) -> None:
                f"is not a valid AE title: {dest.ae_title!r}")
         _check(bool(dest.host), f"{key}.host", "must not be empty")
         _check(0 < dest.port < 65536, f"{key}.port", f"must be 1-65535, got {dest.port}")
+
+
+def _validate_tls(s: Settings) -> None:
+    t = s.tls
+    uses_tls = t.enabled or any(d.tls for d in s.destinations)
+    _check(t.handshake_timeout_seconds > 0, "tls.handshake_timeout_seconds", "must be positive")
+    if not uses_tls:
+        return
+    needed = [("ca_certificates", t.ca_certificates)]
+    if t.enabled:
+        needed += [("certificate", t.certificate), ("private_key", t.private_key)]
+    for key, value in needed:
+        _check(bool(value), f"tls.{key}", "must name a PEM file when TLS is used "
+                                          "(tls.enabled or a destination with tls = true)")
+        _check(Path(value).is_file(), f"tls.{key}", f"file {value} does not exist")
+    for key, value in (("certificate", t.certificate), ("private_key", t.private_key)):
+        _check(not value or Path(value).is_file(), f"tls.{key}", f"file {value} does not exist")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
 
+from node import faults, metrics
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
 from node.log import event
+from node.reports.kinds import DEFAULT_KINDS, sop_classes_for
 from node.store import Spool
 
 log = logging.getLogger("node.deliver")
@@ -41,14 +44,17 @@ class SendOutcome:
 class Deliverer:
     def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
-                 timeout: float = 60) -> None:
+                 timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.db = db
+        self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
         self.calling_aet = calling_aet
         self.max_pdu_size = max_pdu_size
         self.timeout = timeout
+        self.tls_context = tls_context
 
     def recover(self) -> int:
         with self.db.session() as s:
@@ -87,17 +93,25 @@ class Deliverer:
             result = s.get(Result, d.result_id)
             objects = s.execute(select(ResultObject).where(
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
-            paths = [self.spool.path(o.relpath) for o in objects]
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
         dest = self.destinations.get(name)
+        if dest is not None:  # only the output kinds this destination takes
+            wanted = sop_classes_for(dest.objects if dest.objects is not None
+                                     else self.default_objects)
+            objects = [o for o in objects if o.sop_class_uid in wanted]
+        paths = [self.spool.path(o.relpath) for o in objects]
         t0 = time.perf_counter()
         if dest is None:
             outcome = SendOutcome(False, True, "", f"destination {name!r} is no longer in "
                                                    "the configuration")
+        elif not paths:
+            outcome = SendOutcome(True, False, "", "")  # none of its kinds in this result
         else:
             outcome = self.send(dest, paths)
+            faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
+        metrics.delivery_attempt(name, outcome.ok)
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
             d.last_status = outcome.status or None
@@ -127,7 +141,14 @@ class Deliverer:
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            tls_args = None
+            if getattr(dest, "tls", False):
+                if self.tls_context is None:
+                    return SendOutcome(False, True, "", "destination needs TLS but [tls] has "
+                                                        "no client context")
+                tls_args = (self.tls_context, dest.host)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 tls_args=tls_args)
         except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:
@@ -137,7 +158,9 @@ class Deliverer:
                                                  f"({dest.ae_title})")
         try:
             last = "0x0000"
-            for ds in datasets:
+            for n, ds in enumerate(datasets):
+                if n == 1 or len(datasets) == 1:
+                    faults.hit("deliver.mid_send")
                 status = assoc.send_c_store(ds)
                 if not status or "Status" not in status:
                     return SendOutcome(False, False, "", "no response to C-STORE (connection "

@@ -91,19 +91,26 @@ def take_digest(path: Path | str) -> tuple[int, str] | None:
     return entry.size, entry.hexdigest()
 
 
+_RECV_STEP = 4 << 20  # first buffer size; it grows only as data actually arrives
+
+
 def _recv(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv``: read ``nr_bytes`` (fewer on a closed connection)."""
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
+    """``AssociationSocket.recv``: read ``nr_bytes`` (fewer on a closed connection).
+
+    The buffer starts at most 4 MiB and doubles as it fills, so a peer that declares a 4 GiB PDU
+    and sends nothing costs 4 MiB, not 4 GiB.
+    """
+    buf = bytearray(min(nr_bytes, _RECV_STEP))
     n = 0
     while n < nr_bytes:
-        got = self.socket.recv_into(view[n:], nr_bytes - n)
+        if n == len(buf):
+            buf.extend(bytes(min(nr_bytes - n, len(buf))))
+        with memoryview(buf) as view:
+            got = self.socket.recv_into(view[n:], len(buf) - n)
         if not got:  # connection closed: return what was read
-            view.release()
             del buf[n:]
             return buf
         n += got
-    view.release()
     return buf
 
 

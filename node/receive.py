@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -26,17 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from node import fastrecv
+from node import fastrecv, faults, metrics
 from node.db import Database, Instance, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.log import event, patient_fields
+from node.security import GuardedAE
 from node.store import Spool
 
 log = logging.getLogger("node.receive")
@@ -80,6 +84,9 @@ STATUS_NO_PIXELS = 0xC004
 STATUS_CONFLICT = 0xC005
 
 MAX_PIXELS = 30000 * 30000  # larger declared images are refused as absurd
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ class Receiver:
         network_timeout: float,
         min_free_mb: float,
         on_stored: Callable[[StoredInstance], None] | None = None,
+        allowed_peer_ips: list[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.spool = spool
         self.db = db
@@ -130,11 +140,12 @@ class Receiver:
         self.allowed = {a.strip() for a in allowed_calling_aets}
         self._record_lock = threading.Lock()
         self._server = None
+        self.ssl_context = ssl_context
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
         fastrecv.install()  # recv_into + SHA-256 while receiving (see node/fastrecv.py)
         tempfile.tempdir = str(spool.incoming)
-        ae = AE(ae_title=ae_title)
+        ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout)
         ae.maximum_pdu_size = max_pdu_size
         ae.maximum_associations = max_associations
         ae.network_timeout = network_timeout
@@ -151,7 +162,7 @@ class Receiver:
     # -- listener ---------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
-            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_STORE, self._counted_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -159,10 +170,15 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = self.ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers
+            (self.host, self.port), block=False, evt_handlers=handlers,
+            ssl_context=self.ssl_context,
         )
         event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
-              port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any")
+              port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any",
+              allowed_peer_ips=",".join(map(str, self.ae.networks)) or "any",
+              tls="mutual" if self.ssl_context is not None and
+              self.ssl_context.verify_mode == ssl.CERT_REQUIRED else
+              "on" if self.ssl_context is not None else "off")
 
     def stop(self) -> None:
         if self._server is not None:
@@ -173,6 +189,15 @@ class Receiver:
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    @property
+    def listening(self) -> bool:
+        """The server socket is open and its accept thread alive (for /health)."""
+        server = self._server
+        if server is None or server.socket.fileno() < 0:
+            return False
+        return any(t.is_alive() and t.name.startswith("AcceptorServer")
+                   for t in threading.enumerate())
 
     # -- association events -------------------------------------------------------------------
     @staticmethod
@@ -212,7 +237,7 @@ class Receiver:
         try:
             ds = self._check_header(tmp, affected, str(ev.request.AffectedSOPClassUID or ""))
         except Refused as refusal:
-            relpath = self.spool.quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
+            relpath = self._quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
             event(log, "instance.quarantined", logging.WARNING, **peer,
                   status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
             return _status(refusal.status, refusal.reason)
@@ -220,7 +245,7 @@ class Receiver:
         try:
             stored = self._store(tmp, ds, calling_aet=str(peer["peer_aet"]))
         except Refused as refusal:
-            relpath = self.spool.quarantine(tmp, refusal.reason)
+            relpath = self._quarantine(tmp, refusal.reason)
             event(log, "instance.quarantined", logging.WARNING, **peer, sop=sop_uid,
                   status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
             return _status(refusal.status, refusal.reason)
@@ -239,15 +264,50 @@ class Receiver:
                   **patient_fields(ds.get("PatientID"), ds.get("PatientName")))
             if self.on_stored is not None:
                 self.on_stored(stored)
+        faults.hit("store.before_ack")
         return STATUS_SUCCESS
+
+    def _counted_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+        """:meth:`handle_store` plus the received/rejected counters of /metrics."""
+        result = self.handle_store(ev)
+        code = result if isinstance(result, int) else int(result.Status)  # type: ignore[union-attr]
+        if code == STATUS_SUCCESS:
+            metrics.instance_received()
+        else:
+            metrics.instance_rejected(code)
+        return result
+    def _quarantine(self, tmp: Path, reason: str) -> str:
+        """Keep a refused object; a failure here (disk full...) must not fail the answer."""
+        try:
+            return self.spool.quarantine(tmp, reason)
+        except Exception as exc:
+            event(log, "quarantine.failed", logging.ERROR, reason=reason,
+                  error=f"{type(exc).__name__}: {exc}")
+            _unlink(tmp)
+            return "(not kept)"
 
     def _check_header(self, path: Path, affected_sop: str, affected_class: str) -> Dataset:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
+            deflated = ds.file_meta.get("TransferSyntaxUID") == DEFLATED
+            # A deflated dataset is parsed from its inflated copy: offsets are not file offsets.
+            problem = _structure_problem(ds, None if deflated else path.stat().st_size)
         except Exception as exc:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
+        if problem:
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {problem}")
+        try:
+            return self._check_attributes(ds, affected_sop, affected_class)
+        except Refused:
+            raise
+        except Exception as exc:  # a value pydicom cannot interpret
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}") from None
+
+    def _check_attributes(self, ds: Dataset, affected_sop: str, affected_class: str
+                          ) -> Dataset:
         try:
             sop_class = str(ds.SOPClassUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -299,6 +359,7 @@ class Receiver:
         if existing is not None:
             return self._duplicate(tmp, existing)
         relpath, size, sha = self.spool.adopt(tmp)
+        faults.hit("store.after_write")
         laterality, view = laterality_and_view(ds)
         study_uid = str(ds.StudyInstanceUID)
         # One writer at a time from this process keeps SQLite from "database is locked" storms.
@@ -363,14 +424,43 @@ class Receiver:
                                        "with different content")
 
 
+def _structure_problem(ds: Dataset, file_size: int | None) -> str | None:
+    """Why the top level of ``ds`` is not a complete, decodable dataset (None when it is).
+
+    pydicom stops quietly at the end of a truncated file and converts values lazily, so check
+    here: every element's declared length fits in the file and was read in full, and every value
+    that was read (the deferred bulk values are not) converts under its VR.
+    """
+    last_end = 0
+    for tag, elem in list(ds._dict.items()):
+        if not isinstance(elem, RawDataElement):
+            continue
+        if elem.length != UNDEFINED_LENGTH:
+            end = elem.value_tell + elem.length
+            if (elem.value is not None and len(elem.value) < elem.length) or (
+                    file_size is not None and end > file_size):
+                return (f"element {elem.tag} declares {elem.length} bytes, more than the "
+                        "dataset holds (truncated)")
+            last_end = max(last_end, end)
+        else:
+            last_end = file_size or 0  # undefined length: the reader found its delimiter
+        if elem.value is not None:
+            ds[tag]  # noqa: B018 - converts the raw value; raises on a bad VR or length
+    if file_size is not None and 0 < file_size - last_end < 8:
+        return f"{file_size - last_end} stray bytes at the end (truncated element header)"
+    return None
+
+
 def _element_length(ds: Dataset) -> int | None:
-    try:
-        elem = ds.get_item("PixelData")
-    except KeyError:
+    """Declared Pixel Data length without loading it (get_item would read a deferred value)."""
+    elem = ds._dict.get(PIXEL_DATA_TAG)
+    if elem is None:
         return None
     length = getattr(elem, "length", None)
-    if length is None or length == 0xFFFFFFFF:
+    if length is None or length == UNDEFINED_LENGTH:
         value = getattr(elem, "value", None)
+        if value is None:
+            return 0 if length is None else None
         return len(value) if isinstance(value, bytes | bytearray) else None
     return int(length)
 

@@ -11,16 +11,19 @@ import logging
 import signal
 import threading
 
-from node import __version__
+from node import __version__, metrics
 from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
 from node.deliver import Deliverer
+from node.httpd import MonitoringServer
 from node.log import event
+from node.orphans import sweep_orphans
 from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
+from node.security import client_context, server_context
 from node.store import Spool
 from node.worker import AnalysisWorker, ReportOptions
 
@@ -48,6 +51,23 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
     )
 
 
+def build_monitoring(node: Node) -> MonitoringServer:
+    """The [http] server over this node's listener, database and data_dir."""
+    from node import health, status_page
+
+    s = node.settings
+    return MonitoringServer(
+        s.http.host, s.http.port,
+        health=lambda: health.health(
+            host=s.node.host, port=s.node.port, listening=node.receiver.listening, db=node.db,
+            spool=node.spool, min_free_mb=s.node.min_free_mb,
+            destinations=[d.name for d in s.destinations]),
+        status_page=lambda: status_page.render(
+            node.db, ae_title=s.node.ae_title, version=__version__,
+            limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds),
+    )
+
+
 class Node:
     def __init__(self, settings: Settings, analyser: StudyAnalyser | None = None) -> None:
         self.settings = settings
@@ -66,17 +86,28 @@ class Node:
                 sc_series_number=settings.output.sc_series_number,
                 threshold=model.threshold,
                 software_version=f"mammo-node {__version__}",
+                kinds=tuple(settings.report_kinds),
+                cad_operating_point=settings.cad_operating_point_override,
+                cad_sr_series_number=settings.output.cad_sr_series_number,
+                gsps_series_number=settings.output.gsps_series_number,
             ),
             destinations=[d.name for d in settings.destinations],
         )
-        n = settings.node
-        self.deliverer = Deliverer(self.db, self.spool, settings.destinations, settings.delivery,
-                                   calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size)
+        n, tls = settings.node, settings.tls
+        self.deliverer = Deliverer(
+            self.db, self.spool, settings.destinations, settings.delivery,
+            calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
+            default_objects=settings.output.objects,
+            tls_context=client_context(tls) if any(d.tls for d in settings.destinations)
+            else None)
         self.receiver = Receiver(
             ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
             allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
             max_associations=n.max_associations, network_timeout=n.network_timeout,
             min_free_mb=n.min_free_mb, on_stored=self._on_stored,
+            allowed_peer_ips=n.allowed_peer_ips,
+            ssl_context=server_context(tls) if tls.enabled else None,
+            handshake_timeout=tls.handshake_timeout_seconds,
         )
         st = settings.study
         self.scheduler = build_scheduler([
@@ -87,6 +118,8 @@ class Node:
         ])
         self.worker.on_result = self._on_result
         self._stopped = threading.Event()
+        metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
+        self.http = build_monitoring(self) if settings.http.enabled else None
 
     def _on_stored(self, stored: StoredInstance) -> None:
         # Four views may be there now: run the completion check at once, in the scheduler's
@@ -112,18 +145,23 @@ class Node:
         if stale:
             event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
                                                            "before the restart")
+        sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
         self.worker.recover()
         self.deliverer.recover()
         self.receiver.start()
         self.worker.start()
         self.scheduler.start()
         self.worker.wake.set()
+        if self.http is not None:
+            self.http.start()
         event(log, "node.started", version=__version__, model=self.analyser.model.name,
               model_version=self.analyser.model.version,
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
               data_dir=self.settings.node.data_dir)
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         self.worker.stop()

@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
+from node import faults, metrics
 from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
 from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
 from node.log import event
@@ -31,6 +32,7 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
 ReportBuilder = Callable[..., list[Dataset]]
 
@@ -42,6 +44,11 @@ class ReportOptions:
     sc_series_number: int
     threshold: float
     software_version: str
+    # Output kinds to build (node.reports.kinds): the union over the destinations.
+    kinds: tuple[str, ...] = ("tid1500", "sc")
+    cad_operating_point: float | None = None  # None: threshold
+    cad_sr_series_number: int = 9903
+    gsps_series_number: int = 9904
 
 
 class AnalysisWorker:
@@ -136,6 +143,7 @@ class AnalysisWorker:
         try:
             inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
                       for i in instances]
+            faults.hit("analysis.running")
             analysis = self.analyser.analyse(study_uid, inputs)
             key = self._analysis_key(job_id)
             sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
@@ -158,12 +166,17 @@ class AnalysisWorker:
                 threshold=self.options.threshold,
                 software_version=self.options.software_version,
                 previous_srs=previous,
+                kinds=self.options.kinds,
+                cad_operating_point=self.options.cad_operating_point,
+                cad_sr_series_number=self.options.cad_sr_series_number,
+                gsps_series_number=self.options.gsps_series_number,
             )
             written = [(ds, self.spool.write_dataset(ds)) for ds in datasets]
         except Exception as exc:
             self._fail(job_id, study_uid, attempts, exc)
             return
         ms = (time.perf_counter() - t0) * 1000
+        faults.hit("analysis.before_record")
         self._record(job_id, key, analysis, written, ms)
         if written and self.destinations and self.on_result is not None:
             self.on_result()
@@ -176,7 +189,7 @@ class AnalysisWorker:
                 .join(Result, Result.id == ResultObject.result_id)
                 .join(Study, Study.id == Result.study_id)
                 .where(Study.study_uid == study_uid, Result.current.is_(True),
-                       ResultObject.sop_class_uid == COMPREHENSIVE_SR)
+                       ResultObject.sop_class_uid.in_((COMPREHENSIVE_SR, MAMMOGRAPHY_CAD_SR)))
             ).scalars().all()
         return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
                 if self.spool.path(r).exists()]
@@ -186,8 +199,18 @@ class AnalysisWorker:
             job = s.get(Job, job_id)
             model = self.analyser.model
             text = "|".join([job.input_key, model.name, model.version, model.architecture,
-                             f"{self.options.threshold:.6f}"])
+                             f"{self.options.threshold:.6f}", *self._outputs_key()])
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def _outputs_key(self) -> list[str]:
+        """What, besides the analysis, changes the result objects: other kinds or operating
+        point give another key (new UIDs, a new result). Empty for the default outputs, so
+        keys of existing results stay valid."""
+        o = self.options
+        if o.kinds == ("tid1500", "sc") and o.cad_operating_point is None:
+            return []
+        op = "card" if o.cad_operating_point is None else f"{o.cad_operating_point:.6f}"
+        return [",".join(o.kinds), op]
 
     def _record(self, job_id: int, key: str, analysis: StudyAnalysis,
                 written: list[tuple[Dataset, str]], ms: float) -> None:
@@ -232,6 +255,7 @@ class AnalysisWorker:
             job.error = None
             if study.generation == job.generation and study.state in ("complete", "analysing"):
                 study.state = "done"
+        metrics.analysis_done(ms / 1000, len(findings))
         event(log, "analysis.done", study=study.study_uid, job=job_id, rois=len(findings),
               max_probability=None if max_p is None else round(max_p, 3),
               images=sum(1 for i in analysis.images if i.analysed),
@@ -243,6 +267,7 @@ class AnalysisWorker:
         final = attempts >= MAX_JOB_ATTEMPTS
         message = f"{type(exc).__name__}: {exc}"[:2000]
         log.exception("analysis.error study=%s job=%s", study_uid, job_id)
+        metrics.analysis_failed()
         with self.db.session() as s:
             job = s.get(Job, job_id)
             job.state = "failed" if final else "queued"

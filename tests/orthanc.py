@@ -21,10 +21,8 @@ class Orthanc:
         self.modalities = modalities or {}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Orthanc:
-        exe = require_binary("Orthanc")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
+    def config(self) -> dict[str, object]:
+        return {
             "Name": "mammo-node-test",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
@@ -39,8 +37,17 @@ class Orthanc:
             "Plugins": [],
             "StableAge": 2,
         }
+
+    def write_config(self) -> Path:
+        """The configuration Orthanc is started with (a file, or a folder of .json files)."""
         cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
+        cfg.write_text(json.dumps(self.config(), indent=2))
+        return cfg
+
+    def start(self) -> Orthanc:
+        exe = require_binary("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.write_config()
         self.log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([exe, str(cfg)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -75,3 +82,37 @@ class Orthanc:
 
     def upload(self, path: Path) -> dict:
         return self._request("POST", "/instances", path.read_bytes(), "application/dicom")
+
+
+class DeployedOrthanc(Orthanc):
+    """Orthanc started with the deployment's own files (docker/orthanc/: orthanc.json and the
+    Lua script, linked, not copied) plus a small site.json with this test's ports and folders,
+    in place of the compose file's site.json."""
+
+    def __init__(self, workdir: Path, shared_dir: Path, shared_files: list[str],
+                 site: dict[str, object]) -> None:
+        super().__init__(workdir)
+        self.shared_dir = shared_dir
+        self.shared_files = shared_files
+        self.site = site
+
+    def config(self) -> dict[str, object]:
+        return {
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            **self.site,
+        }
+
+    def write_config(self) -> Path:
+        cfg_dir = self.workdir / "config"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        for name in self.shared_files:
+            link = cfg_dir / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.shared_dir / name)
+        (cfg_dir / "site.json").write_text(json.dumps(self.config(), indent=2))
+        return cfg_dir

@@ -334,6 +334,7 @@ def test_sc_attributes(mias_case) -> None:
         assert sc.InstanceNumber == n
         assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
         assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD"
+        assert sc.Modality == "OT"  # never MG: not a mammogram for hanging protocols or the node
         assert sc.StudyInstanceUID == src.StudyInstanceUID
         assert sc.StudyDescription == src.StudyDescription
         assert sc.PatientID == src.PatientID and sc.PatientName == src.PatientName

@@ -2,8 +2,11 @@
 
 * :func:`build_sr` - one TID 1500 Comprehensive SR per study (ROIs, P(malignant), pathology call).
 * :func:`build_sc` - one RGB Grad-CAM Secondary Capture per analysed image.
-* :func:`build_reports` - both, SR first. All UIDs derive from ``analysis_key``
-  (:mod:`node.reports.uids`), so the same analysis always yields the same objects.
+* :func:`build_mammo_cad_sr` - one Mammography CAD SR (TID 4000) per study.
+* :func:`build_gsps` - one GSPS with the ROI outlines per analysed image.
+* :func:`build_reports` - the selected kinds (:mod:`node.reports.kinds`), SRs first. All UIDs
+  derive from ``analysis_key`` (:mod:`node.reports.uids`), so the same analysis always yields the
+  same objects.
 """
 
 from __future__ import annotations
@@ -15,17 +18,32 @@ from collections.abc import Mapping, Sequence
 from pydicom.dataset import Dataset
 
 from node.analysis.result import StudyAnalysis
+from node.reports.cad_sr import CAD_SR_SERIES_DESCRIPTION, build_mammo_cad_sr
 from node.reports.common import (
     check_analysis,
     check_common_args,
     check_series_number,
     presentation_image_for,
 )
+from node.reports.gsps import GSPS_SERIES_DESCRIPTION, build_gsps
+from node.reports.kinds import (
+    DEFAULT_KINDS,
+    GSPS,
+    MAMMO_CAD,
+    MAMMOGRAPHY_CAD_SR,
+    SC,
+    TID1500,
+    check_kinds,
+)
 from node.reports.sc import SC_SERIES_DESCRIPTION, build_sc, render_overlay
 from node.reports.sr import SR_SERIES_DESCRIPTION, build_sr
 from node.reports.uids import ResultUIDs, derive_uid
 
 __all__ = [
+    "CAD_SR_SERIES_DESCRIPTION",
+    "GSPS_SERIES_DESCRIPTION",
+    "build_gsps",
+    "build_mammo_cad_sr",
     "SC_SERIES_DESCRIPTION",
     "SR_SERIES_DESCRIPTION",
     "ResultUIDs",
@@ -52,41 +70,65 @@ def build_reports(
     threshold: float,
     software_version: str,
     previous_srs: Sequence[Dataset] = (),
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    cad_operating_point: float | None = None,
+    cad_sr_series_number: int = 9903,
+    gsps_series_number: int = 9904,
 ) -> list[Dataset]:
-    """The SR followed by one Grad-CAM SC per analysed image (in analysis order).
+    """The result objects of the selected ``kinds``, in this order: TID 1500 SR, Mammography
+    CAD SR, one Grad-CAM SC per analysed image, one GSPS per analysed image (analysis order).
 
-    ``previous_srs`` are the headers of SRs this one supersedes (a re-opened study); they are
-    listed in the SR's Predecessor Documents Sequence.
+    ``previous_srs`` are the headers of SRs this result supersedes (a re-opened study); each
+    new SR lists those of its own SOP class in its Predecessor Documents Sequence.
+    ``cad_operating_point`` (None: ``threshold``) splits the CAD SR's findings into
+    "Presentation Required" and "Presentation Optional".
 
     Raises ``TypeError``/``ValueError`` naming the problem before anything is built when an
-    argument, the analysis or a source header is unusable. Every analysed image must carry
-    ``display`` and ``cam``.
+    argument, the analysis or a source header is unusable. With ``sc`` selected, every analysed
+    image must carry ``display`` and ``cam``.
     """
+    kinds = check_kinds(kinds, "kinds")
     check_common_args(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
                       threshold=threshold, software_version=software_version)
-    check_series_number("sr_series_number", sr_series_number)
-    check_series_number("sc_series_number", sc_series_number)
+    numbers = {"sr_series_number": sr_series_number, "sc_series_number": sc_series_number,
+               "cad_sr_series_number": cad_sr_series_number,
+               "gsps_series_number": gsps_series_number}
+    for name, value in numbers.items():
+        check_series_number(name, value)
     if sr_series_number == sc_series_number:
         raise ValueError("sr_series_number and sc_series_number must differ")
+    if len(set(numbers.values())) != len(numbers):
+        raise ValueError("the series numbers of the output kinds must all differ")
+    operating_point = threshold if cad_operating_point is None else cad_operating_point
     analysed = check_analysis(analysis, sources)
-    for n, image in enumerate(analysed, start=1):
-        if image.display is None or image.cam is None:
-            raise ValueError(f"analysed image #{n} has no display image or Grad-CAM map")
+    if SC in kinds:
+        for n, image in enumerate(analysed, start=1):
+            if image.display is None or image.cam is None:
+                raise ValueError(f"analysed image #{n} has no display image or Grad-CAM map")
 
-    out: list[Dataset] = [
-        build_sr(analysis, sources, analysis_key=analysis_key, created=created,
-                 manufacturer=manufacturer, series_number=sr_series_number,
-                 threshold=threshold, software_version=software_version,
-                 previous_versions=previous_srs)
-    ]
-    # One patient/study identity for all objects: the SR's first evidence (see build_sr).
+    previous_cad = [ds for ds in previous_srs if str(ds.SOPClassUID) == MAMMOGRAPHY_CAD_SR]
+    previous_tid1500 = [ds for ds in previous_srs if str(ds.SOPClassUID) != MAMMOGRAPHY_CAD_SR]
+    common = dict(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
+                  software_version=software_version)
+    out: list[Dataset] = []
+    if TID1500 in kinds:
+        out.append(build_sr(analysis, sources, series_number=sr_series_number,
+                            threshold=threshold, previous_versions=previous_tid1500, **common))
+    if MAMMO_CAD in kinds:
+        out.append(build_mammo_cad_sr(analysis, sources, series_number=cad_sr_series_number,
+                                      operating_point=operating_point,
+                                      previous_versions=previous_cad, **common))
+    # One patient/study identity for all objects: the SRs' first evidence (see build_sr).
     identity = presentation_image_for(analysed[0], sources)
-    for n, image in enumerate(analysed, start=1):
-        out.append(
-            build_sc(image, sources[image.sop_instance_uid], model=analysis.model,
-                     analysis_key=analysis_key, created=created, manufacturer=manufacturer,
-                     series_number=sc_series_number, instance_number=n, threshold=threshold,
-                     software_version=software_version, identity=identity)
-        )
-    log.info("built %d report object(s): 1 SR, %d SC", len(out), len(out) - 1)
+    if SC in kinds:
+        for n, image in enumerate(analysed, start=1):
+            out.append(build_sc(image, sources[image.sop_instance_uid], model=analysis.model,
+                                series_number=sc_series_number, instance_number=n,
+                                threshold=threshold, identity=identity, **common))
+    if GSPS in kinds:
+        for n, image in enumerate(analysed, start=1):
+            out.append(build_gsps(image, sources, model=analysis.model,
+                                  series_number=gsps_series_number, instance_number=n,
+                                  identity=identity, **common))
+    log.info("built %d report object(s): %s", len(out), ", ".join(kinds))
     return out

@@ -208,6 +208,9 @@ def build_sc(
         if identity.get("StudyInstanceUID") != source.StudyInstanceUID:
             raise ValueError("identity belongs to another study than source")
     sc.copy_patient_and_study_information(header if identity is None else identity)
+    # OT, never the source's MG: a mammography hanging protocol must not take the overlay for a
+    # mammogram, and a PACS that routes MG back to the node must not feed it its own result.
+    sc.Modality = "OT"
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"

@@ -71,3 +71,19 @@ class ResultUIDs:
     def tracking_absent(self, sop_instance_uid: str) -> UID:
         """Tracking UID of the "no calcification cluster" group of one image."""
         return derive_uid(self.analysis_key, "tracking", "absent", sop_instance_uid)
+
+    @property
+    def cad_sr_series(self) -> UID:
+        return derive_uid(self.analysis_key, "mammo-cad-sr", "series")
+
+    @property
+    def cad_sr_instance(self) -> UID:
+        return derive_uid(self.analysis_key, "mammo-cad-sr", "instance")
+
+    def gsps_series(self, laterality: str) -> UID:
+        """The GSPS series of one breast ("L", "R", or "" when unknown)."""
+        return derive_uid(self.analysis_key, "gsps", "series", laterality)
+
+    def gsps_instance(self, referenced_sop_instance_uid: str) -> UID:
+        """The GSPS that presents the image ``referenced_sop_instance_uid``."""
+        return derive_uid(self.analysis_key, "gsps", "instance", referenced_sop_instance_uid)

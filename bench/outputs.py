@@ -1,0 +1,103 @@
+"""Output build benchmark: milliseconds to build each output kind for one study.
+
+    .venv/bin/python bench/outputs.py [--rows 4096 --cols 3328] [--rois 5] [--repeats 5]
+
+A four-view study (L/R x CC/MLO MG For Presentation headers, 3328 x 4096 by default) with
+``--rois`` calcification clusters per image; the display image and Grad-CAM map are what the
+analysis stage hands over (long side 2048 px). Each kind is built alone with
+``node.reports.build_reports(kinds=[kind])`` (the whole study: 1 SR, or 4 SC / 4 GSPS) and then
+encoded to bytes as the spool would write it. Prints the median build and encode time per kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis  # noqa: E402
+from node.reports import build_reports  # noqa: E402
+from node.reports.kinds import KINDS  # noqa: E402
+from node.testdata import mg_dataset, uid_from  # noqa: E402
+
+MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
+
+
+def study(rows: int, cols: int, rois: int) -> tuple[StudyAnalysis, dict]:
+    study_uid = uid_from("bench-outputs")
+    rng = np.random.default_rng(0)
+    sources, images, index = {}, [], 1
+    scale = 2048 / max(rows, cols)
+    dh, dw = round(rows * scale), round(cols * scale)
+    for n, (lat, view) in enumerate([("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]):
+        ds = mg_dataset(np.zeros((8, 8), np.uint16), patient_id="BENCH", study_uid=study_uid,
+                        sop_uid=uid_from("bench", lat, view), laterality=lat, view=view,
+                        spacing_mm=0.07, bits_stored=12, instance_number=n + 1)
+        ds.Rows, ds.Columns = rows, cols
+        del ds.PixelData
+        sources[ds.SOPInstanceUID] = ds
+        findings = []
+        for _ in range(rois):
+            cx, cy = rng.uniform(300, cols - 300), rng.uniform(300, rows - 300)
+            r = rng.uniform(40, 150)
+            pts = tuple((round(cx + r * math.cos(a), 2), round(cy + r * math.sin(a), 2))
+                        for a in np.linspace(0, 2 * math.pi, 32, endpoint=False))
+            findings.append(Finding(index, ds.SOPInstanceUID, lat, view, (cx, cy),
+                                    (*pts, pts[0]), r * 0.07, 6, float(rng.uniform(0, 1))))
+            index += 1
+        display = rng.integers(0, 255, (dh, dw), dtype=np.uint8)
+        cam = np.zeros((dh, dw), np.float32)
+        for f in findings:
+            y, x = int(f.centre_xy[1] * scale), int(f.centre_xy[0] * scale)
+            cam[max(0, y - 20):y + 20, max(0, x - 20):x + 20] = 1.0
+        images.append(ImageAnalysis(ds.SOPInstanceUID, ds.SOPClassUID, lat, view, rows, cols,
+                                    0.07, "ImagerPixelSpacing", True, findings, display, cam,
+                                    scale))
+    return StudyAnalysis(study_uid, MODEL, images), sources
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=3328)
+    ap.add_argument("--rois", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    analysis, sources = study(args.rows, args.cols, args.rois)
+    created = dt.datetime(2026, 1, 1, 12, 0, 0)
+    print(f"study: 4 views {args.cols}x{args.rows}, {args.rois} ROIs/image, "
+          f"median of {args.repeats} runs")
+    print(f"{'kind':<10} {'objects':>7} {'build ms':>9} {'encode ms':>10} {'MB':>7}")
+    for kind in KINDS:
+        build, encode = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            objs = build_reports(analysis, sources, analysis_key="bench", created=created,
+                                 manufacturer="mammo-node", sr_series_number=9901,
+                                 sc_series_number=9902, threshold=MODEL.threshold,
+                                 software_version="bench", kinds=[kind])
+            t1 = time.perf_counter()
+            size = 0
+            for ds in objs:
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                size += buf.tell()
+            t2 = time.perf_counter()
+            build.append((t1 - t0) * 1000)
+            encode.append((t2 - t1) * 1000)
+        print(f"{kind:<10} {len(objs):>7} {statistics.median(build):>9.1f} "
+              f"{statistics.median(encode):>10.1f} {size / 1e6:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

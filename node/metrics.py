@@ -1,0 +1,185 @@
+"""Prometheus metrics: event counters fed by the stages, and gauges read from the database.
+
+The stages call one-line hooks (:func:`instance_received`, :func:`instance_rejected`,
+:func:`analysis_done`, :func:`analysis_failed`, :func:`delivery_attempt`); they only increment
+in-memory counters and never fail. Gauges that describe state (studies per state, queue depth,
+deliveries, last successful delivery, free disk) are computed from the database when ``/metrics``
+is scraped, so they are right even after a restart and with several processes sharing one queue.
+
+The node has its own :class:`CollectorRegistry` (not prometheus-client's global one), so
+importing this module twice or running several nodes in one test process does not collide.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db import Database, Delivery, Job, Study
+
+log = logging.getLogger("node.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: DIMSE status -> the ``reason`` label of ``mammo_instances_rejected_total``.
+REJECT_REASONS: dict[int, str] = {
+    0xA700: "out_of_resources",
+    0xC001: "not_mammogram",
+    0xC002: "bad_uids",
+    0xC003: "unreadable",
+    0xC004: "no_pixel_data",
+    0xC005: "conflict",
+}
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+INSTANCES_RECEIVED = Counter(
+    "mammo_instances_received", "Instances acknowledged with 0x0000 (duplicates included)",
+    registry=REGISTRY)
+INSTANCES_REJECTED = Counter(
+    "mammo_instances_rejected", "Instances refused, by reason", ["reason"], registry=REGISTRY)
+ANALYSIS_SECONDS = Histogram(
+    "mammo_analysis_duration_seconds", "Wall time of one study analysis (load to reports)",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=REGISTRY)
+ANALYSIS_FAILURES = Counter(
+    "mammo_analysis_failures", "Failed analysis attempts (retried up to 3 times)",
+    registry=REGISTRY)
+ROIS_PER_STUDY = Histogram(
+    "mammo_rois_per_study", "Regions of interest reported per analysed study",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100), registry=REGISTRY)
+DELIVERY_ATTEMPTS = Counter(
+    "mammo_delivery_attempts", "Delivery attempts (one association each), by destination",
+    ["destination"], registry=REGISTRY)
+DELIVERY_FAILURES = Counter(
+    "mammo_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
+    registry=REGISTRY)
+
+STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
+WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
+
+
+# -- hooks called by the stages ----------------------------------------------------------------
+def instance_received() -> None:
+    INSTANCES_RECEIVED.inc()
+
+
+def instance_rejected(status_or_reason: int | str) -> None:
+    reason = (REJECT_REASONS.get(status_or_reason, f"0x{status_or_reason:04X}")
+              if isinstance(status_or_reason, int) else status_or_reason)
+    INSTANCES_REJECTED.labels(reason=reason).inc()
+
+
+def analysis_done(seconds: float, rois: int) -> None:
+    ANALYSIS_SECONDS.observe(seconds)
+    ROIS_PER_STUDY.observe(rois)
+
+
+def analysis_failed() -> None:
+    ANALYSIS_FAILURES.inc()
+
+
+def delivery_attempt(destination: str, ok: bool) -> None:
+    DELIVERY_ATTEMPTS.labels(destination=destination).inc()
+    if not ok:
+        DELIVERY_FAILURES.labels(destination=destination).inc()
+
+
+# -- state read at scrape time ---------------------------------------------------------------
+class StateCollector(Collector):
+    """Gauges computed from the database and the data directory at each scrape."""
+
+    def __init__(self, db: Database, data_dir: Path, destinations: list[str]) -> None:
+        self.db = db
+        self.data_dir = data_dir
+        self.destinations = destinations
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not query the database
+
+    def collect(self) -> Iterator[Metric]:
+        disk = GaugeMetricFamily("mammo_disk_free_bytes", "Free bytes on data_dir's filesystem")
+        disk.add_metric([], float(shutil.disk_usage(self.data_dir).free))
+        yield disk
+        up = GaugeMetricFamily("mammo_database_up", "1 when the database answered this scrape")
+        try:
+            yield from self._from_db()
+        except Exception as exc:  # a scrape must still answer when the database is down
+            log.warning("metrics.database_unavailable error=%s", type(exc).__name__)
+            up.add_metric([], 0.0)
+        else:
+            up.add_metric([], 1.0)
+        yield up
+
+    def _from_db(self) -> Iterator[Metric]:
+        with self.db.session() as s:
+            studies = dict(s.execute(select(Study.state, func.count())
+                                     .group_by(Study.state)).all())
+            jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            # Only the states a delivery waits in: "done" and "superseded" are history and
+            # would need a scan of every delivery ever made (see the delivery counters).
+            deliveries = s.execute(
+                select(Delivery.destination, Delivery.state, func.count())
+                .where(Delivery.state.in_(WAITING_DELIVERY_STATES))
+                .group_by(Delivery.destination, Delivery.state)).all()
+            last_ok = {name: last_success(s, name) for name in self.destinations}
+        g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
+        for state in sorted(set(STUDY_STATES) | set(studies)):
+            g.add_metric([state], float(studies.get(state, 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
+        g.add_metric([], float(jobs.get("queued", 0) + jobs.get("running", 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_deliveries",
+                              "Deliveries waiting (pending, sending) or failed, by destination",
+                              labels=["destination", "state"])
+        counts = {(d, st): n for d, st, n in deliveries}
+        for dest in sorted(set(self.destinations) | {d for d, _ in counts}):
+            for state in WAITING_DELIVERY_STATES:
+                g.add_metric([dest, state], float(counts.get((dest, state), 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_destination_last_success_timestamp_seconds",
+                              "Unix time of the last successful delivery to each destination",
+                              labels=["destination"])
+        for dest, when in sorted(last_ok.items()):
+            if when is not None:
+                g.add_metric([dest], when.replace(tzinfo=dt.UTC).timestamp())
+        yield g
+
+
+def last_success(session: Session, destination: str) -> dt.datetime | None:
+    """When the newest successful delivery to ``destination`` was sent.
+
+    Walks the state index backwards from the newest delivery instead of aggregating the whole
+    table, so it stays fast with years of history.
+    """
+    return session.execute(
+        select(Delivery.sent_at).where(Delivery.state == "done",
+                                       Delivery.destination == destination)
+        .order_by(Delivery.id.desc()).limit(1)).scalar()
+
+
+_state: StateCollector | None = None
+
+
+def bind(db: Database, data_dir: Path, destinations: list[str]) -> None:
+    """Point the scrape-time gauges at this node's database (replaces an earlier binding)."""
+    global _state
+    if _state is not None:
+        REGISTRY.unregister(_state)
+    _state = StateCollector(db, data_dir, destinations)
+    REGISTRY.register(_state)
+
+
+def render() -> bytes:
+    """The exposition text for ``/metrics``."""
+    return generate_latest(REGISTRY)
+
