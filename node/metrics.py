@@ -62,6 +62,9 @@ DELIVERY_ATTEMPTS = Counter(
 DELIVERY_FAILURES = Counter(
     "mammo_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
     registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "mammo_connections_refused", "Connections or associations refused before any C-STORE, by "
+    "reason (peer_ip, tls_handshake, association)", ["reason"], registry=REGISTRY)
 
 STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
 WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
@@ -76,6 +79,10 @@ def instance_rejected(status_or_reason: int | str) -> None:
     reason = (REJECT_REASONS.get(status_or_reason, f"0x{status_or_reason:04X}")
               if isinstance(status_or_reason, int) else status_or_reason)
     INSTANCES_REJECTED.labels(reason=reason).inc()
+
+
+def connection_refused(reason: str) -> None:
+    CONNECTIONS_REFUSED.labels(reason=reason).inc()
 
 
 def analysis_done(seconds: float, rois: int) -> None:

@@ -212,6 +212,7 @@ class Receiver:
         event(log, "association.rejected", logging.WARNING, **self._peer(ev),
               reason="calling AE title not allowed, called AE title wrong, or too many "
                      "associations")
+        metrics.connection_refused("association")
 
     def _on_released(self, ev: evt.Event) -> None:
         event(log, "association.released", logging.DEBUG, **self._peer(ev))

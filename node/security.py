@@ -23,6 +23,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.config import TLSSettings
 from node.log import event
 
@@ -80,6 +81,7 @@ class GuardedServer(ThreadedAssociationServer):
         if not peer_allowed(str(address[0]), self.networks):
             event(log, "connection.refused", logging.WARNING, peer=f"{address[0]}:{address[1]}",
                   reason="peer IP not in node.allowed_peer_ips")
+            metrics.connection_refused("peer_ip")
             _close(sock)
             raise OSError("peer IP not allowed")  # socketserver drops the request quietly
         if self.ssl_context:
@@ -98,6 +100,7 @@ class GuardedServer(ThreadedAssociationServer):
                 event(log, "tls.handshake_failed", logging.WARNING,
                       peer=f"{client_address[0]}:{client_address[1]}",
                       reason=f"{type(exc).__name__}: {str(exc)[:160]}")
+                metrics.connection_refused("tls_handshake")
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from node import metrics
 from node.db import Database
 from node.receive import Receiver
 from node.store import Spool
@@ -162,6 +163,7 @@ def _receiver(tmp_path: Path, allowed: list[str]) -> Receiver:
 def test_peer_ip_allow_list(tmp_path: Path, allowed: list[str], admitted: bool,
                             caplog: pytest.LogCaptureFixture) -> None:
     r = _receiver(tmp_path, allowed)
+    refused_before = _refused_count("peer_ip")
     try:
         out = subprocess.run([require_binary("echoscu"), "-aec", "MAMMO_AI", "127.0.0.1",
                               str(r.port)], capture_output=True, text=True, timeout=30)
@@ -175,6 +177,13 @@ def test_peer_ip_allow_list(tmp_path: Path, allowed: list[str], admitted: bool,
     assert out2.returncode == out.returncode
     refused = "connection.refused" in caplog.text
     assert refused is (not admitted)
+    # ... and counted for /metrics (two refused echoscu runs).
+    assert _refused_count("peer_ip") - refused_before == (0 if admitted else 2)
+
+
+def _refused_count(reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value("mammo_connections_refused_total",
+                                             {"reason": reason}) or 0.0
 
 
 @pytest.mark.parametrize("text, message", [
