@@ -11,6 +11,10 @@ Two narrow adjustments to pynetdicom 3.0 (measured with ``python -m bench --only
   ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, asynchronous), so the fsync before the 0x0000 only
   waits for the tail (16 -> ~10 ms per 27 MB instance here, more where the disk is slow).
 
+While the disk is below the node's free-space limit (:func:`set_space_guard`), a new C-STORE's
+bytes are counted and hashed but not written: the handler then answers 0xA700 without anything
+partial having reached the disk (:func:`discarded`).
+
 The digest is only used when the byte count matches the file on disk, so a write that bypassed
 the wrapper falls back to hashing the file. :func:`install` is idempotent.
 """
@@ -23,6 +27,7 @@ import hashlib
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ _MAX_PENDING = 256  # digests of files never adopted (refused, aborted) are drop
 _lock = threading.Lock()
 _pending: OrderedDict[str, _HashingTempFile] = OrderedDict()
 _installed = False
+_space_ok: Callable[[], bool] | None = None  # False: the disk is below the free-space limit
 _WRITEBACK_STEP = 4 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -57,15 +63,19 @@ class _HashingTempFile:
         self._sha = hashlib.sha256()
         self.size = 0
         self._flushed_to = 0  # bytes already handed to the kernel's writeback
+        # Decided once per dataset: a C-STORE that starts while the disk is low writes nothing.
+        self.discard = _space_ok is not None and not _space_ok()
         with _lock:
             _pending[str(Path(self.name))] = self
             while len(_pending) > _MAX_PENDING:
                 _pending.popitem(last=False)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        n = self._file.write(data)
         self._sha.update(data)
         self.size += len(data)
+        if self.discard:
+            return len(data)
+        n = self._file.write(data)
         if _sync_file_range is not None and self.size - self._flushed_to >= _WRITEBACK_STEP:
             self.file.flush()
             _sync_file_range(self.file.fileno(), self._flushed_to, self.size - self._flushed_to,
@@ -78,6 +88,22 @@ class _HashingTempFile:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
+
+
+def set_space_guard(space_ok: Callable[[], bool] | None) -> None:
+    """``space_ok()`` is asked when a C-STORE dataset starts; False discards its bytes."""
+    global _space_ok
+    _space_ok = space_ok
+
+
+def discarded(path: Path | str) -> int | None:
+    """Bytes received but not written for ``path`` (disk low when it started); None if written."""
+    with _lock:
+        entry = _pending.get(str(Path(path)))
+        if entry is None or not entry.discard:
+            return None
+        del _pending[str(Path(path))]
+    return entry.size
 
 
 def take_digest(path: Path | str) -> tuple[int, str] | None:

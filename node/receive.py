@@ -144,6 +144,8 @@ class Receiver:
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
         fastrecv.install()  # recv_into + SHA-256 while receiving (see node/fastrecv.py)
+        # Disk below the limit when a C-STORE starts: its bytes are not even written to incoming/.
+        fastrecv.set_space_guard(lambda: spool.free_mb() >= min_free_mb)
         tempfile.tempdir = str(spool.incoming)
         ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout)
         ae.maximum_pdu_size = max_pdu_size
@@ -230,9 +232,11 @@ class Receiver:
         tmp = Path(ev.dataset_path)
         peer = self._peer(ev)
         affected = str(ev.request.AffectedSOPInstanceUID or "")
-        if self.spool.free_mb() < self.min_free_mb:
+        not_written = fastrecv.discarded(tmp)
+        if not_written is not None or self.spool.free_mb() < self.min_free_mb:
             event(log, "instance.refused", logging.ERROR, **peer, status="0xA700",
-                  reason=f"less than {self.min_free_mb} MiB free in data_dir")
+                  reason=f"less than {self.min_free_mb} MiB free in data_dir",
+                  bytes_not_written=not_written or 0)
             _unlink(tmp)
             return STATUS_OUT_OF_RESOURCES
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import tracemalloc
+from pathlib import Path
 
 from node import fastrecv
 
@@ -43,3 +44,23 @@ def test_declared_huge_length_allocates_only_what_arrives() -> None:
     b.close()
     assert bytes(got) == b"x" * 1000
     assert peak < 64 << 20, f"{peak} bytes allocated for a 1000-byte PDU"
+
+
+def test_dataset_started_while_disk_is_low_is_not_written(tmp_path: Path) -> None:
+    low = True
+    fastrecv.set_space_guard(lambda: not low)
+    try:
+        refused = fastrecv._HashingTempFile(dir=tmp_path, delete=False)
+        refused.write(b"y" * 5000)
+        refused.file.flush()
+        low = False
+        accepted = fastrecv._HashingTempFile(dir=tmp_path, delete=False)
+        accepted.write(b"z" * 3000)
+        accepted.file.flush()
+    finally:
+        fastrecv.set_space_guard(None)
+    assert Path(refused.name).stat().st_size == 0  # nothing partial on disk
+    assert fastrecv.discarded(refused.name) == 5000
+    assert fastrecv.discarded(accepted.name) is None
+    assert Path(accepted.name).read_bytes() == b"z" * 3000
+    assert fastrecv.take_digest(accepted.name)[0] == 3000

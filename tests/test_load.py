@@ -12,6 +12,7 @@ accepts again by itself.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -102,4 +103,7 @@ def test_disk_full_refuses_with_a700_and_recovers(tmp_path: Path) -> None:
         node.stop()
     log = node.log()
     assert "status=0xA700" in log and "MiB free in data_dir" in log
+    # The refused datasets were counted but never written, not even to incoming/.
+    not_written = [int(m) for m in re.findall(r"bytes_not_written=(\d+)", log)]
+    assert not_written and all(n > 0 for n in not_written), not_written
     assert log.count("instance.stored") == 4
