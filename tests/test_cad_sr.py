@@ -29,6 +29,7 @@ from tests.test_reports import (
     circle,
     image_analysis,
     kwargs,
+    mias_four_view_analysis,
     save_all,
 )
 from tests.tools import dciodvfy_problems, dsrdump
@@ -39,23 +40,7 @@ ALL_KINDS = ["tid1500", "mammo_cad", "gsps", "sc"]
 
 def four_view_case(tmp: Path, key: str = "cad-key"):  # type: ignore[no-untyped-def]
     """Four mini-MIAS views, three findings on two images; every output kind built."""
-    paths = mias_four_view(tmp / "src")
-    sources, images, index = {}, [], 1
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        sources[ds.SOPInstanceUID] = ds
-        findings = []
-        if ds.ImageLaterality == "R" and ds.ViewPosition == "CC":
-            for cx, cy, p in ((400.5, 300.25, 0.82), (700.0, 650.0, 0.31)):
-                findings.append(Finding(index, ds.SOPInstanceUID, "R", "CC", (cx, cy),
-                                        circle(cx, cy, 25.0), 5.0, 6, p))
-                index += 1
-        if ds.ImageLaterality == "L" and ds.ViewPosition == "MLO":
-            findings.append(Finding(index, ds.SOPInstanceUID, "L", "MLO", (512.0, 512.0),
-                                    circle(512.0, 512.0, 30.0), 6.0, 4, 0.5))
-            index += 1
-        images.append(image_analysis(ds, findings, mias_pixels(path.name.split("_")[0])))
-    analysis = StudyAnalysis(next(iter(sources.values())).StudyInstanceUID, MODEL, images)
+    analysis, sources, paths = mias_four_view_analysis(tmp / "src")
     objs = build_reports(analysis, sources, **kwargs(key), kinds=ALL_KINDS,
                          cad_operating_point=0.45)
     out = save_all(objs, tmp / "out")

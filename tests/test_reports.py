@@ -123,10 +123,9 @@ def element(line: str) -> str:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def mias_case(tmp_path_factory: pytest.TempPathFactory):
-    """Four-view mini-MIAS study (MG For Presentation), findings on two images."""
-    src_dir = tmp_path_factory.mktemp("mias_src")
+def mias_four_view_analysis(src_dir: Path) -> tuple[StudyAnalysis, dict, list[Path]]:
+    """Four-view mini-MIAS study (MG For Presentation), three findings on two images:
+    (analysis, sources by SOP Instance UID, source paths)."""
     paths = mias_four_view(src_dir)
     sources = {}
     images = []
@@ -134,8 +133,6 @@ def mias_case(tmp_path_factory: pytest.TempPathFactory):
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         sources[ds.SOPInstanceUID] = ds
-        ref = path.name.split("_")[0]
-        display = mias_pixels(ref)
         findings = []
         if ds.ImageLaterality == "R" and ds.ViewPosition == "CC":
             for cx, cy, p in ((400.5, 300.25, 0.82), (700.0, 650.0, 0.31)):
@@ -146,8 +143,15 @@ def mias_case(tmp_path_factory: pytest.TempPathFactory):
             findings.append(Finding(index, ds.SOPInstanceUID, "L", "MLO", (512.0, 512.0),
                                     circle(512.0, 512.0, 30.0), 6.0, 4, 0.5))
             index += 1
-        images.append(image_analysis(ds, findings, display))
+        images.append(image_analysis(ds, findings, mias_pixels(path.name.split("_")[0])))
     analysis = StudyAnalysis(next(iter(sources.values())).StudyInstanceUID, MODEL, images)
+    return analysis, sources, paths
+
+
+@pytest.fixture(scope="module")
+def mias_case(tmp_path_factory: pytest.TempPathFactory):
+    """Four-view mini-MIAS study (MG For Presentation), findings on two images."""
+    analysis, sources, paths = mias_four_view_analysis(tmp_path_factory.mktemp("mias_src"))
     objs = build_reports(analysis, sources, **kwargs())
     out = save_all(objs, tmp_path_factory.mktemp("mias_out"))
     return analysis, sources, paths, objs, out
