@@ -83,6 +83,15 @@ class Orthanc:
     def upload(self, path: Path) -> dict:
         return self._request("POST", "/instances", path.read_bytes(), "application/dicom")
 
+    def ai_results(self, study_id: str, sc_count: int = 4) -> dict[str, int] | None:
+        """Instances per series description once the node's SR and ``sc_count`` SCs are in
+        the study (a ``wait_until`` probe); None before."""
+        counts = {s["MainDicomTags"].get("SeriesDescription", ""): len(s["Instances"])
+                  for s in self.get(f"/studies/{study_id}/series") or []}
+        done = (counts.get("AI calcification analysis") == 1
+                and counts.get("AI Grad-CAM") == sc_count)
+        return counts if done else None
+
 
 class DeployedOrthanc(Orthanc):
     """Orthanc started with the deployment's own files (docker/orthanc/: orthanc.json and the

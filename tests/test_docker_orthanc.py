@@ -49,14 +49,8 @@ def test_orthanc_routes_stable_mg_study_to_node_and_files_results(tmp_path: Path
         assert len(studies) == 1
         study_id = studies[0]
 
-        def ai_series() -> dict[str, int] | None:
-            counts = {s["MainDicomTags"].get("SeriesDescription", ""): len(s["Instances"])
-                      for s in pacs.get(f"/studies/{study_id}/series") or []}
-            done = (counts.get("AI calcification analysis") == 1
-                    and counts.get("AI Grad-CAM") == 4)
-            return counts if done else None
-
-        counts = wait_until(ai_series, 400, 2.0, "1 SR + 4 SC in Orthanc's study")
+        counts = wait_until(lambda: pacs.ai_results(study_id), 400, 2.0,
+                            "1 SR + 4 SC in Orthanc's study")
         # The results made the study stable again: the script must not send them (or the
         # mammograms) back to the node. Wait past StableAge and check nothing else arrived.
         time.sleep(8)

@@ -35,14 +35,8 @@ def test_orthanc_round_trip_with_cbis_ddsm_study(tmp_path: Path) -> None:
                                                     "Synchronous": True})
         assert job is not None
 
-        def ai_series() -> dict[str, int] | None:
-            counts = {s["MainDicomTags"].get("SeriesDescription", ""): len(s["Instances"])
-                      for s in pacs.get(f"/studies/{study_id}/series") or []}
-            done = (counts.get("AI calcification analysis") == 1
-                    and counts.get("AI Grad-CAM") == 4)
-            return counts if done else None
-
-        instances = wait_until(ai_series, 400, 2.0, "1 SR + 4 SC in Orthanc's study")
+        instances = wait_until(lambda: pacs.ai_results(study_id), 400, 2.0,
+                            "1 SR + 4 SC in Orthanc's study")
         series = pacs.get(f"/studies/{study_id}/series")
     finally:
         node.stop()
