@@ -1,6 +1,6 @@
 """Command line of the model research harness.
 
-``python -m models {build-mias,synth,train,evaluate}``.
+``python -m models {build-mias,synth,train,evaluate,attach-cv,model-card,import,...}``.
 
 See models/README.md for the dataset format and worked examples.
 """
@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     mc.add_argument("--out", required=True)
     mc.add_argument("--report", default="", help="path of the CV report to refer to")
     mc.set_defaults(fn=cmd_model_card)
+
+    from models.importers.cli import add_parser as add_import_parser
+
+    add_import_parser(sub)  # python -m models import KIND SRC --out DIR (models/importers/)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and a.init not in ("imagenet", "scratch", "double") \

