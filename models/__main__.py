@@ -129,6 +129,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         "n_patients": len(set(rois.patients.tolist())), "normals": a.normals,
         "description": a.data_desc,
     }
+    from models.verify import roi_kinds_of
+
+    kinds = roi_kinds_of(Path(a.csv), a.normals)  # checked by verify-card / model install
+    if kinds is not None:
+        card.training["data"]["roi_kinds"] = kinds
     card.training["command"] = _command()
     card.data_licence = a.data_licence
     if a.cv_results:
@@ -265,8 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     mc.set_defaults(fn=cmd_model_card)
 
     from models.importers.cli import add_parser as add_import_parser
+    from models.protocols_cli import add_parsers as add_protocol_parsers
+    from models.verify import add_parser as add_verify_parser
 
     add_import_parser(sub)  # python -m models import KIND SRC --out DIR (models/importers/)
+    add_protocol_parsers(sub, common)  # seed000 / seed001 (models/protocols.py)
+    add_verify_parser(sub)  # verify-card (models/verify.py)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and a.init not in ("imagenet", "scratch", "double") \
