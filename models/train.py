@@ -32,6 +32,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+        # reproducible kernels on the GPU (cuDNN autotuning picks differently run to run)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
 
 def to_tensor(crops: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -80,7 +83,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         bright = float(torch.empty(()).uniform_(-0.05, 0.05, generator=gen))
         img = img.clamp(0, 1) ** gamma
         img = (img - 0.5) * contrast + 0.5 + bright
-        img = img + 0.01 * torch.randn(img.shape, generator=gen)
+        img = img + 0.01 * torch.randn(img.shape, generator=gen).to(img.device)
         out.append(img.clamp(0, 1))
     return torch.stack(out)
 
@@ -244,7 +247,9 @@ def train_classifier(
         for b in batches:
             if max_steps is not None and step >= max_steps:
                 break
-            xb = normalise(augment(x_tr[b], gen).to(device), card)
+            # augmented where the batch is going: on a GPU the per-ROI ops run there (same
+            # random draws from the CPU generator, so CPU results are unchanged)
+            xb = normalise(augment(x_tr[b].to(device), gen), card)
             if device == "cpu":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_tr[b].to(device)
