@@ -50,6 +50,7 @@ def test_balanced_test_split_is_patient_disjoint_and_balanced() -> None:
     assert len(test) + len(dev) + len(unused) == len(labels)
 
 
+@pytest.mark.slow
 def test_seed000_report_with_plots_and_init_sources(tmp_path: Path) -> None:
     csv_path = write_synthetic(tmp_path / "syn", 12, seed=2, size_mm=24.0, spacing_mm=0.4)
     out = tmp_path / "s0"
@@ -65,6 +66,7 @@ def test_seed000_report_with_plots_and_init_sources(tmp_path: Path) -> None:
     assert all(r["infer_ms"] > 0 for r in res["configs"].values())
 
 
+@pytest.mark.slow
 def test_seed000_killed_run_resumes_from_last_finished_fold(tmp_path: Path, capsys) -> None:
     """Kill a run after its first fold, restart it: the finished fold is not trained again
     and the final table equals that of an uninterrupted run."""
