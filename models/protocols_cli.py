@@ -69,6 +69,7 @@ def _prepare(a: argparse.Namespace):  # noqa: ANN202
 
     configure_cpu(a.threads)
     imagenet.parse_registrations(a.imagenet_weights)
+    a.data_desc = a.data_desc or f"ROIs of {a.csv}"
     size = a.input_size or a.input_size_default
     rois = load_rois(Path(a.csv), roi_size_mm=a.roi_size_mm, input_size=size, normals=a.normals,
                      workers=a.workers)
