@@ -214,3 +214,14 @@ def test_card_contract(tmp_path: Path) -> None:
     assert any("does not match" in p for p in verify_card(card_path).problems)
     with pytest.raises(SystemExit):
         main(["verify-card", str(card_path)])
+
+
+def test_roi_loading_with_dataloader_workers_equals_serial(tmp_path: Path) -> None:
+    from models.data import load_rois
+
+    csv_path = write_synthetic(tmp_path / "syn", 6, seed=1, size_mm=24.0, spacing_mm=0.4)
+    serial = load_rois(csv_path, roi_size_mm=16.0, input_size=32)
+    parallel = load_rois(csv_path, roi_size_mm=16.0, input_size=32, workers=2)
+    assert parallel.paths == serial.paths
+    for a, b in zip(parallel.crops, serial.crops, strict=True):
+        np.testing.assert_array_equal(a, b)
