@@ -34,6 +34,7 @@ from models.data import RoiSet, load_rois
 from models.foldstore import FoldStore, atomic_write_text, digest
 from models.metrics import binary_metrics, bootstrap_ci, roc_auc
 from models.train import load_model, predict_proba, save_model, train_classifier, youden_threshold
+from models.verify import roi_kinds_of
 
 SEED000_ARCHS = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
                  "efficientnet_b4", "resnet50", "resnet101", "tf_efficientnet_lite0",
@@ -178,7 +179,8 @@ def run_seed001(rois: RoiSet, out_dir: Path, *, architecture: str = "resnext50_3
                 device: str = "cpu", threshold: str = "youden", patience: int = 4,
                 lr: float = 3e-4, synth_n: int = 600, synth_epochs: int = 3,
                 normals: str = "drop", gradcam_n: int = 8, command: str = "",
-                data_desc: str = "", progress: bool = True, log=print) -> dict:  # noqa: ANN001
+                data_desc: str = "", progress: bool = True, data_licence: str = "",
+                csv_path: Path | None = None, log=print) -> dict:  # noqa: ANN001
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -243,6 +245,10 @@ def run_seed001(rois: RoiSet, out_dir: Path, *, architecture: str = "resnext50_3
                 card.training["init"] = init
                 card.training["protocol"] = f"seed001 member {f + 1}/{k}: {command}"
                 card.training["data"] = {"description": data_desc, "n_rois": len(tr)}
+                kinds = roi_kinds_of(csv_path, normals) if csv_path else None
+                if kinds is not None:
+                    card.training["data"]["roi_kinds"] = kinds
+                card.data_licence = data_licence
                 save_model(model, card, card_path)
                 done = {"oof": p_va.tolist(), "test_p": p_te.tolist(),
                         "epochs_run": card.training["epochs_run"],

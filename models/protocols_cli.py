@@ -54,6 +54,8 @@ def add_parsers(sub: argparse._SubParsersAction,
     s1.add_argument("--threshold", default="youden",
                     help="youden (pooled out-of-fold development predictions) or a number")
     s1.add_argument("--gradcam", type=int, default=8, help="ROIs per Grad-CAM panel")
+    s1.add_argument("--data-licence", default="",
+                    help="licence of the training data, written into the member cards")
     s1.set_defaults(fn=cmd_seed001, input_size_default=224, normals="drop")
 
 
@@ -103,7 +105,8 @@ def cmd_seed001(a: argparse.Namespace) -> None:
                     roi_size_mm=a.roi_size_mm, seed=a.seed, device=device,
                     threshold=a.threshold, patience=a.patience, lr=a.lr, synth_n=a.synth_n,
                     synth_epochs=a.synth_epochs, normals=a.normals, gradcam_n=a.gradcam,
-                    command=_command(), data_desc=a.data_desc, progress=not a.quiet)
+                    command=_command(), data_desc=a.data_desc, progress=not a.quiet,
+                    data_licence=a.data_licence, csv_path=Path(a.csv))
     except ValueError as exc:
         raise SystemExit(f"seed001: {exc}") from None
     print(f"done in {(time.perf_counter() - t) / 60:.1f} min; report in {a.out}/report.md")

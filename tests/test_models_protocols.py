@@ -114,7 +114,8 @@ def test_seed001_double_transfer_ensemble_gradcam_and_resume(tmp_path: Path, cap
     out = tmp_path / "s1"
     args = ["seed001", "--csv", str(target), "--out", str(out), "--arch", "test_resnet",
             "--intermediate-csv", str(inter), "--intermediate-epochs", "1", "--ensemble", "2",
-            "--test-fraction", "0.25", "--gradcam", "3", *TINY]
+            "--test-fraction", "0.25", "--gradcam", "3", "--data-licence", "synthetic, CC0",
+            *TINY]
     main(args)
     res = json.loads((out / "results.json").read_text())
     assert res["test"] == {"n": 6, "benign": 3, "malignant": 3, "patients": 6, "unused": 0}
@@ -133,8 +134,8 @@ def test_seed001_double_transfer_ensemble_gradcam_and_resume(tmp_path: Path, cap
     # each member is a card the node could install
     for m in arm["members"]:
         v = verify_card(out / m["card"])
-        assert v.problems == ["data_licence is empty (the weights carry their training data's "
-                              "terms)"]
+        assert v.ok, v.text()
+        assert ModelCard.load(out / m["card"]).data_licence == "synthetic, CC0"
     # a second run resumes every fold and gives the same table
     capsys.readouterr()
     main(args)
