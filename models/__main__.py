@@ -181,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
 
     b = sub.add_parser("build-mias", formatter_class=fmt,
                        help="build a ROI dataset (CSV + PNG patches) from mini-MIAS")
-    b.add_argument("--mias-dir", default="/work/shared/data/mini-mias",
-                   help="folder with png/, Info.txt and calc_annotations.csv")
+    b.add_argument("--mias-dir",
+                   default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+                               / "mini-mias"),
+                   help="folder with png/, Info.txt and calc_annotations.csv (default: the "
+                        "shared data beside the clone)")
     b.add_argument("--out", required=True, help="output folder (rois.csv + png/)")
     b.add_argument("--patch-mm", type=float, default=48.0,
                    help="side of the stored patches; any ROI up to this size can be cut later")
