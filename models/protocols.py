@@ -53,11 +53,12 @@ def init_sources(architectures: list[str]) -> dict[str, str]:
 
 def run_seed000(rois: RoiSet, out_dir: Path, *, archs: list[str], **cv_kwargs) -> dict:
     """Seed 000 on ``rois`` (one input size for all models, so one paired table)."""
-    from models.evaluate import cross_validate, parse_config
+    from models.evaluate import cross_validate, parse_config, write_outputs
     from models.plots import fold_boxplots
 
     configs = [parse_config(a) for a in archs]
     results = cross_validate(rois, configs, out_dir, **cv_kwargs)
+    write_outputs(results, rois, out_dir)  # a fully resumed run rewrites nothing by itself
     boxes = fold_boxplots(results, out_dir)
     sources = init_sources([c.architecture for c in configs])
     lines = ["", "## Seed 000 protocol", "",

@@ -64,6 +64,10 @@ def test_seed000_report_with_plots_and_init_sources(tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     assert list(res["configs"]) == ["test_efficientnet (scratch)", "test_resnet (scratch)"]
     assert all(r["infer_ms"] > 0 for r in res["configs"].values())
+    # running it again (nothing left to train) leaves one report, not two appended
+    main(["seed000", "--csv", str(csv_path), "--out", str(out), "--folds", "2",
+          "--archs", "test_efficientnet,test_resnet", *TINY])
+    assert (out / "report.md").read_text().count("## Seed 000 protocol") == 1
 
 
 @pytest.mark.slow

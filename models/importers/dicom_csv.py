@@ -246,9 +246,7 @@ def import_dicom_csv(src: Path, out: Path, *, labels_csv: Path, node_db: str | N
 def _region(row: dict[str, str], base: Path, shape: tuple[int, int], spacing: float) -> Region:
     rows_, cols_ = shape
     if row.get("mask"):
-        from models.importers.dicom_io import read_mammogram as read
-
-        mask = read(base / row["mask"]).image01
+        mask = read_mammogram(base / row["mask"]).image01
         if mask.shape != shape:
             raise ValueError(f"mask size {mask.shape} is not the image's {shape}")
         region = region_from_mask(mask)
