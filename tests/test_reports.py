@@ -467,3 +467,29 @@ def test_validated_model_gets_a_pathology_call(tmp_path: Path) -> None:
         assert got.pathology == (codes.SCT.Malignant if call == "malignant"
                                  else codes.SCT.Benign)
     assert NOT_VALIDATED_TEXT not in str(pydicom.dcmread(path))
+
+
+def test_no_output_carries_voi_lut_function(tmp_path: Path) -> None:
+    """The inputs carry VOI LUT Function (LINEAR here, as most vendors write it; SIGMOID on one
+    image). OHIF 3.13's image loader misreads the attribute (cornerstonejs/cornerstone3D#2844)
+    and shows such an image black, so no result carries the default LINEAR (absent means the
+    same); only a GSPS keeps a non-default function (SIGMOID), which it must apply to present
+    the image as the modality meant (OHIF does not render GSPS)."""
+    analysis, sources, _ = mias_four_view_analysis(tmp_path / "src")
+    first = next(iter(sources.values()))
+    assert first.VOILUTFunction == "LINEAR"
+    first.VOILUTFunction = "SIGMOID"
+    objs = build_reports(analysis, sources, **kwargs(),
+                         kinds=("tid1500", "mammo_cad", "gsps", "sc"))
+    assert len(objs) == 2 + 4 + 4
+    for obj in objs:
+        found = []
+        obj.walk(lambda _ds, elem: found.append(elem.value) if elem.tag == 0x00281056 else None)
+        if obj.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1":
+            assert "LINEAR" not in found
+        else:
+            assert found == [], obj.SOPClassUID.name
+    gsps_functions = []
+    for obj in objs:
+        obj.walk(lambda _ds, e: gsps_functions.append(e.value) if e.tag == 0x00281056 else None)
+    assert gsps_functions == ["SIGMOID"]
