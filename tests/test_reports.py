@@ -200,6 +200,11 @@ def test_sr_content_matches_analysis(mias_case) -> None:
         assert got.probability_percent == pytest.approx(f.probability * 100, abs=0.01)
         (prob,) = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
         assert prob.unit == codes.UCUM.Percent
+        # Area of the outline (a circle here) at the analysis' 0.2 mm spacing.
+        (area,) = g.get_measurements(name=codes.SCT.Area)
+        radius_mm = math.dist(f.centre_xy, f.outline_xy[0]) * 0.2
+        assert area.unit == codes.UCUM.SquareMillimeter
+        assert area.value == pytest.approx(math.pi * radius_mm ** 2, rel=0.02)
         assert prob.referenced_coordinates[0].graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         np.testing.assert_allclose(got.outline, np.asarray(f.outline_xy), atol=1e-3)
         assert got.referenced_sop_instance_uid == f.sop_instance_uid
@@ -482,14 +487,15 @@ def test_no_output_carries_voi_lut_function(tmp_path: Path) -> None:
     objs = build_reports(analysis, sources, **kwargs(),
                          kinds=("tid1500", "mammo_cad", "gsps", "sc"))
     assert len(objs) == 2 + 4 + 4
-    for obj in objs:
-        found = []
+    def functions(obj: Dataset) -> list[str]:
+        found: list[str] = []
         obj.walk(lambda _ds, elem: found.append(elem.value) if elem.tag == 0x00281056 else None)
+        return found
+
+    for obj in objs:
+        found = functions(obj)
         if obj.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1":
             assert "LINEAR" not in found
         else:
             assert found == [], obj.SOPClassUID.name
-    gsps_functions = []
-    for obj in objs:
-        obj.walk(lambda _ds, e: gsps_functions.append(e.value) if e.tag == 0x00281056 else None)
-    assert gsps_functions == ["SIGMOID"]
+    assert [f for obj in objs for f in functions(obj)] == ["SIGMOID"]

@@ -12,6 +12,9 @@ window.config = {
   showCPUFallbackMessage: true,
   showLoadingIndicator: true,
   strictZSpacingForVolumeViewport: true,
+  // Loading the AI SR (double-click "AI calcification analysis") puts its findings straight into
+  // the Measurements panel, without the "track measurements?" prompts.
+  disableConfirmationPrompts: true,
   defaultDataSourceName: 'orthanc',
   dataSources: [
     {

@@ -39,6 +39,7 @@ PATHOLOGY = codes.DCM.Pathology  # (111042, DCM)
 MALIGNANT = codes.SCT.Malignant  # (21594007, SCT)
 BENIGN = codes.SCT.Benign  # (30807003, SCT)
 ABSENT = codes.SCT.Absent  # (272519000, SCT)
+AREA = codes.SCT.Area  # (42798000, SCT)
 COMMENT = codes.DCM.Comment  # (121106, DCM): the label OHIF shows
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 #: Tracking Identifier prefix that makes OHIF 3.x / @cornerstonejs/adapters rehydrate a group as a
@@ -133,8 +134,8 @@ def _roi_group(
     """TID 1501 Measurement Group of one calcification cluster.
 
     Laid out the way Cornerstone3D writes (and so OHIF reads back) a freehand ROI: the outline is
-    a POLYLINE SCOORD the Probability of cancer NUM is INFERRED FROM, selected from the (For
-    Presentation) image; the Tracking Identifier names the PlanarFreehandROI adapter; the label is
+    a POLYLINE SCOORD that the Area and the Probability of cancer NUMs are INFERRED FROM,
+    selected from the (For Presentation) image; the Tracking Identifier names the PlanarFreehandROI adapter; the label is
     a Comment (121106, DCM) TEXT item. A TID 1410 group (outline at group level, NUM without
     SCOORD) is not rehydratable in OHIF 3.x: its adapter looks for the SCOORD under the first
     NUM of the group (``MeasurementReport.getSetupMeasurementData``).
@@ -151,6 +152,15 @@ def _roi_group(
         source_image=source,
     )
     percent = round(float(finding.probability) * 100.0, 2)
+    measurements = []
+    area = outline_area_mm2(finding, image)
+    if area is not None:  # first: OHIF shows the first NUM's value as the outline's area
+        measurements.append(hd.sr.Measurement(
+            name=AREA, value=area, unit=codes.UCUM.SquareMillimeter, algorithm_id=algo,
+            referenced_coordinates=[outline]))
+    measurements.append(hd.sr.Measurement(
+        name=PROBABILITY_OF_CANCER, value=percent, unit=codes.UCUM.Percent, algorithm_id=algo,
+        referenced_coordinates=[outline]))
     evaluations = []
     if model.classification_validated:
         malignant = float(finding.probability) >= threshold
@@ -164,15 +174,7 @@ def _roi_group(
         finding_type=CALCIFICATION_CLUSTER,
         finding_sites=[_finding_site(lat)],
         algorithm_id=algo,
-        measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY_OF_CANCER,
-                value=percent,
-                unit=codes.UCUM.Percent,
-                algorithm_id=algo,
-                referenced_coordinates=[outline],
-            )
-        ],
+        measurements=measurements,
         qualitative_evaluations=evaluations or None,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
@@ -187,6 +189,17 @@ def _roi_group(
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
     return group
+
+
+def outline_area_mm2(finding: Finding, image: ImageAnalysis) -> float | None:
+    """Area enclosed by the outline in mm2 (shoelace formula), or None when the pixel spacing
+    was a fallback (an area in invented millimetres would mislead)."""
+    if image.spacing_source == "fallback" or not image.pixel_spacing_mm > 0:
+        return None
+    pts = np.asarray(finding.outline_xy, dtype=np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    pixels = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return round(pixels * float(image.pixel_spacing_mm) ** 2, 3)
 
 
 def _absent_item(image: ImageAnalysis, reference: Dataset) -> hd.sr.CodeContentItem:
