@@ -135,10 +135,11 @@ def _roi_group(
 
     Laid out the way Cornerstone3D writes (and so OHIF reads back) a freehand ROI: the outline is
     a POLYLINE SCOORD that the Area and the Probability of cancer NUMs are INFERRED FROM,
-    selected from the (For Presentation) image; the Tracking Identifier names the PlanarFreehandROI adapter; the label is
-    a Comment (121106, DCM) TEXT item. A TID 1410 group (outline at group level, NUM without
-    SCOORD) is not rehydratable in OHIF 3.x: its adapter looks for the SCOORD under the first
-    NUM of the group (``MeasurementReport.getSetupMeasurementData``).
+    selected from the (For Presentation) image; the Tracking Identifier names the
+    PlanarFreehandROI adapter; the label is a Comment (121106, DCM) TEXT item. A TID 1410 group
+    (outline at group level, NUM without SCOORD) is not rehydratable in OHIF 3.x: its adapter
+    looks for the SCOORD under the first NUM of the group
+    (``MeasurementReport.getSetupMeasurementData``).
     """
     lat = image.laterality or finding.laterality or laterality_of(reference)
     view = image.view or finding.view
