@@ -128,7 +128,7 @@ class Deliverer:
             outcome = self.send(dest, paths)
             faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
-        metrics.delivery_attempt(name, outcome.ok)
+        metrics.delivery_attempt(name, outcome.ok, ms / 1000)
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
             d.last_status = outcome.status or None
