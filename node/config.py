@@ -427,12 +427,7 @@ def _validate(s: Settings) -> None:
     _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
     _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
     _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
-    for i, entry in enumerate(n.allowed_peer_ips):
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise ConfigError(f"node.allowed_peer_ips[{i}] is not an IP address or network: "
-                              f"{entry!r}") from None
+    _check_networks(n.allowed_peer_ips, "node.allowed_peer_ips")
     _validate_tls(s)
     names = set()
     for i, dest in enumerate(s.destinations):
@@ -512,12 +507,15 @@ def _validate_dicomweb(s: Settings) -> None:
     _check(1 <= w.max_request_mb <= 65536, "dicomweb.max_request_mb",
            "must be between 1 and 65536")
     _check(w.timeout_seconds > 0, "dicomweb.timeout_seconds", "must be positive")
-    for i, entry in enumerate(w.allowed_peer_ips):
+    _check_networks(w.allowed_peer_ips, "dicomweb.allowed_peer_ips")
+
+
+def _check_networks(entries: list[str], key: str) -> None:
+    for i, entry in enumerate(entries):
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
-            raise ConfigError(f"dicomweb.allowed_peer_ips[{i}] is not an IP address or network: "
-                              f"{entry!r}") from None
+            raise ConfigError(f"{key}[{i}] is not an IP address or network: {entry!r}") from None
 
 
 def _validate_tls(s: Settings) -> None:

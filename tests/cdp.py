@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +152,6 @@ class Browser:
         del self._events[:-200]
 
     # -- page helpers --------------------------------------------------------------------
-    def set_headers(self, headers: dict[str, str]) -> None:
-        self.call("Network.enable")
-        self.call("Network.setExtraHTTPHeaders", headers=headers)
-
     def navigate(self, url: str) -> None:
         self.call("Page.navigate", url=url)
 
@@ -202,14 +197,3 @@ class Browser:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
         return path
-
-    def poll(self, predicate: Callable[[], Any], timeout: float, what: str,
-             interval: float = 0.5) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise CDPError(f"timed out after {timeout} s waiting for {what}; console:\n"
-                       + "\n".join(self.console[-40:]))

@@ -55,9 +55,6 @@ class Viewer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def authorization(self, user: str) -> str:
-        return basic(user, self.users[user])
-
     def render(self) -> Path:
         """nginx.conf: a main block of this test's folders around the shipped server block."""
         w = self.workdir
