@@ -1,4 +1,5 @@
-"""mammo-node command line: serve, echo, send, status, retry (also ``python -m node``)."""
+"""mammo-node command line: serve, echo, send, status, retry, hash-secret (also
+``python -m node``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"mammo-node: cannot start: {exc}", file=sys.stderr)
         return 2
     node.serve_forever()
+    return 0
+
+
+def cmd_hash_secret(args: argparse.Namespace) -> int:
+    """Hash a secret read from the terminal (or one line of standard input)."""
+    import getpass
+
+    from node.secrets import hash_password, hash_token
+
+    secret = (getpass.getpass("secret: ") if sys.stdin.isatty()
+              else sys.stdin.readline().rstrip("\n"))
+    if not secret:
+        print("mammo-node: empty secret", file=sys.stderr)
+        return 2
+    hashed = hash_token(secret) if args.token else hash_password(secret)
+    print(f"{args.user}:{hashed}" if args.user else hashed)
     return 0
 
 
@@ -220,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--errors", type=int, default=10, help="how many recent errors to show")
     sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("hash-secret", help="hash a password (or --token) for [dicomweb] "
+                                            "users_file / tokens_file")
+    sp.add_argument("--token", action="store_true", help="a bearer token (SHA-256)")
+    sp.add_argument("--user", help="print a users_file line NAME:HASH")
+    sp.set_defaults(func=cmd_hash_secret)
     sp = sub.add_parser("retry", help="re-queue failed deliveries and analyses")
     common(sp)
     sp.add_argument("--study", help="only this Study Instance UID")

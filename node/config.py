@@ -121,13 +121,39 @@ class TLSSettings:
 
 
 @dataclass(frozen=True)
+class DicomwebSettings:
+    """[dicomweb]: the STOW-RS receiver (node/stow.py). Off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8042
+    auth: str = "basic"  # "basic", "bearer" or "none"
+    users_file: str = ""  # basic: lines "name:<hash from `mammo-node hash-secret`>"
+    tokens_file: str = ""  # bearer: lines "<hash from `mammo-node hash-secret`>"
+    tls: bool = False  # HTTPS with [tls] certificate/private_key
+    max_request_mb: int = 2048
+    timeout_seconds: float = 60
+    allowed_peer_ips: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     objects: list[str] | None = None  # None: [output] objects
     tls: bool = False
+    # type = "dicomweb": STOW-RS to url (node/stow_client.py) instead of C-STORE.
+    type: str = "dicom"
+    url: str = ""
+    auth: str = "none"  # "none", "basic" or "bearer"
+    username: str = ""
+    password_file: str = ""
+    token_file: str = ""
+    tls_verify: bool = True
+    ca_certificates: str = ""  # PEM bundle that verifies the server; empty: the system's CAs
+    timeout_seconds: float = 60
 
 
 @dataclass(frozen=True)
@@ -143,6 +169,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    dicomweb: DicomwebSettings = field(default_factory=DicomwebSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None  # the file these settings came from
 
@@ -188,6 +215,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogSettings,
     "http": HttpSettings,
     "tls": TLSSettings,
+    "dicomweb": DicomwebSettings,
 }
 
 
@@ -227,11 +255,21 @@ def parse_settings(raw: dict[str, Any], base_dir: Path, source: Path | None = No
     if not isinstance(dests, list):
         raise ConfigError("destinations must be an array of tables ([[destinations]])")
     kwargs["destinations"] = [
-        _build(Destination, d, f"destinations[{i}]", base_dir) for i, d in enumerate(dests)
+        _relative_files(_build(Destination, d, f"destinations[{i}]", base_dir), base_dir,
+                        ("password_file", "token_file", "ca_certificates"))
+        for i, d in enumerate(dests)
     ]
+    kwargs["dicomweb"] = _relative_files(kwargs["dicomweb"], base_dir,
+                                         ("users_file", "tokens_file"))
     settings = Settings(**kwargs, source=source)
     _validate(settings)
     return settings
+
+
+def _relative_files(obj: Any, base_dir: Path, keys: tuple[str, ...]) -> Any:
+    """``obj`` with its non-empty file keys resolved against the configuration's folder."""
+    return dataclasses.replace(obj, **{k: str(base_dir / Path(v).expanduser())
+                                       for k in keys if (v := getattr(obj, k))})
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, base_dir: Path) -> Any:
@@ -389,12 +427,7 @@ def _validate(s: Settings) -> None:
     _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
     _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
     _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
-    for i, entry in enumerate(n.allowed_peer_ips):
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise ConfigError(f"node.allowed_peer_ips[{i}] is not an IP address or network: "
-                              f"{entry!r}") from None
+    _check_networks(n.allowed_peer_ips, "node.allowed_peer_ips")
     _validate_tls(s)
     names = set()
     for i, dest in enumerate(s.destinations):
@@ -402,15 +435,92 @@ def _validate(s: Settings) -> None:
         _check(bool(dest.name) and dest.name not in names, f"{key}.name",
                f"must be non-empty and unique, got {dest.name!r}")
         names.add(dest.name)
+        _check(dest.type in ("dicom", "dicomweb"), f"{key}.type",
+               f"must be \"dicom\" (C-STORE) or \"dicomweb\" (STOW-RS), got {dest.type!r}")
+        if dest.type == "dicomweb":
+            _validate_dicomweb_destination(dest, key)
+            continue
         _check(bool(_AE_RE.match(dest.ae_title)), f"{key}.ae_title",
                f"is not a valid AE title: {dest.ae_title!r}")
         _check(bool(dest.host), f"{key}.host", "must not be empty")
         _check(0 < dest.port < 65536, f"{key}.port", f"must be 1-65535, got {dest.port}")
+    _validate_dicomweb(s)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_dicomweb_destination(dest: Destination, key: str) -> None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(dest.url)
+    _check(url.scheme in ("http", "https") and bool(url.hostname), f"{key}.url",
+           f"must be an http:// or https:// DICOMweb root, got {dest.url!r}")
+    _check(not url.username and not url.password, f"{key}.url",
+           "must not carry credentials (use auth, username and password_file)")
+    _check(dest.auth in ("none", "basic", "bearer"), f"{key}.auth",
+           f"must be \"none\", \"basic\" or \"bearer\", got {dest.auth!r}")
+    _check(dest.timeout_seconds > 0, f"{key}.timeout_seconds", "must be positive")
+    if dest.auth == "basic":
+        _check(bool(dest.username), f"{key}.username", "must be set for auth = \"basic\"")
+        _check(bool(dest.password_file) and Path(dest.password_file).is_file(),
+               f"{key}.password_file", "must name a file holding the password")
+    if dest.auth == "bearer":
+        _check(bool(dest.token_file) and Path(dest.token_file).is_file(), f"{key}.token_file",
+               "must name a file holding the token")
+    if dest.auth != "none":
+        _check(url.scheme == "https" or _is_loopback(url.hostname or ""), f"{key}.url",
+               "must be https:// when credentials are sent (plain http only to loopback)")
+    if dest.ca_certificates:
+        _check(Path(dest.ca_certificates).is_file(), f"{key}.ca_certificates",
+               f"file {dest.ca_certificates} does not exist")
+
+
+def _validate_dicomweb(s: Settings) -> None:
+    w = s.dicomweb
+    if not w.enabled:
+        return
+    _check(0 < w.port < 65536, "dicomweb.port", f"must be 1-65535, got {w.port}")
+    _check(w.port != s.node.port, "dicomweb.port", "must differ from node.port")
+    _check(not (s.http.enabled and w.port == s.http.port and w.host == s.http.host),
+           "dicomweb.port", "must differ from http.port")
+    _check(w.auth in ("none", "basic", "bearer"), "dicomweb.auth",
+           f"must be \"basic\", \"bearer\" or \"none\", got {w.auth!r}")
+    if w.auth == "basic":
+        _check(bool(w.users_file) and Path(w.users_file).is_file(), "dicomweb.users_file",
+               "must name a file of \"name:hash\" lines (mammo-node hash-secret)")
+    if w.auth == "bearer":
+        _check(bool(w.tokens_file) and Path(w.tokens_file).is_file(), "dicomweb.tokens_file",
+               "must name a file of token hashes (mammo-node hash-secret)")
+    if w.auth != "none" and not w.tls:
+        _check(_is_loopback(w.host), "dicomweb.tls",
+               "must be true when credentials are accepted on a non-loopback address")
+    if w.tls:
+        _check(bool(s.tls.certificate) and bool(s.tls.private_key), "dicomweb.tls",
+               "needs tls.certificate and tls.private_key")
+    _check(1 <= w.max_request_mb <= 65536, "dicomweb.max_request_mb",
+           "must be between 1 and 65536")
+    _check(w.timeout_seconds > 0, "dicomweb.timeout_seconds", "must be positive")
+    _check_networks(w.allowed_peer_ips, "dicomweb.allowed_peer_ips")
+
+
+def _check_networks(entries: list[str], key: str) -> None:
+    for i, entry in enumerate(entries):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}] is not an IP address or network: {entry!r}") from None
 
 
 def _validate_tls(s: Settings) -> None:
     t = s.tls
-    uses_tls = t.enabled or any(d.tls for d in s.destinations)
+    uses_tls = t.enabled or any(d.tls for d in s.destinations if d.type == "dicom")
     _check(t.handshake_timeout_seconds > 0, "tls.handshake_timeout_seconds", "must be positive")
     if not uses_tls:
         return

@@ -1,7 +1,13 @@
-"""Deliver: C-STORE the result objects of each current result to every destination.
+"""Deliver: send the result objects of each current result to every destination.
 
-One association per (result, destination), proposing only the SOP classes being sent with
-Explicit/Implicit VR Little Endian (no Deflate: it costs seconds per object). A connection
+The bookkeeping (which deliveries are due, backoff, failed, ``mammo-node retry``) is the same for
+every destination; how the objects travel is a :class:`Transport`: :class:`CStoreTransport`
+(DICOM C-STORE, ``type = "dicom"``) or :class:`node.stow_client.StowTransport` (DICOMweb
+STOW-RS, ``type = "dicomweb"``). A transport answers a :class:`SendOutcome`: ok, or failed and
+whether retrying can help.
+
+C-STORE: one association per (result, destination), proposing only the SOP classes being sent
+with Explicit/Implicit VR Little Endian (no Deflate: it costs seconds per object). A connection
 failure is retried with exponential backoff up to ``delivery.max_attempts``; a destination that
 answers a failure status (0xA7xx, 0xA9xx, 0xCxxx) is marked failed at once, since repeating the
 same object will not change its answer. ``mammo-node retry`` puts failed deliveries back.
@@ -15,6 +21,8 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -41,20 +49,29 @@ class SendOutcome:
     error: str
 
 
+class Transport(Protocol):
+    """How result files reach one kind of destination."""
+
+    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome: ...
+
+
 class Deliverer:
     def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
                  timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None,
+                 transports: dict[str, Transport] | None = None) -> None:
         self.db = db
         self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
-        self.calling_aet = calling_aet
-        self.max_pdu_size = max_pdu_size
-        self.timeout = timeout
-        self.tls_context = tls_context
+        from node.stow_client import StowTransport
+
+        self.transports: dict[str, Transport] = transports or {
+            "dicom": CStoreTransport(calling_aet, max_pdu_size, timeout, tls_context),
+            "dicomweb": StowTransport(),
+        }
 
     def recover(self) -> int:
         with self.db.session() as s:
@@ -111,7 +128,7 @@ class Deliverer:
             outcome = self.send(dest, paths)
             faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
-        metrics.delivery_attempt(name, outcome.ok)
+        metrics.delivery_attempt(name, outcome.ok, ms / 1000)
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
             d.last_status = outcome.status or None
@@ -132,7 +149,22 @@ class Deliverer:
                   status=outcome.status or None, error=outcome.error,
                   next_retry_s=self.backoff(attempts) if state == "pending" else None)
 
-    def send(self, dest: Destination, paths: Sequence) -> SendOutcome:
+    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
+        """Every object to ``dest`` with the transport of its ``type``."""
+        return self.transports[getattr(dest, "type", "dicom")].send(dest, paths)
+
+
+class CStoreTransport:
+    """DICOM C-STORE over one association per delivery."""
+
+    def __init__(self, calling_aet: str, max_pdu_size: int = 131072, timeout: float = 60,
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        self.calling_aet = calling_aet
+        self.max_pdu_size = max_pdu_size
+        self.timeout = timeout
+        self.tls_context = tls_context
+
+    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
         """One association, every object; stops at the first failure."""
         datasets = [pydicom.dcmread(p) for p in paths]
         ae = AE(ae_title=self.calling_aet)

@@ -38,6 +38,9 @@ REJECT_REASONS: dict[int, str] = {
     0xC003: "unreadable",
     0xC004: "no_pixel_data",
     0xC005: "conflict",
+    0xC000: "not_dicom",  # STOW-RS part that is not application/dicom
+    0xC122: "transfer_syntax",  # STOW-RS: a transfer syntax the node does not decode
+    0xA900: "wrong_study",  # STOW-RS: instance of another study than the URL names
 }
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -62,6 +65,17 @@ DELIVERY_ATTEMPTS = Counter(
 DELIVERY_FAILURES = Counter(
     "mammo_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
     registry=REGISTRY)
+STAGE_SECONDS = Histogram(
+    "mammo_stage_duration_seconds", "Wall time of each analysis stage of one study (decode, rois, "
+    "classify, gradcam, report)", ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=REGISTRY)
+DELIVERY_SECONDS = Histogram(
+    "mammo_delivery_duration_seconds", "Wall time of one delivery attempt, by destination",
+    ["destination"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=REGISTRY)
+FINDING_PROBABILITY = Histogram(
+    "mammo_finding_probability", "P(malignant) of each reported finding (model scores over "
+    "time: a drift shows as a moving distribution)",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter(
     "mammo_connections_refused", "Connections or associations refused before any C-STORE, by "
     "reason (peer_ip, tls_handshake, association)", ["reason"], registry=REGISTRY)
@@ -85,17 +99,28 @@ def connection_refused(reason: str) -> None:
     CONNECTIONS_REFUSED.labels(reason=reason).inc()
 
 
-def analysis_done(seconds: float, rois: int) -> None:
+def analysis_done(seconds: float, rois: int, stages_ms: dict[str, float] | None = None,
+                  probabilities: list[float] | None = None) -> None:
     ANALYSIS_SECONDS.observe(seconds)
     ROIS_PER_STUDY.observe(rois)
+    stages = dict(stages_ms or {})
+    total_ms = stages.pop("total", None)
+    for stage, ms in stages.items():
+        STAGE_SECONDS.labels(stage=stage).observe(max(ms, 0.0) / 1000)
+    if total_ms is not None:  # building the result objects: what the analysis did not take
+        STAGE_SECONDS.labels(stage="report").observe(max(seconds - total_ms / 1000, 0.0))
+    for p in probabilities or ():
+        FINDING_PROBABILITY.observe(p)
 
 
 def analysis_failed() -> None:
     ANALYSIS_FAILURES.inc()
 
 
-def delivery_attempt(destination: str, ok: bool) -> None:
+def delivery_attempt(destination: str, ok: bool, seconds: float | None = None) -> None:
     DELIVERY_ATTEMPTS.labels(destination=destination).inc()
+    if seconds is not None:
+        DELIVERY_SECONDS.labels(destination=destination).observe(seconds)
     if not ok:
         DELIVERY_FAILURES.labels(destination=destination).inc()
 
@@ -178,8 +203,18 @@ _state: StateCollector | None = None
 
 
 def bind(db: Database, data_dir: Path, destinations: list[str]) -> None:
-    """Point the scrape-time gauges at this node's database (replaces an earlier binding)."""
+    """Point the scrape-time gauges at this node's database (replaces an earlier binding).
+
+    Every known label value starts at 0, so that a dashboard's ``increase()`` shows 0 rather
+    than "no data" before the first refusal or failure."""
     global _state
+    for reason in REJECT_REASONS.values():
+        INSTANCES_REJECTED.labels(reason=reason)
+    for reason in ("peer_ip", "tls_handshake", "association"):
+        CONNECTIONS_REFUSED.labels(reason=reason)
+    for name in destinations:
+        DELIVERY_ATTEMPTS.labels(destination=name)
+        DELIVERY_FAILURES.labels(destination=name)
     if _state is not None:
         REGISTRY.unregister(_state)
     _state = StateCollector(db, data_dir, destinations)

@@ -228,11 +228,18 @@ class Receiver:
 
     # -- C-STORE ----------------------------------------------------------------------------
     def handle_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+        return self.accept_file(
+            Path(ev.dataset_path), self._peer(ev),
+            str(ev.request.AffectedSOPInstanceUID or ""),
+            str(ev.request.AffectedSOPClassUID or ""),
+            not_written=fastrecv.discarded(Path(ev.dataset_path)))
+
+    def accept_file(self, tmp: Path, peer: dict[str, object], affected: str | None,
+                    affected_class: str | None, *, not_written: int | None = None
+                    ) -> int | tuple[int, Dataset]:
+        """Check, store durably and record one received file (C-STORE, or a STOW-RS part with
+        ``affected`` = None); the status to answer. The file is adopted or quarantined."""
         t0 = time.perf_counter()
-        tmp = Path(ev.dataset_path)
-        peer = self._peer(ev)
-        affected = str(ev.request.AffectedSOPInstanceUID or "")
-        not_written = fastrecv.discarded(tmp)
         if not_written is not None or self.spool.free_mb() < self.min_free_mb:
             event(log, "instance.refused", logging.ERROR, **peer, status="0xA700",
                   reason=f"less than {self.min_free_mb} MiB free in data_dir",
@@ -240,7 +247,7 @@ class Receiver:
             _unlink(tmp)
             return STATUS_OUT_OF_RESOURCES
         try:
-            ds = self._check_header(tmp, affected, str(ev.request.AffectedSOPClassUID or ""))
+            ds = self._check_header(tmp, affected, affected_class)
         except Refused as refusal:
             relpath = self._quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
             event(log, "instance.quarantined", logging.WARNING, **peer,
@@ -291,7 +298,8 @@ class Receiver:
             _unlink(tmp)
             return "(not kept)"
 
-    def _check_header(self, path: Path, affected_sop: str, affected_class: str) -> Dataset:
+    def _check_header(self, path: Path, affected_sop: str | None,
+                      affected_class: str | None) -> Dataset:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
@@ -311,8 +319,8 @@ class Receiver:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
 
-    def _check_attributes(self, ds: Dataset, affected_sop: str, affected_class: str
-                          ) -> Dataset:
+    def _check_attributes(self, ds: Dataset, affected_sop: str | None,
+                          affected_class: str | None) -> Dataset:
         try:
             sop_class = str(ds.SOPClassUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -324,7 +332,8 @@ class Receiver:
                             ("SeriesInstanceUID", series_uid), ("SOPClassUID", sop_class)):
             if not _valid_uid(value):
                 raise Refused(STATUS_BAD_UIDS, f"{name} is not a valid UID: {value[:80]!r}")
-        if sop_uid != affected_sop or sop_class != affected_class:
+        if affected_sop is not None and (sop_uid != affected_sop
+                                         or sop_class != affected_class):
             raise Refused(STATUS_BAD_UIDS, "SOP Instance/Class UID in the dataset differ from "
                                            "the C-STORE request")
         if sop_class not in STORAGE_SOP_CLASSES:

@@ -120,6 +120,13 @@ class Node:
         self._stopped = threading.Event()
         metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
         self.http = build_monitoring(self) if settings.http.enabled else None
+        self.stow = None
+        if settings.dicomweb.enabled:  # STOW-RS in, through the receiver's checks and store
+            from node.stow import StowServer, https_context
+
+            w = settings.dicomweb
+            self.stow = StowServer(w, self.receiver, https_context(
+                tls.certificate, tls.private_key) if w.tls else None)
 
     def _on_stored(self, stored: StoredInstance) -> None:
         # Four views may be there now: run the completion check at once, in the scheduler's
@@ -149,6 +156,8 @@ class Node:
         self.worker.recover()
         self.deliverer.recover()
         self.receiver.start()
+        if self.stow is not None:
+            self.stow.start()
         self.worker.start()
         self.scheduler.start()
         self.worker.wake.set()
@@ -162,6 +171,8 @@ class Node:
     def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
+        if self.stow is not None:
+            self.stow.stop()
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         self.worker.stop()

@@ -255,7 +255,8 @@ class AnalysisWorker:
             job.error = None
             if study.generation == job.generation and study.state in ("complete", "analysing"):
                 study.state = "done"
-        metrics.analysis_done(ms / 1000, len(findings))
+        metrics.analysis_done(ms / 1000, len(findings), analysis.timings_ms,
+                              [f.probability for f in findings])
         event(log, "analysis.done", study=study.study_uid, job=job_id, rois=len(findings),
               max_probability=None if max_p is None else round(max_p, 3),
               images=sum(1 for i in analysis.images if i.analysed),

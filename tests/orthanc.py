@@ -2,24 +2,53 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.netutil import free_port, wait_for_port, wait_until
 from tests.tools import require_binary
+
+#: Debian's orthanc-dicomweb plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: DICOMweb settings of the test Orthanc (the compose file's are in docker/orthanc/orthanc.json).
+DICOMWEB = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+            "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+
+
+def require_dicomweb_plugin() -> str:
+    """The DICOMweb plugin's path; fails in CI, skips elsewhere, when it is not installed."""
+    if DICOMWEB_PLUGIN.is_file():
+        return str(DICOMWEB_PLUGIN)
+    msg = f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} not found (Debian: orthanc-dicomweb)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 class Orthanc:
     def __init__(self, workdir: Path, aet: str = "ORTHANC",
-                 modalities: dict[str, list[object]] | None = None) -> None:
+                 modalities: dict[str, list[object]] | None = None, *,
+                 dicomweb: bool = False, users: dict[str, str] | None = None,
+                 extra: dict[str, object] | None = None) -> None:
         self.workdir = workdir
         self.aet = aet
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
+        self.dicomweb = dicomweb
+        self.users = users or {}
+        self.extra = extra or {}
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def config(self) -> dict[str, object]:
         return {
@@ -34,8 +63,12 @@ class Orthanc:
             "DicomModalities": self.modalities,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": [require_dicomweb_plugin()] if self.dicomweb else [],
             "StableAge": 2,
+            **({"DicomWeb": DICOMWEB} if self.dicomweb else {}),
+            **({"AuthenticationEnabled": True, "RegisteredUsers": self.users}
+               if self.users else {}),
+            **self.extra,
         }
 
     def write_config(self) -> Path:
@@ -65,8 +98,13 @@ class Orthanc:
 
     def _request(self, method: str, path: str, body: bytes | None = None,
                  content_type: str = "application/json", timeout: float = 300) -> object:
+        headers = {"Content-Type": content_type}
+        if self.users:  # the first registered user
+            user, password = next(iter(self.users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                f"{user}:{password}".encode()).decode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                     method=method, headers={"Content-Type": content_type})
+                                     method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
             data = rsp.read()
         return json.loads(data) if data else None
@@ -76,6 +114,17 @@ class Orthanc:
             return self._request("GET", path)
         except OSError:
             return None
+
+    def raw(self, path: str) -> bytes:
+        """GET ``path`` and return the body as it is (e.g. /instances/ID/file)."""
+        headers = {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                f"{user}:{password}".encode()).decode()
+        req = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(req, timeout=120) as rsp:
+            return rsp.read()
 
     def post(self, path: str, payload: object) -> object:
         return self._request("POST", path, json.dumps(payload).encode())
@@ -100,7 +149,7 @@ class DeployedOrthanc(Orthanc):
 
     def __init__(self, workdir: Path, shared_dir: Path, shared_files: list[str],
                  site: dict[str, object]) -> None:
-        super().__init__(workdir)
+        super().__init__(workdir, users=dict(site.get("RegisteredUsers", {})))  # type: ignore[arg-type]
         self.shared_dir = shared_dir
         self.shared_files = shared_files
         self.site = site

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from node.analysis.result import Finding, StudyAnalysis
 from node.reports import build_mammo_cad_sr, build_reports
@@ -21,6 +19,7 @@ from node.reports.cad_sr import (
 )
 from node.reports.uids import ResultUIDs
 from node.testdata import mg_dataset, mias_four_view, mias_pixels
+from tests.srfindings import sr_findings
 from tests.test_reports import (
     CREATED,
     MODEL,
@@ -108,13 +107,10 @@ def test_cad_sr_tree(case) -> None:  # type: ignore[no-untyped-def]
 def test_cad_sr_reads_back_like_tid1500(case) -> None:  # type: ignore[no-untyped-def]
     analysis, _, _, objs, out = case
     cad = read_cad_findings(pydicom.dcmread(cad_file(objs, out)))
-    groups = hd.sr.srread(out[0]).content.get_planar_roi_measurement_groups()
-    assert len(cad) == len(groups) == len(analysis.findings) == 3
-    tid1500 = []
-    for g in groups:
-        (prob,) = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
-        ref = g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        tid1500.append((float(prob.value), ref, np.asarray(g.roi.value)))
+    found = sr_findings(out[0])
+    assert len(cad) == len(found) == len(analysis.findings) == 3
+    tid1500 = [(f.probability_percent, f.referenced_sop_instance_uid, f.outline)
+               for f in found]
     tid1500.sort(key=lambda t: (t[1], t[0]))
     cad.sort(key=lambda e: (e["sop_instance_uid"], e["probability"]))
     for entry, (p, ref, outline) in zip(cad, tid1500, strict=True):

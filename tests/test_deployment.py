@@ -8,6 +8,7 @@ Auto-routing itself runs for real in tests/test_docker_orthanc.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -40,7 +41,7 @@ def _in_image(path: Path) -> Path:
 def test_compose_services_and_mounts_exist() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"orthanc", "node"}
+    assert set(services) == {"orthanc", "node", "viewer", "prometheus", "grafana"}
     for service in services.values():
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
@@ -58,6 +59,57 @@ def test_compose_services_and_mounts_exist() -> None:
     assert f"./node.toml:{config}:ro" in services["node"]["volumes"]
     assert "./orthanc:/etc/orthanc:ro" in services["orthanc"]["volumes"]
     assert services["orthanc"]["command"] == ["/etc/orthanc/"]
+
+
+def test_compose_viewer_and_monitoring_agree() -> None:
+    compose = _compose()
+    services = compose["services"]
+    # Everything but DICOM from the modalities is published on the host's loopback only.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:") or port == "4242:4242", (name, port)
+    viewer = services["viewer"]
+    dockerfile = DOCKER / "viewer" / "Dockerfile"
+    assert (DOCKER / viewer["build"]["context"]).resolve() == REPO
+    assert (REPO / viewer["build"]["dockerfile"]) == dockerfile
+    text = dockerfile.read_text()
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        *sources, _dest = shlex.split(line)
+        for src in sources:
+            assert (REPO / src).exists(), f"viewer Dockerfile copies {src}, which is missing"
+    # Every variable of the nginx template is set by the image or the compose file, and the
+    # nginx image substitutes exactly those.
+    template = (DOCKER / "viewer" / "nginx.conf.template").read_text()
+    variables = set(re.findall(r"\$\{([A-Z_]+)\}", template))
+    env = dict(viewer["environment"])
+    image_env = set(re.findall(r"\b([A-Z_]+)=", text.split("ENV", 1)[1]))
+    assert variables <= set(env) | image_env, variables - set(env) - image_env
+    assert set(re.findall(r"[A-Z_]{4,}", env["NGINX_ENVSUBST_FILTER"])) == variables
+    # The viewer reaches Orthanc as a registered Orthanc user, with a real credential.
+    site = json.loads((DOCKER / "orthanc" / "site.json").read_text())
+    user, _, password = base64.b64decode(env["ORTHANC_AUTHORIZATION"].split()[1]).decode() \
+        .partition(":")
+    assert site["RegisteredUsers"][user] == password
+    assert env["ORTHANC_URL"] == f"http://orthanc:{site['HttpPort']}"
+    orthanc = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
+    assert orthanc["DicomWeb"]["Enable"] and orthanc["DicomWeb"]["Root"] == "/dicom-web/"
+    mounts = dict(v.split(":")[:2] for v in viewer["volumes"])
+    app_config = (DOCKER / "viewer" / "app-config.js").read_text()
+    assert mounts["./viewer/app-config.js"] == re.search(r"OHIF_APP_CONFIG=(\S+)", text).group(1)
+    assert "qidoRoot: window.location.origin + '/dicom-web'" in app_config
+    # Prometheus scrapes the node's [http] port; Grafana reads that Prometheus.
+    node = _node_toml()
+    prom = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (job,) = prom["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"node:{node.http.port}"]
+    assert job["metrics_path"] == "/metrics"
+    grafana = services["grafana"]
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    datasource = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml")
+                                .read_text())["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
 
 
 def test_dockerfile_copies_existing_paths_and_its_default_config_loads() -> None:

@@ -13,11 +13,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import highdicom as hd
 import pydicom
 import pydicom.errors
 import pytest
-from pydicom.sr.codedict import codes
 
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
@@ -26,6 +24,7 @@ from node.reports.kinds import SOP_CLASS_OF_KIND
 from node.testdata import mias_four_view
 from tests.netutil import REPO, NodeProcess, StoreSCP, storescu, wait_until
 from tests.orthanc import Orthanc
+from tests.srfindings import sr_findings
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.dicom3tools, pytest.mark.orthanc, pytest.mark.slow]
@@ -126,11 +125,8 @@ def test_each_destination_gets_its_kinds(tmp_path: Path) -> None:
     assert conflicts == [], conflicts
     # The CAD SR says what the TID 1500 SR says, and marks by the configured operating point.
     cad = read_cad_findings(pydicom.dcmread(by_class[kind["mammo_cad"]]))
-    groups = hd.sr.srread(by_class[kind["tid1500"]]).content.get_planar_roi_measurement_groups()
-    tid1500 = sorted(
-        (g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
-         round(float(g.get_measurements(name=codes.DCM.ProbabilityOfCancer)[0].value), 2))
-        for g in groups)
+    tid1500 = sorted((f.referenced_sop_instance_uid, round(f.probability_percent, 2))
+                     for f in sr_findings(by_class[kind["tid1500"]]))
     assert sorted((e["sop_instance_uid"], round(e["probability"], 2)) for e in cad) == tid1500
     intents = Counter(e["rendering_intent"] for e in cad)
     assert intents[PRESENTATION_REQUIRED.value] >= 1 and intents[PRESENTATION_OPTIONAL.value] >= 1

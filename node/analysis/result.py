@@ -37,6 +37,7 @@ class ModelInfo:
     version: str
     architecture: str
     threshold: float  # P(malignant) at or above which a finding is called malignant
+    classification_validated: bool = False  # the card allows a Benign/Malignant call
 
 
 @dataclass(frozen=True)

@@ -161,5 +161,10 @@ def build_gsps(
     for item in gsps.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
+    # VOI LUT Function LINEAR is the default (absent means the same) and OHIF 3.13's image
+    # loader misreads any value of it (cornerstonejs/cornerstone3D#2844): leave it out.
+    for item in gsps.get("SoftcopyVOILUTSequence", []):
+        if str(item.get("VOILUTFunction", "")).upper() == "LINEAR":
+            del item.VOILUTFunction
     log.info("built GSPS: %d ROI(s)", len(image.findings))
     return gsps

@@ -93,6 +93,8 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
     label_scale = max(0.4, short / 1200)
     label_thick = max(1, round(short / 600))
     s = float(image.display_scale)
+    band = max(20, round(h / 22))  # the banner strip (top)
+    fband = max(14, round(band * 0.7))  # the model strip (bottom)
     for finding in sorted(image.findings, key=lambda f: f.index):
         colour = MALIGNANT_RGB if finding.probability >= threshold else BENIGN_RGB
         pts = np.asarray(finding.outline_xy, dtype=np.float64) * s - 0.5  # pixel centres
@@ -104,13 +106,13 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
                                          label_thick)
         x = int(np.clip(pts[:, 0].min(), 2, max(2, w - tw - 2)))
         y = int(pts[:, 1].min()) - 2 * line - base
-        if y - th < 0:  # no room above the ROI: write below it
+        if y - th < band:  # no room above the ROI: write below it
             y = int(pts[:, 1].max()) + 2 * line + th
-        y = int(np.clip(y, th + 2, h - base - 2))
+        # Never under the banner or the model strip (a label there would be hidden).
+        y = int(np.clip(y, band + th + 2, h - fband - base - 2))
         _put_text(out, text, (x, y), label_scale, colour, label_thick)
 
     # Banner (top) and model identity (bottom), opaque strips.
-    band = max(20, round(h / 22))
     thick = max(1, round(band / 14))
     out[:band] = BANNER_BG_RGB
     scale = _fit_text(BANNER_TEXT, w - 8, int(band * 0.7), thick)
@@ -118,7 +120,6 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
     cv2.putText(out, BANNER_TEXT, ((w - tw) // 2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
                 scale, BANNER_FG_RGB, thick, cv2.LINE_AA)
     footer = f"AI Grad-CAM {model.name} {model.version} - threshold {threshold * 100:.0f}%"
-    fband = max(14, round(band * 0.7))
     fthick = max(1, round(fband / 14))
     out[h - fband:] = BANNER_BG_RGB
     fscale = _fit_text(footer, w - 8, int(fband * 0.7), fthick)

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
 from node.reports.common import (
     check_analysis,
     check_common_args,
@@ -39,6 +39,16 @@ PATHOLOGY = codes.DCM.Pathology  # (111042, DCM)
 MALIGNANT = codes.SCT.Malignant  # (21594007, SCT)
 BENIGN = codes.SCT.Benign  # (30807003, SCT)
 ABSENT = codes.SCT.Absent  # (272519000, SCT)
+AREA = codes.SCT.Area  # (42798000, SCT)
+COMMENT = codes.DCM.Comment  # (121106, DCM): the label OHIF shows
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+#: Tracking Identifier prefix that makes OHIF 3.x / @cornerstonejs/adapters rehydrate a group as a
+#: PlanarFreehandROI measurement (``MeasurementReport.getAdapterForTrackingIdentifier`` accepts
+#: the tool's identifier followed by ":" and anything).
+OHIF_PLANAR_FREEHAND = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+#: Said once per report when the model card does not validate the model for a Benign/Malignant
+#: call (``ModelInfo.classification_validated``); no finding then carries a Pathology item.
+NOT_VALIDATED_TEXT = "Model not validated for benign/malignant classification"
 
 
 def _header(ds: Dataset) -> Dataset:
@@ -91,6 +101,26 @@ def algorithm_identification(analysis: StudyAnalysis) -> hd.sr.AlgorithmIdentifi
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
 
 
+def tracking_identifier_text(index: int) -> str:
+    """The Tracking Identifier (112039, DCM) of finding ``index``: OHIF's adapter prefix, then
+    the human-readable name every other reader shows."""
+    return f"{OHIF_PLANAR_FREEHAND}:Calcification cluster {index}"
+
+
+def finding_label(finding: Finding, lat: str, view: str, model: ModelInfo,
+                  threshold: float) -> str:
+    """The one-line label of a finding (viewers show it beside the outline, OHIF in its
+    Measurements panel): cluster number, breast and view, P(malignant), and the benign/malignant
+    call only when the model card validates the model for it."""
+    where = " ".join(p for p in (lat, view) if p)
+    text = f"Cluster {finding.index}{' ' + where if where else ''}: " \
+           f"P(malignant) {float(finding.probability) * 100:.0f} %"
+    if model.classification_validated:
+        call = "malignant" if float(finding.probability) >= threshold else "benign"
+        return f"{text}, {call}"
+    return text  # no call: the report says once that the model is not validated for one
+
+
 def _roi_group(
     finding: Finding,
     image: ImageAnalysis,
@@ -98,61 +128,55 @@ def _roi_group(
     *,
     uids: ResultUIDs,
     algo: hd.sr.AlgorithmIdentification,
+    model: ModelInfo,
     threshold: float,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 Measurement Group of one calcification cluster.
+
+    Laid out the way Cornerstone3D writes (and so OHIF reads back) a freehand ROI: the outline is
+    a POLYLINE SCOORD that the Area and the Probability of cancer NUMs are INFERRED FROM,
+    selected from the (For Presentation) image; the Tracking Identifier names the
+    PlanarFreehandROI adapter; the label is a Comment (121106, DCM) TEXT item. A TID 1410 group
+    (outline at group level, NUM without SCOORD) is not rehydratable in OHIF 3.x: its adapter
+    looks for the SCOORD under the first NUM of the group
+    (``MeasurementReport.getSetupMeasurementData``).
+    """
     lat = image.laterality or finding.laterality or laterality_of(reference)
-    region = hd.sr.ImageRegion(
+    view = image.view or finding.view
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=reference.SOPClassUID,
+        referenced_sop_instance_uid=reference.SOPInstanceUID,
+    )
+    outline = hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.asarray(finding.outline_xy, dtype=np.float64),
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=reference.SOPClassUID,
-            referenced_sop_instance_uid=reference.SOPInstanceUID,
-        ),
+        source_image=source,
     )
     percent = round(float(finding.probability) * 100.0, 2)
-    malignant = float(finding.probability) >= threshold
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    measurements = []
+    area = outline_area_mm2(finding, image)
+    if area is not None:  # first: OHIF shows the first NUM's value as the outline's area
+        measurements.append(hd.sr.Measurement(
+            name=AREA, value=area, unit=codes.UCUM.SquareMillimeter, algorithm_id=algo,
+            referenced_coordinates=[outline]))
+    measurements.append(hd.sr.Measurement(
+        name=PROBABILITY_OF_CANCER, value=percent, unit=codes.UCUM.Percent, algorithm_id=algo,
+        referenced_coordinates=[outline]))
+    evaluations = []
+    if model.classification_validated:
+        malignant = float(finding.probability) >= threshold
+        evaluations.append(hd.sr.QualitativeEvaluation(PATHOLOGY,
+                                                       MALIGNANT if malignant else BENIGN))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking(finding.index),
-            identifier=f"Calcification cluster {finding.index}",
+            identifier=tracking_identifier_text(finding.index),
         ),
-        referenced_region=region,
         finding_type=CALCIFICATION_CLUSTER,
         finding_sites=[_finding_site(lat)],
         algorithm_id=algo,
-        measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY_OF_CANCER,
-                value=percent,
-                unit=codes.UCUM.Percent,
-                algorithm_id=algo,
-            )
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(PATHOLOGY, MALIGNANT if malignant else BENIGN)
-        ],
-    )
-
-
-def _absent_group(
-    image: ImageAnalysis,
-    reference: Dataset,
-    *,
-    uids: ResultUIDs,
-    algo: hd.sr.AlgorithmIdentification,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for an analysed image without ROI: "Calcification Cluster = Absent"."""
-    lat = image.laterality or laterality_of(reference)
-    label = " ".join(p for p in (lat, image.view) if p) or "image"
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking_absent(image.sop_instance_uid),
-            identifier=f"No calcification cluster found ({label})",
-        ),
-        finding_type=CALCIFICATION_CLUSTER,
-        algorithm_id=algo,
-        finding_sites=[_finding_site(lat)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(CALCIFICATION_CLUSTER, ABSENT)],
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=reference.SOPClassUID,
@@ -160,6 +184,66 @@ def _absent_group(
             )
         ],
     )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT,
+        value=finding_label(finding, lat, view, model, threshold),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    ))
+    return group
+
+
+def outline_area_mm2(finding: Finding, image: ImageAnalysis) -> float | None:
+    """Area enclosed by the outline in mm2 (shoelace formula), or None when the pixel spacing
+    was a fallback (an area in invented millimetres would mislead)."""
+    if image.spacing_source == "fallback" or not image.pixel_spacing_mm > 0:
+        return None
+    pts = np.asarray(finding.outline_xy, dtype=np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    pixels = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return round(pixels * float(image.pixel_spacing_mm) ** 2, 3)
+
+
+def _absent_item(image: ImageAnalysis, reference: Dataset) -> hd.sr.CodeContentItem:
+    """"Calcification Cluster = Absent" for an analysed image without ROI, inferred from that
+    image (TID 1500 Qualitative Evaluations, row 13; the image reference is an extension).
+
+    Not a measurement group: a group without coordinates makes OHIF 3.x's SR loader fail
+    (``_checkIfCanAddMeasurementsToDisplaySet`` reads ``coords[0]``) and no finding shows.
+    """
+    item = hd.sr.CodeContentItem(
+        name=CALCIFICATION_CLUSTER,
+        value=ABSENT,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = [hd.sr.ImageContentItem(
+        name=codes.DCM.SourceOfMeasurement,
+        referenced_sop_class_uid=reference.SOPClassUID,
+        referenced_sop_instance_uid=reference.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )]
+    return item
+
+
+def _placeholder_group(uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(0), identifier="none"))
+
+
+def _not_validated_item() -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=COMMENT,
+        value=NOT_VALIDATED_TEXT,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = list(items)
+    return container
 
 
 def _set_dates(ds: Dataset, created: dt.datetime) -> None:
@@ -205,14 +289,14 @@ def build_sr(
         references.append(ref)
         library.setdefault(str(ref.SOPInstanceUID), ref)
 
-    rois: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    absent: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    rois: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    absent: list[hd.sr.CodeContentItem] = []
     for image, ref in zip(analysed, references, strict=True):
         for finding in sorted(image.findings, key=lambda f: f.index):
             rois.append(_roi_group(finding, image, ref, uids=uids, algo=algo,
-                                   threshold=float(threshold)))
+                                   model=analysis.model, threshold=float(threshold)))
         if not image.findings:
-            absent.append(_absent_group(image, ref, uids=uids, algo=algo))
+            absent.append(_absent_item(image, ref))
 
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -229,12 +313,22 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.SCT.Mammography,
-        imaging_measurements=[*rois, *absent],
+        # highdicom needs one group; a study without ROI then loses the (empty) container
+        imaging_measurements=rois or [_placeholder_group(uids)],
         referenced_images=[_library_view(ds) for ds in headers],
     )
+    root = report[0]
+    if not rois:
+        root.ContentSequence = [item for item in root.ContentSequence
+                                if item.ConceptNameCodeSequence[0].CodeValue
+                                != codes.DCM.ImagingMeasurements.value]
+    evaluations = [*absent] + ([] if analysis.model.classification_validated
+                                else [_not_validated_item()])
+    if evaluations:
+        root.ContentSequence.append(_qualitative_evaluations(evaluations))
     sr = hd.sr.ComprehensiveSR(
         evidence=headers,
-        content=report[0],
+        content=root,
         series_instance_uid=uids.sr_series,
         series_number=series_number,
         sop_instance_uid=uids.sr_instance,
