@@ -18,8 +18,8 @@ from node.reports.common import (
     check_common_args,
     check_series_number,
     laterality_of,
+    orientation_of,
     presentation_image_for,
-    valid_patient_orientation,
 )
 from node.reports.uids import ResultUIDs
 
@@ -69,7 +69,7 @@ def _library_view(ds: Dataset) -> Dataset:
     if view.Modality in _PROJECTION_MODALITIES:
         spacing = view.get("ImagerPixelSpacing")
         ok_spacing = spacing is not None and len(spacing) == 2
-        orientation = valid_patient_orientation(view.get("PatientOrientation"))
+        orientation = orientation_of(ds)
         if not (ok_spacing and orientation is not None):
             view.Modality = "OT"  # only changes which descriptors highdicom emits
     return view
