@@ -154,6 +154,12 @@ def modifier_term(abbreviation: str) -> _Term | None:
     return found[0] if found else None
 
 
+def modifier_term_for_code(value: str) -> _Term | None:
+    """The CID 4015 term of a modifier code value (SCT, SRT or SNM3 form)."""
+    found = _MODIFIER_BY_CODE.get(value)
+    return found[0] if found else None
+
+
 def parse_view_position(value: str) -> tuple[str, tuple[str, ...]]:
     """("MLO", ("M",)) from an MQCM View Position such as "MMLO", "SCC", "MLOID", "XCCL".
 
@@ -349,11 +355,15 @@ def is_synthesized_2d(ds: Dataset) -> bool:
     if any(v in SYNTHESIZED_2D_MARKERS for v in image_type[2:]):
         return True
     for keyword in ("AcquisitionDeviceProcessingDescription", "SeriesDescription"):
-        text = _text(ds, keyword).replace(" ", "")
-        if any(marker in text for marker in ("C-VIEW", "CVIEW", "V-PREVIEW", "VPREVIEW",
-                                              "SYNTHESIZED2D", "SYNTHETIC2D", "INSIGHT2D")):
+        if _SYNTHESIZED_TEXT.search(_text(ds, keyword)):
             return True
     return False
+
+
+# Product names as whole words ("L CC C-View", "V-Preview"), never a "C VIEW" inside "SCC VIEW".
+_SYNTHESIZED_TEXT = re.compile(
+    r"(?<![A-Z0-9])(C-?VIEW|V-?PREVIEW|INSIGHT[ _-]?2D|SYNTHE(?:TIC|SIZED|SISED)[ _-]?2D)"
+    r"(?![A-Z0-9])")
 
 
 def is_quality_control(ds: Dataset) -> bool:

@@ -1,10 +1,15 @@
 """The compose deployment's Orthanc files, run with Debian's Orthanc: auto-routing for real.
 
-A modality (dcmtk storescu) sends a four-view MG study to Orthanc. Orthanc, configured with
-docker/orthanc/orthanc.json and docker/orthanc/autorouting.lua (the very files the compose file
-mounts; only site.json is replaced, by one with this test's ports and folders), routes the stable
-study to the node by itself; the node's SR and Secondary Captures land in Orthanc's copy of the
-study. No test code sits between Orthanc and the node.
+A modality (dcmtk storescu) sends a screening study as PACS hold them to Orthanc: four MG views,
+a Breast Projection X-Ray view, a synthesized 2D view, a tomosynthesis object, a vendor flat-field
+Secondary Capture, a dose report, a presentation state and another system's CAD SR
+(tests/mixedstudy.py). Orthanc, configured with docker/orthanc/orthanc.json and
+docker/orthanc/autorouting.lua (the very files the compose file mounts; only site.json is
+replaced, by one with this test's ports and folders), routes the stable study to the node by
+itself (its MG series, tomosynthesis left out); the node's SR and Secondary Captures land in
+Orthanc's copy of the study. Then the PACS admin sends the *whole* study to the node again:
+every object is accepted (the Orthanc job succeeds), nothing is analysed again, nothing changes.
+No test code sits between Orthanc and the node.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from node.testdata import mias_four_view
+from tests.mixedstudy import mixed_study
 from tests.netutil import REPO, NodeProcess, storescu, wait_until
 from tests.orthanc import DeployedOrthanc
 
@@ -25,8 +30,10 @@ ORTHANC_DIR = REPO / "docker" / "orthanc"
 SHARED = ["orthanc.json", "autorouting.lua"]
 
 
-def test_orthanc_routes_stable_mg_study_to_node_and_files_results(tmp_path: Path) -> None:
-    study = mias_four_view(tmp_path / "study")
+def test_orthanc_routes_a_mixed_screening_study_and_the_whole_study_is_accepted(
+        tmp_path: Path) -> None:
+    study = mixed_study(tmp_path / "study")
+    n_analysed = len(study.analysed)  # 4 MG views + 1 Breast Projection X-Ray view
     # Long quiet timer on the node: it completes on the four views, as in production.
     node = NodeProcess(tmp_path / "node", study={"stable_seconds": 600})
     compose_site = json.loads((ORTHANC_DIR / "site.json").read_text())
@@ -43,32 +50,51 @@ def test_orthanc_routes_stable_mg_study_to_node_and_files_results(tmp_path: Path
                        node={"port": node.port, "allowed_calling_aets": ["ORTHANC"]},
                        study={"stable_seconds": 600}).start()
     try:
-        res = storescu(pacs.dicom_port, study, aet="ORTHANC", calling="MODALITY")
+        res = storescu(pacs.dicom_port, study.files, aet="ORTHANC", calling="MODALITY")
         assert res.returncode == 0, res.stderr
         studies = pacs.get("/studies")
         assert len(studies) == 1
         study_id = studies[0]
 
-        counts = wait_until(lambda: pacs.ai_results(study_id), 400, 2.0,
-                            "1 SR + 4 SC in Orthanc's study")
+        counts = wait_until(lambda: pacs.ai_results(study_id, sc_count=n_analysed), 400, 2.0,
+                            f"1 SR + {n_analysed} SC in Orthanc's study")
         # The results made the study stable again: the script must not send them (or the
         # mammograms) back to the node. Wait past StableAge and check nothing else arrived.
         time.sleep(8)
-        series = pacs.get(f"/studies/{study_id}/series")
         metadata = pacs.get(f"/studies/{study_id}/metadata/MammoRoutedInstances")
+        routed_log = node.log()
+        # The PACS admin sends the whole study (everything in it, the node's results too).
+        job = pacs.post("/modalities/mammo/store", {"Resources": [study_id],
+                                                     "Synchronous": True})
+        time.sleep(4)  # completion checks run; nothing may start
+        series = pacs.get(f"/studies/{study_id}/series")
         orthanc_log = (tmp_path / "orthanc" / "orthanc.log").read_text(errors="replace")
         node_log = node.log()
+        status = node.cli("status", "--json").stdout
     finally:
         node.stop()
         pacs.stop()
-    assert counts["AI calcification analysis"] == 1 and counts["AI Grad-CAM"] == 4
-    # Filed in the study Orthanc received from the modality: 4 MG series + SR + SC.
-    assert len(series) == 4 + 2
-    modalities = sorted(s["MainDicomTags"].get("Modality") for s in series)
-    assert modalities.count("SR") == 1
-    # Routed once, by the Lua script, not by this test.
-    assert metadata == 4
+    assert counts["AI calcification analysis"] == 1 and counts["AI Grad-CAM"] == n_analysed
+    # Filed in the study Orthanc received from the modality: 11 series + SR + SC.
+    assert len(series) == 4 + 7 + 2
+    # Routed once, by the Lua script (MG series, no tomosynthesis), not by this test.
+    assert metadata == n_analysed + 2  # + the synthesized view and the flat-field SC
     assert orthanc_log.count("mammo-node: routing study") == 1, orthanc_log[-3000:]
+    assert routed_log.count("instance.stored") == n_analysed
+    assert routed_log.count("instance.not_analysed") == 2
+    assert "kind=synthesized_2d" in routed_log and "kind=quality_control" in routed_log
+    assert "kind=tomosynthesis" not in routed_log
+    assert "peer_aet=ORTHANC" in routed_log
+    # The whole study: every object acknowledged (the job succeeded), none analysed again.
+    late = node_log[len(routed_log):]
+    sent = len(study.files) + 1 + n_analysed  # + the node's SR and SCs
+    assert isinstance(job, dict) and job.get("FailedInstancesCount", 0) == 0, job
+    assert job.get("InstancesCount", sent) == sent, job
+    assert late.count("instance.duplicate") + late.count("instance.not_analysed") == sent, late
+    for kind in ("tomosynthesis", "dose_report", "presentation_state", "structured_report",
+                 "secondary_capture"):
+        assert f"kind={kind}" in late, kind
+    assert "status=0x" not in late and "instance.quarantined" not in late
+    assert "study.reopened" not in node_log and "study.complete" not in late
     assert node_log.count("analysis.done") == 1
-    assert node_log.count("instance.stored") == 4
-    assert "peer_aet=ORTHANC" in node_log
+    assert json.loads(status)["studies"] == {"done": 1}

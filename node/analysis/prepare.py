@@ -216,7 +216,9 @@ def _apply_voi_lut_sequence(raw: np.ndarray, x: np.ndarray, ds: Dataset) -> np.n
     from pydicom.pixels import apply_voi
 
     item = ds.VOILUTSequence[0]
-    out = apply_voi(raw if "RescaleSlope" not in ds else x, ds, index=0).astype(np.float32)
+    rescaled = float(ds.get("RescaleSlope", 1) or 1) != 1.0 or \
+        float(ds.get("RescaleIntercept", 0) or 0) != 0.0
+    out = apply_voi(x if rescaled else raw, ds, index=0).astype(np.float32)
     nbits = int(item.LUTDescriptor[2])
     if nbits not in range(8, 17):
         nbits = int(math.ceil(math.log2(max(float(out.max()), 1.0) + 1)))

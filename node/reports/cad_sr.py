@@ -54,7 +54,13 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
-from node.dicom_header import Code, mammo_view, term_code, view_term
+from node.dicom_header import (
+    Code,
+    mammo_view,
+    modifier_term_for_code,
+    term_code,
+    view_term,
+)
 from node.reports.common import (
     check_analysis,
     check_common_args,
@@ -250,14 +256,21 @@ def _concept(code: Code) -> hd.sr.CodedConcept:
 
 def _view_codes(ref: Dataset, image: ImageAnalysis
                 ) -> tuple[hd.sr.CodedConcept | None, list[hd.sr.CodedConcept]]:
-    """Image View and its modifiers: the source's own codes (ViewCodeSequence and
-    ViewModifierCodeSequence, any designator) when it has them, else the CID 4014/4015 codes of
-    its View Position, else of the view the analysis determined."""
+    """Image View and its modifiers (CID 4014 / 4015): the current SCT code of the view the
+    source names (ViewCodeSequence with any designator, SRT and SNM3 included, or View
+    Position), else of the view the analysis determined; a code outside the context groups is
+    copied as the source has it."""
     mv = mammo_view(ref)
-    view = _concept(mv.view_code) if mv.view_code is not None else None
-    if view is None and (term := view_term(image.view)) is not None:
+    term = view_term(mv.view) or view_term(image.view)
+    if term is not None:
         view = _concept(term_code(term))
-    return view, [_concept(m) for m in mv.modifiers]
+    else:
+        view = _concept(mv.view_code) if mv.view_code is not None else None
+    mods = []
+    for code in mv.modifiers:
+        mterm = modifier_term_for_code(code.value)
+        mods.append(_concept(term_code(mterm) if mterm is not None else code))
+    return view, mods
 
 
 def _algorithm(node: _Node, algo: hd.sr.AlgorithmIdentification,
