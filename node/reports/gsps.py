@@ -63,13 +63,38 @@ def _lut_data(item: Dataset) -> np.ndarray:
     return np.asarray(_numbers(data), dtype=np.uint16)
 
 
+def _shared(ref: Dataset, sequence: str) -> Dataset | None:
+    """The first item of ``sequence`` in the Shared Functional Groups (enhanced images such as
+    Breast Projection X-Ray keep rescale and VOI there), or None."""
+    try:
+        return ref.SharedFunctionalGroupsSequence[0][sequence][0]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def modality_transformation(ref: Dataset) -> hd.ModalityLUTTransformation | None:
+    """Rescale slope / intercept of the image (top level or shared functional groups)."""
+    source = ref if "RescaleSlope" in ref else _shared(ref, "PixelValueTransformationSequence")
+    if source is None or "RescaleSlope" not in source:
+        return None
+    return hd.ModalityLUTTransformation(
+        rescale_intercept=float(source.get("RescaleIntercept", 0) or 0),
+        rescale_slope=float(source.RescaleSlope or 1),
+        rescale_type=str(source.get("RescaleType", "") or "US"))
+
+
 def voi_transformations(ref: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     """The referenced image's VOI as the GSPS's Softcopy VOI LUT, so that it looks as without
     the marks: every window (the first is the default) with its VOI LUT Function (LINEAR,
-    LINEAR_EXACT, SIGMOID), else its VOI LUT Sequence, else None (no VOI: none is written).
+    LINEAR_EXACT, SIGMOID), else its VOI LUT Sequence, else those of its shared functional
+    groups (Frame VOI LUT), else None (no VOI: none is written).
     highdicom's own copy refuses images that
     carry both (GE sends both: the window wins, as it does in the analysis) and LUT Data read
     as US, so it is done here."""
+    if "WindowCenter" not in ref and "VOILUTSequence" not in ref:
+        frame_voi = _shared(ref, "FrameVOILUTSequence")
+        if frame_voi is not None:
+            ref = frame_voi
     if "WindowCenter" in ref and "WindowWidth" in ref:
         centres, widths = _numbers(ref.WindowCenter), _numbers(ref.WindowWidth)
         n = min(len(centres), len(widths))
@@ -99,7 +124,7 @@ def voi_transformations(ref: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation
                             lut_explanation=item.get("LUTExplanation"))
             luts.append(lut)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            log.warning("VOI LUT of %s not carried into the GSPS: %s", ref.SOPInstanceUID, exc)
+            log.warning("VOI LUT not carried into the GSPS: %s", exc)
     return [hd.pr.SoftcopyVOILUTTransformation(voi_luts=luts)] if luts else None
 
 
@@ -145,6 +170,10 @@ def build_gsps(
     ref = presentation_image_for(image, sources)
     header = Dataset({e.tag: e for e in ref if e.keyword not in _PIXEL_KEYWORDS})
     header.file_meta = getattr(ref, "file_meta", Dataset())
+    if str(header.get("NumberOfFrames", "") or "") == "1":
+        # One frame (e.g. a Breast Projection X-Ray image): presented as a single-frame
+        # image; highdicom would otherwise ask for per-frame references.
+        del header.NumberOfFrames
     for keyword in ("Rows", "Columns", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                     "SeriesInstanceUID"):
         if keyword not in header:
@@ -205,6 +234,7 @@ def build_gsps(
         graphic_annotations=[annotation],
         graphic_layers=[layer],
         presentation_lut_transformation=presentation_lut,
+        modality_lut_transformation=modality_transformation(ref),
         voi_lut_transformations=voi,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=GSPS_SERIES_DESCRIPTION,

@@ -53,6 +53,36 @@ def _header(ds: Dataset) -> Dataset:
     return out
 
 
+# Image SOP classes highdicom's Image Library cannot code a modality for (it raises): the entry is
+# built as the closest class it knows and the reference is set back to the real class after.
+_LIBRARY_STAND_IN = {
+    "1.2.840.10008.5.1.4.1.1.13.1.4": "1.2.840.10008.5.1.4.1.1.1.2",  # BPX -> MG Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5": "1.2.840.10008.5.1.4.1.1.1.2.1",  # BPX -> MG Processing
+}
+
+
+def _known_to_highdicom(sop_class_uid: str) -> bool:
+    try:
+        from highdicom.sr.templates import _get_coded_modality
+    except ImportError:  # pragma: no cover - another highdicom layout: assume it knows
+        return True
+    try:
+        _get_coded_modality(sop_class_uid)
+    except ValueError:
+        return False
+    return True
+
+
+def _restore_library_classes(item: Dataset, real: dict[str, str]) -> None:
+    """Set the Image Library references built on a stand-in class back to the real class."""
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") == "IMAGE":
+            ref = child.ReferencedSOPSequence[0]
+            if str(ref.ReferencedSOPInstanceUID) in real:
+                ref.ReferencedSOPClassUID = real[str(ref.ReferencedSOPInstanceUID)]
+        _restore_library_classes(child, real)
+
+
 def _library_view(ds: Dataset) -> Dataset:
     """What highdicom's Image Library entry needs from ``ds``.
 
@@ -66,6 +96,9 @@ def _library_view(ds: Dataset) -> Dataset:
         if keyword in ds and ds[keyword].value not in (None, ""):
             setattr(view, keyword, ds[keyword].value)
     view.Modality = str(ds.get("Modality", "") or "OT")
+    sop_class = str(view.get("SOPClassUID", ""))
+    if not _known_to_highdicom(sop_class):
+        view.SOPClassUID = _LIBRARY_STAND_IN.get(sop_class, "1.2.840.10008.5.1.4.1.1.7")
     if view.Modality in _PROJECTION_MODALITIES:
         spacing = view.get("ImagerPixelSpacing")
         ok_spacing = spacing is not None and len(spacing) == 2
@@ -226,12 +259,18 @@ def build_sr(
         )
     )
     headers = [_header(ds) for ds in library.values()]
+    views = [_library_view(ds) for ds in headers]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.SCT.Mammography,
         imaging_measurements=[*rois, *absent],
-        referenced_images=[_library_view(ds) for ds in headers],
+        referenced_images=views,
     )
+    stand_ins = {str(h.SOPInstanceUID): str(h.SOPClassUID) for h, v in zip(headers, views,
+                                                                          strict=True)
+                 if str(v.SOPClassUID) != str(h.SOPClassUID)}
+    if stand_ins:
+        _restore_library_classes(report[0], stand_ins)
     sr = hd.sr.ComprehensiveSR(
         evidence=headers,
         content=report[0],
