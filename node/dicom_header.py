@@ -209,11 +209,6 @@ class MammoView:
     orientation: tuple[str, str] | None
 
     @property
-    def screening(self) -> bool:
-        """A plain CC or MLO view (no spot compression, magnification, ...)."""
-        return self.view in ("CC", "MLO") and not self.modifier_abbreviations
-
-    @property
     def label(self) -> str:
         """Human-readable view with modifiers in MQCM order, e.g. "MCC", "SMLO", "MLOID"."""
         if not self.view:

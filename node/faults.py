@@ -27,8 +27,9 @@ import threading
 
 KILL_POINTS = ("store.after_write", "store.before_ack", "analysis.running",
                "analysis.before_record", "deliver.mid_send", "deliver.before_record")
+POINTS = KILL_POINTS  # the SIGKILL points (tests/test_crash.py kills at each)
 FAIL_POINTS = ("build.tid1500", "build.mammo_cad", "build.sc", "build.gsps")
-POINTS = KILL_POINTS + FAIL_POINTS
+ALL_POINTS = KILL_POINTS + FAIL_POINTS
 ENV = "MAMMO_NODE_FAULTS"
 
 
@@ -36,8 +37,9 @@ def _parse(spec: str) -> dict[str, int]:
     plan: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, n = part.partition(":")
-        if name not in POINTS:
-            raise ValueError(f"{ENV}: unknown fault point {name!r} (known: {', '.join(POINTS)})")
+        if name not in ALL_POINTS:
+            raise ValueError(f"{ENV}: unknown fault point {name!r} "
+                             f"(known: {', '.join(ALL_POINTS)})")
         plan[name] = int(n or 1)
     return plan
 

@@ -26,13 +26,11 @@ purpose (a Type 1 attribute the wild leaves out); every other input must validat
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import DigitalMammographyXRayImageStorageForProcessing
 
@@ -57,8 +55,6 @@ class Variant:
     out_modifiers: tuple[str, ...] = ()  # CID 4015 SCT codes in the CAD SR Image Library
     for_processing: bool = False
     input_errors: tuple[str, ...] = ()  # dciodvfy error substrings this input has on purpose
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def expected_laterality(self) -> str:
@@ -439,9 +435,3 @@ def baseline(variant: Variant) -> Dataset:
     return build(Variant(variant.name, variant.group, variant.refnum, variant.laterality,
                          variant.view), "1.2.3", "BASE", 1)
 
-
-def copy_of(ds: Dataset) -> Dataset:
-    return copy.deepcopy(ds)
-
-
-__all__ = ["Variant", "baseline", "build", "matrix", "pydicom", "studies"]

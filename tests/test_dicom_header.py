@@ -69,6 +69,8 @@ def test_matrix_variant_reads_as_the_standard_says(variant) -> None:  # type: ig
         from node.dicom_header import view_term
         assert view_term(mv.view).sct == variant.expected_view_code
     assert decide(ds, IntakePolicy()).action == ANALYSE
+    if variant.out_modifiers and mv.view:  # MQCM label, e.g. "SCC", "SMMLO", "CCID"
+        assert mv.label != mv.view and mv.view in mv.label
     # The analysis sees the same image, bright = dense, whatever the header's form.
     ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(ds)))
     image = prepare(None, ds=ds).image01
