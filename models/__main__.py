@@ -173,6 +173,12 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     del results
 
 
+def _default_mias_dir() -> str | None:
+    """The full mini-MIAS beside the repository (``../shared/data/mini-mias``), if there."""
+    here = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mini-mias"
+    return str(here) if (here / "Info.txt").exists() else None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m models", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -181,11 +187,12 @@ def main(argv: list[str] | None = None) -> None:
 
     b = sub.add_parser("build-mias", formatter_class=fmt,
                        help="build a ROI dataset (CSV + PNG patches) from mini-MIAS")
-    b.add_argument("--mias-dir",
-                   default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                               / "mini-mias"),
-                   help="folder with png/, Info.txt and calc_annotations.csv (default: the "
-                        "shared data beside the clone)")
+    b.add_argument("--mias-dir", default=_default_mias_dir(),
+                   required=_default_mias_dir() is None,
+                   help="folder with png/, Info.txt and calc_annotations.csv: the full "
+                        "mini-MIAS (322 images); default: ../shared/data/mini-mias beside the "
+                        "repository when it exists. tests/data/mini-mias holds a 35-image "
+                        "subset (10 normals), enough for a smoke run only")
     b.add_argument("--out", required=True, help="output folder (rois.csv + png/)")
     b.add_argument("--patch-mm", type=float, default=48.0,
                    help="side of the stored patches; any ROI up to this size can be cut later")

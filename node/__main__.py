@@ -127,6 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
     from node.db import Database, Delivery, Job, Result, Study
+    from node.output_failures import failed_output_kinds
 
     settings = _settings(args)
     db = Database(settings.database_url)
@@ -151,9 +152,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         ).all():
             errors.append({"kind": "analysis", "study": study_uid, "state": j.state,
                            "attempts": j.attempts, "error": j.error})
+        failed_outputs = failed_output_kinds(s, args.errors)
     report = {
         "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
         "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
+        "failed_outputs": failed_outputs,
         "recent_errors": errors,
     }
     if args.json:
@@ -164,6 +167,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
     print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
                             or "none"))
+    if failed_outputs:
+        print("failed output kinds (the other kinds were delivered; `mammo-node retry` "
+              "rebuilds or re-sends them):")
+        for f in failed_outputs:
+            where = f" -> {f['destination']}" if f.get("destination") else ""
+            print(f"  {f['kind']} ({f['stage']}{where}) study={f['study']} state={f['state']}: "
+                  f"{f['error']}")
     if errors:
         print("recent errors:")
         for e in errors:
@@ -176,7 +186,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from sqlalchemy import select, update
 
-    from node.db import Database, Delivery, Job, Result, Study, utcnow
+    from node.db import (
+        Database,
+        Delivery,
+        DeliveryKind,
+        Job,
+        Result,
+        Study,
+        utcnow,
+    )
 
     settings = _settings(args)
     db = Database(settings.database_url)
@@ -186,21 +204,58 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if args.study:
             study_ids = s.execute(select(Study.id).where(Study.study_uid == args.study)
                                   ).scalars().all()
-        dq = update(Delivery).where(Delivery.state == "failed")
+        dwhere = [Delivery.state == "failed"]
         jq = update(Job).where(Job.state == "failed")
         if study_ids is not None:
-            dq = dq.where(Delivery.result_id.in_(
+            dwhere.append(Delivery.result_id.in_(
                 select(Result.id).where(Result.study_id.in_(study_ids))))
             jq = jq.where(Job.study_id.in_(study_ids))
-        n_d = s.execute(dq.values(state="pending", attempts=0, next_attempt_at=utcnow())
-                        ).rowcount
+        failed_deliveries = s.execute(select(Delivery.id).where(*dwhere)).scalars().all()
+        n_d = s.execute(update(Delivery).where(*dwhere).values(
+            state="pending", attempts=0, next_attempt_at=utcnow())).rowcount
+        if failed_deliveries:  # their refused kinds are sent again; the sent ones are not
+            s.execute(update(DeliveryKind).where(
+                DeliveryKind.delivery_id.in_(failed_deliveries),
+                DeliveryKind.state == "failed").values(state="pending"))
         n_j = s.execute(jq.values(state="queued", attempts=0)).rowcount
         if n_j:
             failed_studies = select(Job.study_id).where(Job.state == "queued")
             s.execute(update(Study).where(Study.state == "failed",
                                           Study.id.in_(failed_studies)).values(state="complete"))
-    print(f"re-queued {n_d} failed deliveries and {n_j} failed analyses")
+        n_k, n_s = _requeue_failed_kinds(s, study_ids)
+    print(f"re-queued {n_d} failed deliveries and {n_j} failed analyses; "
+          f"{n_k} failed output kinds of {n_s} studies will be rebuilt")
     return 0
+
+
+def _requeue_failed_kinds(s, study_ids: list[int] | None) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Mark the failed output kinds of current results for rebuilding and queue their
+    analyses again (same input, same model: same analysis key and UIDs, so only the missing
+    kinds are added and delivered)."""
+    from sqlalchemy import select
+
+    from node.db import Job, Result, ResultKind, Study, utcnow
+
+    q = (select(ResultKind, Result).join(Result, Result.id == ResultKind.result_id)
+         .where(ResultKind.state == "failed", Result.current.is_(True)))
+    if study_ids is not None:
+        q = q.where(Result.study_id.in_(study_ids))
+    rows = s.execute(q).all()
+    studies: set[int] = set()
+    for kind, result in rows:
+        kind.state = "rebuild"
+        if result.study_id in studies:
+            continue
+        studies.add(result.study_id)
+        original = s.get(Job, result.job_id)
+        pending = s.execute(select(Job.id).where(
+            Job.study_id == result.study_id, Job.input_key == original.input_key,
+            Job.state.in_(("queued", "running")))).first()
+        if pending is None:
+            study = s.get(Study, result.study_id)
+            s.add(Job(study_id=result.study_id, generation=study.generation,
+                      input_key=original.input_key, state="queued", created_at=utcnow()))
+    return len(rows), len(studies)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,25 +41,41 @@ class DatabaseSettings:
     url: str = ""
 
 
+def _default_other_sop_classes() -> list[str]:
+    from node.intake import DEFAULT_OTHER_SOP_CLASSES
+
+    return list(DEFAULT_OTHER_SOP_CLASSES)
+
+
 @dataclass(frozen=True)
 class StudySettings:
     stable_seconds: float = 30
     complete_on_four_views: bool = True
     check_interval_seconds: float = 2
+    # Accepted with a study (0x0000) but never analysed (node.intake); see config.toml.
+    other_sop_classes: list[str] = field(default_factory=_default_other_sop_classes)
+    other_objects: str = "discard"  # "discard" | "keep"
 
 
 @dataclass(frozen=True)
 class AnalysisSettings:
     for_processing: str = "analyse"
+    synthesized_2d: str = "skip"  # "skip" | "analyse"
     fallback_pixel_spacing_mm: float = 0.1
     sc_max_side: int = 2048
     min_cluster_score: float = 0.0
     max_rois_per_image: int = 20
 
 
+#: The model card shipped with the node (inside the installed ``models`` package, next to its
+#: weights): the default of ``[model] card`` wherever the configuration file lives.
+SHIPPED_CARD_NAME = "models/weights/calc-cluster-lite0.json"
+SHIPPED_CARD = Path(__file__).resolve().parents[1] / SHIPPED_CARD_NAME
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    card: Path = Path("models/weights/calc-cluster-lite0.json")
+    card: Path = SHIPPED_CARD
     architecture: str = "tf_efficientnet_lite0"
     device: str = "auto"
     batch_size: int = 16
@@ -247,6 +263,7 @@ def parse_settings(raw: dict[str, Any], base_dir: Path, source: Path | None = No
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a table ([{name}])")
         kwargs[name] = _build(cls, section, name, base_dir)
+    kwargs["model"] = _shipped_card_fallback(kwargs["model"], raw.get("model", {}), base_dir)
     kwargs["tls"] = dataclasses.replace(kwargs["tls"], **{  # files relative to the config
         k: str(base_dir / Path(v).expanduser()) for k in ("certificate", "private_key",
                                                           "ca_certificates")
@@ -270,6 +287,24 @@ def _relative_files(obj: Any, base_dir: Path, keys: tuple[str, ...]) -> Any:
     """``obj`` with its non-empty file keys resolved against the configuration's folder."""
     return dataclasses.replace(obj, **{k: str(base_dir / Path(v).expanduser())
                                        for k in keys if (v := getattr(obj, k))})
+
+
+def _shipped_card_fallback(model: ModelSettings, raw: dict[str, Any], base_dir: Path
+                           ) -> ModelSettings:
+    """``[model] card`` naming the shipped model works wherever the config file is.
+
+    Relative paths are relative to the configuration file. The default configuration says
+    ``card = "models/weights/calc-cluster-lite0.json"``: copied elsewhere (e.g.
+    ``/etc/mammo-node/config.toml``) that path does not exist there, and the packaged card is
+    meant, so it is used. Any other path, or that one when it does exist beside the config
+    file, is taken as it is."""
+    value = raw.get("card") if isinstance(raw, dict) else None
+    if value is None:
+        return model  # absent: the packaged default
+    if (isinstance(value, str) and Path(value).as_posix().removeprefix("./") == SHIPPED_CARD_NAME
+            and not (base_dir / value).exists()):
+        return dataclasses.replace(model, card=SHIPPED_CARD)
+    return model
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, base_dir: Path) -> Any:
@@ -387,6 +422,20 @@ def _validate(s: Settings) -> None:
            "must be positive")
     _check(s.analysis.for_processing in ("analyse", "skip"), "analysis.for_processing",
            f"must be \"analyse\" or \"skip\", got {s.analysis.for_processing!r}")
+    _check(s.analysis.synthesized_2d in ("analyse", "skip"), "analysis.synthesized_2d",
+           f"must be \"analyse\" or \"skip\", got {s.analysis.synthesized_2d!r}")
+    _check(s.study.other_objects in ("discard", "keep"), "study.other_objects",
+           f"must be \"discard\" or \"keep\", got {s.study.other_objects!r}")
+    from node.intake import ANALYSED_SOP_CLASSES
+
+    for i, uid in enumerate(s.study.other_sop_classes):
+        key = f"study.other_sop_classes[{i}]"
+        _check(bool(re.match(r"^[0-9]+(\.[0-9]+)*$", uid)) and len(uid) <= 64, key,
+               f"is not a UID: {uid!r}")
+        _check(uid not in ANALYSED_SOP_CLASSES, key,
+               f"{uid} is analysed by the node; it cannot also be listed as not analysed")
+    _check(len(set(s.study.other_sop_classes)) == len(s.study.other_sop_classes),
+           "study.other_sop_classes", "lists a SOP class twice")
     _check(0.01 <= s.analysis.fallback_pixel_spacing_mm <= 1.0,
            "analysis.fallback_pixel_spacing_mm", "must be between 0.01 and 1.0 mm")
     _check(256 <= s.analysis.sc_max_side <= 16384, "analysis.sc_max_side",

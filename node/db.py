@@ -85,6 +85,27 @@ class Instance(Base):
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
+class OtherObject(Base):
+    """An object accepted with a study but not analysed, kept (``[study] other_objects =
+    "keep"``): tomosynthesis, dose reports, presentation states, other systems' SRs, ...
+
+    Its own table, apart from :class:`Instance`, so that it never re-opens a study, never delays
+    its completion and never enters an analysis (node.intake)."""
+
+    __tablename__ = "other_objects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    relpath: Mapped[str] = mapped_column(String(255))  # relative to data_dir
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -124,6 +145,24 @@ class ResultObject(Base):
     result: Mapped[Result] = relationship(back_populates="objects")
 
 
+class ResultKind(Base):
+    """One output kind (tid1500, mammo_cad, sc, gsps) of a result: built, or failed with why.
+
+    Each kind is built on its own; a kind that fails does not withhold the others.
+    ``mammo-node retry`` marks failed kinds "rebuild" and queues the analysis again; the same
+    analysis key gives the same UIDs, so only the missing kind is added and delivered."""
+
+    __tablename__ = "result_kinds"
+    __table_args__ = (UniqueConstraint("result_id", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # built | failed | rebuild
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("result_id", "destination"),)
@@ -138,6 +177,22 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     result: Mapped[Result] = relationship()
+
+
+class DeliveryKind(Base):
+    """The delivery of one output kind to one destination: each kind is sent on its own
+    association, so a kind the destination refuses does not withhold the others, and a kind
+    already sent is not sent again when the delivery is retried."""
+
+    __tablename__ = "delivery_kinds"
+    __table_args__ = (UniqueConstraint("delivery_id", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed
+    last_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Database:

@@ -6,11 +6,14 @@ every destination; how the objects travel is a :class:`Transport`: :class:`CStor
 STOW-RS, ``type = "dicomweb"``). A transport answers a :class:`SendOutcome`: ok, or failed and
 whether retrying can help.
 
-C-STORE: one association per (result, destination), proposing only the SOP classes being sent
-with Explicit/Implicit VR Little Endian (no Deflate: it costs seconds per object). A connection
-failure is retried with exponential backoff up to ``delivery.max_attempts``; a destination that
-answers a failure status (0xA7xx, 0xA9xx, 0xCxxx) is marked failed at once, since repeating the
-same object will not change its answer. ``mammo-node retry`` puts failed deliveries back.
+Each output kind (TID 1500 SR, CAD SR, SC, GSPS) of a (result, destination) is sent on its own
+(C-STORE: its own association, proposing only its SOP class with Explicit/Implicit VR Little
+Endian; no Deflate: it costs seconds per object) and recorded on its own (``delivery_kinds``): a
+kind the destination refuses (a failure status 0xA7xx, 0xA9xx, 0xCxxx, an HTTP 4xx, or its SOP
+class not accepted at negotiation) is marked failed at once, since repeating it will not change
+the answer, and the other kinds are still sent; a kind already sent is never sent again. A
+connection failure is retried with exponential backoff up to ``delivery.max_attempts``.
+``mammo-node retry`` puts failed deliveries back (only their unsent kinds go).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from node import faults, metrics
 from node.config import DeliverySettings, Destination
-from node.db import Database, Delivery, Result, ResultObject, claim, utcnow
+from node.db import Database, Delivery, DeliveryKind, Result, ResultObject, claim, utcnow
 from node.log import event
-from node.reports.kinds import DEFAULT_KINDS, sop_classes_for
+from node.reports.kinds import DEFAULT_KINDS, kind_of, sop_classes_for
 from node.store import Spool
 
 log = logging.getLogger("node.deliver")
@@ -112,41 +116,68 @@ class Deliverer:
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
+            settled = {k.kind: k.state for k in s.execute(select(DeliveryKind).where(
+                DeliveryKind.delivery_id == delivery_id)).scalars() if k.state != "pending"}
         dest = self.destinations.get(name)
         if dest is not None:  # only the output kinds this destination takes
             wanted = sop_classes_for(dest.objects if dest.objects is not None
                                      else self.default_objects)
             objects = [o for o in objects if o.sop_class_uid in wanted]
-        paths = [self.spool.path(o.relpath) for o in objects]
+        by_kind: dict[str, list] = {}
+        for o in objects:
+            kind = kind_of(o.sop_class_uid) or o.sop_class_uid
+            if kind not in settled:  # sent before, or refused for good
+                by_kind.setdefault(kind, []).append(self.spool.path(o.relpath))
         t0 = time.perf_counter()
+        outcomes: dict[str, SendOutcome] = {}
         if dest is None:
-            outcome = SendOutcome(False, True, "", f"destination {name!r} is no longer in "
-                                                   "the configuration")
-        elif not paths:
-            outcome = SendOutcome(True, False, "", "")  # none of its kinds in this result
+            gone = SendOutcome(False, True, "", f"destination {name!r} is no longer in the "
+                                                 "configuration")
+            outcomes = {kind: gone for kind in by_kind} or {"*": gone}
         else:
-            outcome = self.send(dest, paths)
-            faults.hit("deliver.before_record")
+            for kind, paths in by_kind.items():
+                if outcomes and any(not o.ok and not o.permanent for o in outcomes.values()):
+                    # the destination is unreachable: the rest waits for the next attempt
+                    outcomes[kind] = SendOutcome(False, False, "", "not attempted")
+                    continue
+                outcomes[kind] = self.send(dest, paths)
+            if by_kind:
+                faults.hit("deliver.before_record")
         ms = round((time.perf_counter() - t0) * 1000, 1)
-        metrics.delivery_attempt(name, outcome.ok, ms / 1000)
+        sent = sum(len(by_kind.get(k, [])) for k, o in outcomes.items() if o.ok)
+        transient = {k: o for k, o in outcomes.items() if not o.ok and not o.permanent}
+        refused = {k: o for k, o in outcomes.items() if not o.ok and o.permanent}
+        ok = not transient and not refused
+        metrics.delivery_attempt(name, ok, ms / 1000)
+        for kind in refused:
+            metrics.delivery_kind_failed(name, kind)
+        errors = "; ".join(f"{k}: {o.error}" for k, o in outcomes.items()
+                           if not o.ok and o.error != "not attempted")
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
-            d.last_status = outcome.status or None
-            if outcome.ok:
+            _record_kinds(s, delivery_id, outcomes)
+            statuses = [o.status for o in outcomes.values() if o.status]
+            d.last_status = statuses[-1] if statuses else None
+            if ok:
                 d.state, d.sent_at, d.last_error = "done", utcnow(), None
-            elif outcome.permanent or attempts >= self.settings.max_attempts:
-                d.state, d.last_error = "failed", outcome.error
-            else:
-                d.state, d.last_error = "pending", outcome.error
+            elif transient and attempts < self.settings.max_attempts:
+                d.state, d.last_error = "pending", errors
                 d.next_attempt_at = utcnow() + dt.timedelta(seconds=self.backoff(attempts))
+            else:
+                d.state, d.last_error = "failed", errors
             state = d.state
-        if outcome.ok:
+        for kind, o in refused.items():
+            event(log, "delivery.kind_failed", logging.ERROR, destination=name,
+                  study_id=study_id, kind=kind, status=o.status or None, error=o.error,
+                  effect="the other kinds are delivered; `mammo-node retry` re-sends this one")
+        if ok:
             event(log, "delivery.sent", destination=name, study_id=study_id,
-                  objects=len(paths), status=outcome.status, attempt=attempts, ms=ms)
+                  objects=sent, kinds=",".join(outcomes) or "none", status=d.last_status,
+                  attempt=attempts, ms=ms)
         else:
             event(log, "delivery.failed", logging.WARNING if state == "pending" else logging.ERROR,
                   destination=name, study_id=study_id, attempt=attempts, state=state,
-                  status=outcome.status or None, error=outcome.error,
+                  sent_objects=sent, status=d.last_status, error=errors,
                   next_retry_s=self.backoff(attempts) if state == "pending" else None)
 
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
@@ -193,7 +224,12 @@ class CStoreTransport:
             for n, ds in enumerate(datasets):
                 if n == 1 or len(datasets) == 1:
                     faults.hit("deliver.mid_send")
-                status = assoc.send_c_store(ds)
+                try:
+                    status = assoc.send_c_store(ds)
+                except ValueError as exc:  # the destination refused this SOP class's context
+                    return SendOutcome(False, True, "", f"{dest.ae_title} did not accept "
+                                                        f"{ds.SOPClassUID} at negotiation: {exc}"
+                                                        [:300])
                 if not status or "Status" not in status:
                     return SendOutcome(False, False, "", "no response to C-STORE (connection "
                                                          "lost or timed out)")
@@ -207,3 +243,20 @@ class CStoreTransport:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _record_kinds(s: Session, delivery_id: int, outcomes: dict[str, SendOutcome]) -> None:
+    rows = {k.kind: k for k in s.execute(select(DeliveryKind).where(
+        DeliveryKind.delivery_id == delivery_id)).scalars()}
+    for kind, o in outcomes.items():
+        if kind == "*":
+            continue
+        row = rows.get(kind)
+        if row is None:
+            row = DeliveryKind(delivery_id=delivery_id, kind=kind)
+            s.add(row)
+        row.state = "done" if o.ok else "failed" if o.permanent else "pending"
+        row.last_status = o.status or None
+        row.last_error = None if o.ok else o.error
+        if o.ok:
+            row.sent_at = utcnow()

@@ -11,7 +11,12 @@ the deliverer passes ``deliver.mid_send``. Points:
 * ``deliver.mid_send``      association open, part of the objects sent
 * ``deliver.before_record`` everything sent, delivery not yet marked done
 
-Unset (production), :func:`hit` is one dictionary lookup on an empty dict.
+Planted failures (not kills) for the per-kind isolation tests: ``build.tid1500``,
+``build.mammo_cad``, ``build.sc``, ``build.gsps`` make :func:`fail` raise
+:class:`InjectedFault` from the n-th build of that output kind on (every later one too), as a
+builder bug would, e.g. ``MAMMO_NODE_FAULTS="build.sc:1"``.
+
+Unset (production), :func:`hit` and :func:`fail` are one dictionary lookup on an empty dict.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ import os
 import signal
 import threading
 
-POINTS = ("store.after_write", "store.before_ack", "analysis.running", "analysis.before_record",
-          "deliver.mid_send", "deliver.before_record")
+KILL_POINTS = ("store.after_write", "store.before_ack", "analysis.running",
+               "analysis.before_record", "deliver.mid_send", "deliver.before_record")
+POINTS = KILL_POINTS  # the SIGKILL points (tests/test_crash.py kills at each)
+FAIL_POINTS = ("build.tid1500", "build.mammo_cad", "build.sc", "build.gsps")
+ALL_POINTS = KILL_POINTS + FAIL_POINTS
 ENV = "MAMMO_NODE_FAULTS"
 
 
@@ -29,8 +37,9 @@ def _parse(spec: str) -> dict[str, int]:
     plan: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, n = part.partition(":")
-        if name not in POINTS:
-            raise ValueError(f"{ENV}: unknown fault point {name!r} (known: {', '.join(POINTS)})")
+        if name not in ALL_POINTS:
+            raise ValueError(f"{ENV}: unknown fault point {name!r} "
+                             f"(known: {', '.join(ALL_POINTS)})")
         plan[name] = int(n or 1)
     return plan
 
@@ -38,6 +47,21 @@ def _parse(spec: str) -> dict[str, int]:
 _PLAN: dict[str, int] = _parse(os.environ.get(ENV, ""))
 _HITS: dict[str, int] = {}
 _LOCK = threading.Lock()
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`fail` at a planted failure point."""
+
+
+def fail(point: str) -> None:
+    """Count a pass through ``point``; raise :class:`InjectedFault` from the planned pass on."""
+    if point not in _PLAN:
+        return
+    with _LOCK:
+        _HITS[point] = _HITS.get(point, 0) + 1
+        planned = _HITS[point] >= _PLAN[point]
+    if planned:
+        raise InjectedFault(f"planted failure at {point} ({ENV})")
 
 
 def hit(point: str) -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.db import Database, Delivery, Job, Study
+from node.output_failures import failed_kind_counts
 
 log = logging.getLogger("node.metrics")
 
@@ -80,6 +81,17 @@ CONNECTIONS_REFUSED = Counter(
     "mammo_connections_refused", "Connections or associations refused before any C-STORE, by "
     "reason (peer_ip, tls_handshake, association)", ["reason"], registry=REGISTRY)
 
+INSTANCES_NOT_ANALYSED = Counter(
+    "mammo_instances_not_analysed", "Instances acknowledged but not analysed (node.intake), by "
+    "kind (tomosynthesis, synthesized_2d, dose_report, ...) and action (kept, discarded, "
+    "duplicate)", ["kind", "action"], registry=REGISTRY)
+OUTPUT_BUILD_FAILURES = Counter(
+    "mammo_output_build_failures", "Output kinds that could not be built for a result (the "
+    "other kinds are still delivered), by kind", ["kind"], registry=REGISTRY)
+DELIVERY_KIND_FAILURES = Counter(
+    "mammo_delivery_kind_failures", "Output kinds a destination refused (the other kinds are "
+    "still delivered), by destination and kind", ["destination", "kind"], registry=REGISTRY)
+
 STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
 WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
 
@@ -93,6 +105,18 @@ def instance_rejected(status_or_reason: int | str) -> None:
     reason = (REJECT_REASONS.get(status_or_reason, f"0x{status_or_reason:04X}")
               if isinstance(status_or_reason, int) else status_or_reason)
     INSTANCES_REJECTED.labels(reason=reason).inc()
+
+
+def instance_not_analysed(kind: str, action: str) -> None:
+    INSTANCES_NOT_ANALYSED.labels(kind=kind, action=action).inc()
+
+
+def output_build_failed(kind: str) -> None:
+    OUTPUT_BUILD_FAILURES.labels(kind=kind).inc()
+
+
+def delivery_kind_failed(destination: str, kind: str) -> None:
+    DELIVERY_KIND_FAILURES.labels(destination=destination, kind=kind).inc()
 
 
 def connection_refused(reason: str) -> None:
@@ -163,6 +187,7 @@ class StateCollector(Collector):
                 .where(Delivery.state.in_(WAITING_DELIVERY_STATES))
                 .group_by(Delivery.destination, Delivery.state)).all()
             last_ok = {name: last_success(s, name) for name in self.destinations}
+            failed_kinds = failed_kind_counts(s)
         g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
         for state in sorted(set(STUDY_STATES) | set(studies)):
             g.add_metric([state], float(studies.get(state, 0)))
@@ -177,6 +202,14 @@ class StateCollector(Collector):
         for dest in sorted(set(self.destinations) | {d for d, _ in counts}):
             for state in WAITING_DELIVERY_STATES:
                 g.add_metric([dest, state], float(counts.get((dest, state), 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_output_kinds_failed",
+                              "Current results with an output kind not built (stage build) or "
+                              "refused by a destination (stage delivery), by kind",
+                              labels=["stage", "kind"])
+        for stage in ("build", "delivery"):
+            for kind in ("tid1500", "mammo_cad", "sc", "gsps"):
+                g.add_metric([stage, kind], float(failed_kinds.get((stage, kind), 0)))
         yield g
         g = GaugeMetricFamily("mammo_destination_last_success_timestamp_seconds",
                               "Unix time of the last successful delivery to each destination",

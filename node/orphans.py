@@ -15,7 +15,7 @@ import time
 
 from sqlalchemy import select
 
-from node.db import Database, Instance, ResultObject
+from node.db import Database, Instance, OtherObject, ResultObject
 from node.log import event
 from node.store import Spool
 
@@ -27,6 +27,7 @@ def sweep_orphans(db: Database, spool: Spool, min_age_seconds: float = 0.0) -> i
     with db.session() as s:
         referenced = set(s.execute(select(Instance.relpath)).scalars())
         referenced.update(s.execute(select(ResultObject.relpath)).scalars())
+        referenced.update(s.execute(select(OtherObject.relpath)).scalars())
     now = time.time()
     removed = 0
     for area in (spool.instances, spool.results):

@@ -8,9 +8,15 @@ the spool, so adopting it is a rename), so a 60 MB mammogram is never held in me
 DIMSE statuses answered (also listed in the conformance statement):
 0x0000 stored (or already stored with identical content); 0xA700 out of resources (disk below
 ``node.min_free_mb`` or the database unavailable; nothing kept, the sender should retry);
-0xC001 not a mammogram (SC/DX whose Modality is not MG); 0xC002 invalid or inconsistent UIDs;
-0xC003 unreadable dataset; 0xC004 no usable pixel data; 0xC005 SOP Instance UID already stored
-with different content. Every 0xCxxx object is kept in ``data_dir/quarantine`` with its reason.
+0xC001 not a mammogram (a Digital X-Ray whose Modality is not MG); 0xC002 invalid or
+inconsistent UIDs; 0xC003 unreadable dataset; 0xC004 no usable pixel data; 0xC005 SOP Instance
+UID already stored with different content. Every 0xCxxx object is kept in
+``data_dir/quarantine`` with its reason.
+
+Objects a PACS sends with a mammography study that the node does not analyse (tomosynthesis,
+synthesized 2D, vendor Secondary Captures, dose reports, presentation states, other CAD SRs:
+:mod:`node.intake`) are answered 0x0000 and kept in ``other_objects`` or discarded
+(``[study] other_objects``), with one ``instance.not_analysed`` log line each.
 """
 
 from __future__ import annotations
@@ -37,29 +43,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from node import fastrecv, faults, metrics
-from node.db import Database, Instance, Series, Study, utcnow
+from node.db import Database, Instance, OtherObject, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
+from node.intake import ANALYSE, ANALYSED_SOP_CLASSES, REFUSE, Intake, IntakePolicy, decide
 from node.log import event, patient_fields
 from node.security import GuardedAE
 from node.store import Spool
 
 log = logging.getLogger("node.receive")
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-
-#: SOP classes accepted as SCP; SC and DX only when their Modality is MG.
-STORAGE_SOP_CLASSES: dict[str, str] = {
-    MG_FOR_PRESENTATION: "Digital Mammography X-Ray Image Storage - For Presentation",
-    MG_FOR_PROCESSING: "Digital Mammography X-Ray Image Storage - For Processing",
-    SECONDARY_CAPTURE: "Secondary Capture Image Storage (Modality MG only)",
-    DX_FOR_PRESENTATION: "Digital X-Ray Image Storage - For Presentation (Modality MG only)",
-    DX_FOR_PROCESSING: "Digital X-Ray Image Storage - For Processing (Modality MG only)",
-}
-MG_ONLY_SOP_CLASSES = {SECONDARY_CAPTURE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING}
+#: SOP classes whose images are analysed (node.intake decides per instance; SC and DX only when
+#: they hold a mammogram). The not-analysed ones come from ``[study] other_sop_classes``.
+STORAGE_SOP_CLASSES: dict[str, str] = dict(ANALYSED_SOP_CLASSES)
 
 #: Transfer syntaxes accepted for every storage SOP class; each one decodes in the analysis.
 TRANSFER_SYNTAXES: dict[str, str] = {
@@ -73,6 +68,18 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
     "1.2.840.10008.1.2.4.90": "JPEG 2000 Image Compression (Lossless Only)",
     "1.2.840.10008.1.2.4.91": "JPEG 2000 Image Compression",
+}
+#: Transfer syntaxes accepted for the SOP classes that are never analysed: never decoded, so
+#: also those the analysis has no decoder for.
+OTHER_TRANSFER_SYNTAXES: dict[str, str] = {
+    **TRANSFER_SYNTAXES,
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian (retired)",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended (Process 2 & 4)",
+    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 Image Compression (Lossless Only)",
+    "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 with RPCL Options Image Compression "
+                               "(Lossless Only)",
+    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000 Image Compression",
 }
 
 STATUS_SUCCESS = 0x0000
@@ -131,8 +138,12 @@ class Receiver:
         allowed_peer_ips: list[str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        intake: IntakePolicy | None = None,
+        keep_other_objects: bool = False,
     ) -> None:
         self.spool = spool
+        self.intake = intake or IntakePolicy()
+        self.keep_other_objects = keep_other_objects
         self.db = db
         self.host, self.port = host, port
         self.min_free_mb = min_free_mb
@@ -156,6 +167,8 @@ class Receiver:
         ae.require_called_aet = True
         for uid in STORAGE_SOP_CLASSES:
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        for uid in sorted(self.intake.other_sop_classes):
+            ae.add_supported_context(uid, list(OTHER_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         if self.allowed:
             ae.require_calling_aet = sorted(self.allowed)
@@ -247,13 +260,15 @@ class Receiver:
             _unlink(tmp)
             return STATUS_OUT_OF_RESOURCES
         try:
-            ds = self._check_header(tmp, affected, affected_class)
+            ds, intake = self._check_header(tmp, affected, affected_class)
         except Refused as refusal:
             relpath = self._quarantine(tmp, f"{refusal.reason} (from {peer['peer_aet']})")
             event(log, "instance.quarantined", logging.WARNING, **peer,
                   status=f"0x{refusal.status:04X}", reason=refusal.reason, file=relpath)
             return _status(refusal.status, refusal.reason)
         sop_uid = str(ds.SOPInstanceUID)
+        if intake.action != ANALYSE:
+            return self._not_analysed(tmp, ds, intake, peer, t0)
         try:
             stored = self._store(tmp, ds, calling_aet=str(peer["peer_aet"]))
         except Refused as refusal:
@@ -299,7 +314,7 @@ class Receiver:
             return "(not kept)"
 
     def _check_header(self, path: Path, affected_sop: str | None,
-                      affected_class: str | None) -> Dataset:
+                      affected_class: str | None) -> tuple[Dataset, Intake]:
         try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
@@ -320,7 +335,7 @@ class Receiver:
                                              f"{str(exc)[:200]}") from None
 
     def _check_attributes(self, ds: Dataset, affected_sop: str | None,
-                          affected_class: str | None) -> Dataset:
+                          affected_class: str | None) -> tuple[Dataset, Intake]:
         try:
             sop_class = str(ds.SOPClassUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -336,13 +351,11 @@ class Receiver:
                                          or sop_class != affected_class):
             raise Refused(STATUS_BAD_UIDS, "SOP Instance/Class UID in the dataset differ from "
                                            "the C-STORE request")
-        if sop_class not in STORAGE_SOP_CLASSES:
-            raise Refused(STATUS_NOT_MAMMOGRAM, f"SOP class {sop_class} is not accepted")
-        modality = str(ds.get("Modality", "") or "")
-        if sop_class in MG_ONLY_SOP_CLASSES and modality != "MG":
-            raise Refused(STATUS_NOT_MAMMOGRAM,
-                          f"{STORAGE_SOP_CLASSES[sop_class].split(' (')[0]} with Modality "
-                          f"{modality or '(empty)'} is not a mammogram")
+        intake = decide(ds, self.intake)
+        if intake.action == REFUSE:
+            raise Refused(STATUS_NOT_MAMMOGRAM, intake.reason)
+        if intake.action != ANALYSE:
+            return ds, intake  # never decoded: no pixel checks
         if "PixelData" not in ds:
             raise Refused(STATUS_NO_PIXELS, "no Pixel Data")
         try:
@@ -363,7 +376,55 @@ class Receiver:
             if actual is not None and actual < expected:
                 raise Refused(STATUS_NO_PIXELS, f"Pixel Data has {actual} bytes, "
                                                 f"{rows}x{cols} needs {expected}")
-        return ds
+        return ds, intake
+
+    def _not_analysed(self, tmp: Path, ds: Dataset, intake: Intake, peer: dict[str, object],
+                      t0: float) -> int:
+        """Acknowledge an object the node accepts but does not analyse; keep or discard it.
+
+        It never touches the study's row: no re-opening, no later completion, no change of the
+        analysis input (node.intake)."""
+        sop_uid = str(ds.SOPInstanceUID)
+        action = "discarded"
+        if self.keep_other_objects:
+            try:
+                action = self._keep_other(tmp, ds, intake, str(peer["peer_aet"]))
+            except Exception as exc:  # database down, disk error...: the sender must retry
+                log.exception("instance.failed sop=%s", sop_uid)
+                event(log, "instance.refused", logging.ERROR, **peer, sop=sop_uid,
+                      status="0xA700", reason=f"{type(exc).__name__}: {exc}")
+                return _status(STATUS_OUT_OF_RESOURCES, "could not store the instance durably")
+        else:
+            _unlink(tmp)
+        metrics.instance_not_analysed(intake.kind, action)
+        event(log, "instance.not_analysed", **peer, sop=sop_uid,
+              study=str(ds.get("StudyInstanceUID", "")), kind=intake.kind, action=action,
+              reason=intake.reason, ms=round((time.perf_counter() - t0) * 1000, 1))
+        faults.hit("store.before_ack")
+        return STATUS_SUCCESS
+
+    def _keep_other(self, tmp: Path, ds: Dataset, intake: Intake, calling_aet: str) -> str:
+        """Make durable and record in ``other_objects``; "kept" or "duplicate"."""
+        sop_uid = str(ds.SOPInstanceUID)
+        with self.db.session() as s:
+            if s.execute(select(OtherObject.id).where(OtherObject.sop_uid == sop_uid)).scalar():
+                _unlink(tmp)  # already kept (the first copy stays)
+                return "duplicate"
+        relpath, size, sha = self.spool.adopt(tmp)
+        try:
+            with self._record_lock, self.db.session() as s:
+                s.add(OtherObject(
+                    study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                    sop_uid=sop_uid, sop_class_uid=str(ds.SOPClassUID), kind=intake.kind,
+                    relpath=relpath, size=size, sha256=sha, calling_aet=calling_aet,
+                    received_at=utcnow()))
+        except IntegrityError:
+            self.spool.remove(relpath)  # the same object kept concurrently
+            return "duplicate"
+        except Exception:
+            self.spool.remove(relpath)
+            raise
+        return "kept"
 
     def _store(self, tmp: Path, ds: Dataset, calling_aet: str) -> StoredInstance | None:
         """Make durable and record; None when the same content was already stored."""

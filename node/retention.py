@@ -11,7 +11,20 @@ import logging
 
 from sqlalchemy import delete, select
 
-from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Series, Study, utcnow
+from node.db import (
+    Database,
+    Delivery,
+    DeliveryKind,
+    Instance,
+    Job,
+    OtherObject,
+    Result,
+    ResultKind,
+    ResultObject,
+    Series,
+    Study,
+    utcnow,
+)
 from node.log import event
 from node.store import Spool
 
@@ -40,6 +53,9 @@ def purge_expired(db: Database, spool: Spool, days: float, now: dt.datetime | No
                 Instance.study_id == study_id)).scalars())
             files += list(s.execute(select(ResultObject.relpath).where(
                 ResultObject.result_id.in_(result_ids))).scalars())
+            delivery_ids = select(Delivery.id).where(Delivery.result_id.in_(result_ids))
+            s.execute(delete(DeliveryKind).where(DeliveryKind.delivery_id.in_(delivery_ids)))
+            s.execute(delete(ResultKind).where(ResultKind.result_id.in_(result_ids)))
             s.execute(delete(Delivery).where(Delivery.result_id.in_(result_ids)))
             s.execute(delete(ResultObject).where(ResultObject.result_id.in_(result_ids)))
             s.execute(delete(Result).where(Result.study_id == study_id))
@@ -52,4 +68,20 @@ def purge_expired(db: Database, spool: Spool, days: float, now: dt.datetime | No
             spool.remove(relpath)
         purged += 1
         event(log, "retention.purged", study=study_uid, files=len(files))
+    purged_other = _purge_other_objects(db, spool, cutoff)
+    if purged_other:
+        event(log, "retention.purged_other_objects", objects=purged_other)
     return purged
+
+
+def _purge_other_objects(db: Database, spool: Spool, cutoff: dt.datetime) -> int:
+    """Kept objects that were never analysed (``[study] other_objects = "keep"``) go after the
+    same time, counted from their arrival."""
+    with db.session() as s:
+        rows = s.execute(select(OtherObject.id, OtherObject.relpath)
+                         .where(OtherObject.received_at < cutoff)).all()
+        if rows:
+            s.execute(delete(OtherObject).where(OtherObject.id.in_([r[0] for r in rows])))
+    for _, relpath in rows:
+        spool.remove(relpath)
+    return len(rows)

@@ -18,6 +18,7 @@ from node.config import Settings
 from node.db import Database
 from node.deliver import Deliverer
 from node.httpd import MonitoringServer
+from node.intake import IntakePolicy
 from node.log import event
 from node.orphans import sweep_orphans
 from node.receive import Receiver, StoredInstance
@@ -108,6 +109,9 @@ class Node:
             allowed_peer_ips=n.allowed_peer_ips,
             ssl_context=server_context(tls) if tls.enabled else None,
             handshake_timeout=tls.handshake_timeout_seconds,
+            intake=IntakePolicy.of(settings.study.other_sop_classes,
+                                   settings.analysis.synthesized_2d),
+            keep_other_objects=settings.study.other_objects == "keep",
         )
         st = settings.study
         self.scheduler = build_scheduler([

@@ -1,8 +1,10 @@
-"""The read-only status page: recent studies and failed deliveries, as one HTML document.
+"""The read-only status page: recent studies, failed deliveries and failed output kinds, as one
+HTML document.
 
 Every value that came from a peer or the database is HTML-escaped. The database holds no patient
-names or IDs (only UIDs), so the page shows none. Three queries whatever the number of studies:
-the recent studies, their current results, and those results' deliveries.
+names or IDs (only UIDs), so the page shows none. A fixed number of queries whatever the number
+of studies: the recent studies, their current results, those results' deliveries, and the
+failed output kinds (node.output_failures).
 """
 
 from __future__ import annotations
@@ -166,5 +168,28 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         out.append("</tbody></table>")
     else:
         out.append('<p id="failed">None.</p>')
+    outputs = _failed_outputs(db, limit)
+    out.append(f"<h2>Failed output kinds ({len(outputs)})</h2>")
+    if outputs:
+        out.append('<table id="failed-outputs"><thead><tr><th>Study Instance UID</th>'
+                   "<th>Kind</th><th>Stage</th><th>Destination</th><th>State</th>"
+                   "<th>Error</th></tr></thead><tbody>")
+        for f in outputs:
+            out.append(
+                f'<tr class="failed-output"><td class=uid>{_e(f["study"])}</td>'
+                f'<td>{_e(f["kind"])}</td><td>{_e(f["stage"])}</td>'
+                f'<td>{_e(f.get("destination", ""))}</td>'
+                f'<td class="d-failed">{_e(f["state"])}</td><td>{_e(f["error"])}</td></tr>')
+        out.append("</tbody></table><p>The other kinds of these results were delivered; "
+                   "<code>mammo-node retry</code> rebuilds or re-sends these.</p>")
+    else:
+        out.append('<p id="failed-outputs">None.</p>')
     out.append("</body></html>")
     return "\n".join(x for x in out if x)
+
+
+def _failed_outputs(db: Database, limit: int) -> list[dict[str, Any]]:
+    from node.output_failures import failed_output_kinds
+
+    with db.session() as s:
+        return failed_output_kinds(s, limit)

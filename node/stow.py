@@ -40,7 +40,14 @@ import pydicom
 from node import metrics
 from node.config import DicomwebSettings
 from node.log import event
-from node.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, TRANSFER_SYNTAXES, Receiver
+from node.receive import (
+    OTHER_TRANSFER_SYNTAXES,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    STORAGE_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
+    Receiver,
+)
 from node.secrets import read_tokens, read_users, verify
 
 log = logging.getLogger("node.stow")
@@ -397,7 +404,9 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
             reason: int | None = None
             if not ctype.lower().startswith("application/dicom"):
                 reason, why = 0xC000, f"part of type {ctype[:60]!r}"
-            elif ts and ts not in TRANSFER_SYNTAXES:
+            elif ts and ts not in (TRANSFER_SYNTAXES if sop_class in STORAGE_SOP_CLASSES
+                                   else OTHER_TRANSFER_SYNTAXES):
+                # analysed images must decode; the objects never analysed are never decoded
                 reason, why = STATUS_TS_NOT_SUPPORTED, f"transfer syntax {ts} not accepted"
             elif study_in_path and study_uid and study_uid != study_in_path:
                 reason, why = STATUS_WRONG_STUDY, "instance of another study than the URL's"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,38 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MIAS_DIR = SHARED_DATA / "mini-mias"
+from node.dicom_header import view_term
+
+REPO = Path(__file__).resolve().parents[1]
+#: The mini-MIAS subset shipped with the repository (35 images, see its README.md): what tests
+#: and tools use by default, so that a fresh clone needs nothing beside it.
+MIAS_DIR = REPO / "tests" / "data" / "mini-mias"
+#: Environment variable naming the folder of the project's shared, larger data (the full
+#: mini-MIAS, WG-04 images, vendor headers); default: ``shared/data`` beside the repository.
+SHARED_DATA_ENV = "MAMMO_NODE_SHARED_DATA"
 MIAS_SPACING_MM = 0.2
+
+
+def shared_data_dir() -> Path:
+    """Where the optional shared data would be (it may not exist: see :func:`find_shared`)."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    return Path(override) if override else REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = shared_data_dir()
+
+
+def find_shared(relative: str) -> Path | None:
+    """``relative`` under the shared data folder when it exists there, else None."""
+    path = shared_data_dir() / relative
+    return path if path.exists() else None
+
+
+def full_mias_dir() -> Path | None:
+    """The full mini-MIAS (322 images) when it is beside the repository (or under
+    ``$MAMMO_NODE_SHARED_DATA``); None otherwise. Research runs use it; tests use MIAS_DIR."""
+    path = find_shared("mini-mias")
+    return path if path is not None and (path / "Info.txt").exists() else None
 
 
 def uid_from(*parts: str) -> str:
@@ -137,16 +167,14 @@ def mg_dataset(
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
-    ds.PatientOrientation = ["A", "R"] if laterality == "L" else ["P", "L"]
+    ds.PatientOrientation = list(standard_orientation(laterality, view))
     ds.ImageLaterality = laterality
     ds.ViewPosition = view
-    view_codes = {
-        "CC": ("399162004", "cranio-caudal"),
-        "MLO": ("399368009", "medio-lateral oblique"),
-    }
-    code, meaning = view_codes[view]
+    term = view_term(view)
+    if term is None:
+        raise ValueError(f"unknown mammography view {view!r}")
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "SCT", meaning
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = term.sct, "SCT", term.meaning
     item.ViewModifierCodeSequence = []
     ds.ViewCodeSequence = [item]
     ds.AnatomicRegionSequence = [_code("76752008", "SCT", "Breast")]
@@ -179,7 +207,8 @@ def mg_dataset(
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
     ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1
+    # +1: higher values = more X-ray intensity (less dense): the inverted MONOCHROME1 data.
+    ds.PixelIntensityRelationshipSign = 1 if monochrome1 else -1
     ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
     ds.LossyImageCompression = "00"
     maxval = (1 << bits_stored) - 1
@@ -189,6 +218,26 @@ def mg_dataset(
         ds.VOILUTFunction = "LINEAR"
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     return ds
+
+
+# Patient Orientation (PS3.3 C.7.6.1.1.1) of the left breast per view, as seen from the
+# detector with the nipple towards the right of the image (rows towards A): the values PS3.3
+# and dicom3tools give for CC (A\R) and MLO (A\FR), and those the same projection geometry
+# gives for the other views. The right breast mirrors it: rows P, columns L <-> R.
+_LEFT_ORIENTATION = {
+    "CC": "R", "XCCL": "R", "XCCM": "R", "CV": "R", "FB": "L",
+    "MLO": "FR", "AT": "FR", "ML": "F", "LM": "H", "LMO": "HL", "SIO": "HR", "ISO": "FL",
+    "TAN": "F",
+}
+
+
+def standard_orientation(laterality: str, view: str) -> tuple[str, str]:
+    """Patient Orientation of a mammogram: e.g. ("A", "FR") for a left MLO, ("P", "FL") for a
+    right MLO, ("A", "R") / ("P", "L") for left / right CC."""
+    column = _LEFT_ORIENTATION.get(view, "F")
+    if laterality == "R":
+        return "P", column.translate(str.maketrans("RL", "LR"))
+    return "A", column
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -20,12 +20,25 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from node import faults, metrics
 from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
-from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Study, claim, utcnow
+from node.db import (
+    Database,
+    Delivery,
+    Instance,
+    Job,
+    Result,
+    ResultKind,
+    ResultObject,
+    Study,
+    claim,
+    utcnow,
+)
 from node.log import event
 from node.memory import release_free_memory
+from node.reports.kinds import kind_of
 from node.store import Spool
 
 log = logging.getLogger("node.worker")
@@ -157,38 +170,77 @@ class AnalysisWorker:
                 self._record(job_id, self._analysis_key(job_id), analysis, [],
                              (time.perf_counter() - t0) * 1000)
                 return
-            previous = self._current_srs(study_uid)
-            datasets = self.build_reports(
-                analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
-                manufacturer=self.options.manufacturer,
-                sr_series_number=self.options.sr_series_number,
-                sc_series_number=self.options.sc_series_number,
-                threshold=self.options.threshold,
-                software_version=self.options.software_version,
-                previous_srs=previous,
-                kinds=self.options.kinds,
-                cad_operating_point=self.options.cad_operating_point,
-                cad_sr_series_number=self.options.cad_sr_series_number,
-                gsps_series_number=self.options.gsps_series_number,
-            )
-            written = [(ds, self.spool.write_dataset(ds)) for ds in datasets]
+            previous = self._current_srs(study_uid, key)
+            kinds = self._kinds_to_build(key)
+            written, failed = self._build_each_kind(kinds, analysis, sources, key, previous)
         except Exception as exc:
             self._fail(job_id, study_uid, attempts, exc)
             return
         ms = (time.perf_counter() - t0) * 1000
         faults.hit("analysis.before_record")
-        self._record(job_id, key, analysis, written, ms)
+        self._record(job_id, key, analysis, written, ms, failed)
         if written and self.destinations and self.on_result is not None:
             self.on_result()
 
-    def _current_srs(self, study_uid: str) -> list[Dataset]:
-        """Headers of the SRs of the study's current result: the new SR supersedes them."""
+    def _kinds_to_build(self, key: str) -> tuple[str, ...]:
+        """The configured kinds, less those the result with this analysis key already has
+        (``mammo-node retry`` re-queues a study whose result lacks a kind that failed)."""
+        with self.db.session() as s:
+            result = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
+            if result is None:
+                return self.options.kinds
+            built = set(s.execute(select(ResultKind.kind).where(
+                ResultKind.result_id == result.id, ResultKind.state == "built")).scalars())
+            if not built and s.execute(select(ResultObject.id).where(
+                    ResultObject.result_id == result.id)).first():
+                return ()  # a result recorded before per-kind bookkeeping: complete
+        return tuple(k for k in self.options.kinds if k not in built)
+
+    def _build_each_kind(self, kinds: Sequence[str], analysis: StudyAnalysis,
+                         sources: dict[str, Dataset], key: str, previous: list[Dataset]
+                         ) -> tuple[list[tuple[Dataset, str]], dict[str, str]]:
+        """Build and write each output kind on its own: one that fails (a builder bug, a legal
+        value a library refuses) is logged and recorded with its reason, and the others still
+        go out. Returns (objects written with their spool paths, error per failed kind)."""
+        o = self.options
+        written: list[tuple[Dataset, str]] = []
+        failed: dict[str, str] = {}
+        for kind in kinds:
+            try:
+                faults.fail(f"build.{kind}")
+                datasets = self.build_reports(
+                    analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
+                    manufacturer=o.manufacturer, sr_series_number=o.sr_series_number,
+                    sc_series_number=o.sc_series_number, threshold=o.threshold,
+                    software_version=o.software_version, previous_srs=previous,
+                    kinds=(kind,), cad_operating_point=o.cad_operating_point,
+                    cad_sr_series_number=o.cad_sr_series_number,
+                    gsps_series_number=o.gsps_series_number,
+                )
+                paths = [self.spool.write_dataset(ds) for ds in datasets]
+            except Exception as exc:
+                failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
+                log.exception("output.build_failed study=%s kind=%s", analysis.study_instance_uid,
+                              kind)
+                metrics.output_build_failed(kind)
+                event(log, "output.failed", logging.ERROR, study=analysis.study_instance_uid,
+                      kind=kind, error=failed[kind][:300],
+                      effect="the other output kinds are delivered; `mammo-node retry` "
+                             "rebuilds this one")
+                continue
+            written += list(zip(datasets, paths, strict=True))
+        return written, failed
+
+    def _current_srs(self, study_uid: str, key: str = "") -> list[Dataset]:
+        """Headers of the SRs of the study's current result: the new SR supersedes them (not
+        when the current result is this very analysis, rebuilding a kind that failed)."""
         with self.db.session() as s:
             relpaths = s.execute(
                 select(ResultObject.relpath)
                 .join(Result, Result.id == ResultObject.result_id)
                 .join(Study, Study.id == Result.study_id)
                 .where(Study.study_uid == study_uid, Result.current.is_(True),
+                       Result.analysis_key != key,
                        ResultObject.sop_class_uid.in_((COMPREHENSIVE_SR, MAMMOGRAPHY_CAD_SR)))
             ).scalars().all()
         return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
@@ -213,7 +265,8 @@ class AnalysisWorker:
         return [",".join(o.kinds), op]
 
     def _record(self, job_id: int, key: str, analysis: StudyAnalysis,
-                written: list[tuple[Dataset, str]], ms: float) -> None:
+                written: list[tuple[Dataset, str]], ms: float,
+                failed: dict[str, str] | None = None) -> None:
         findings = analysis.findings
         max_p = max((f.probability for f in findings), default=None)
         summary = {
@@ -241,15 +294,22 @@ class AnalysisWorker:
                                 analysis_ms=ms, summary=json.dumps(summary))
                 s.add(result)
                 s.flush()
+                added = written
+            else:  # same analysis again (a retry rebuilding a failed kind): add what is new
+                result = existing
+                have = set(s.execute(select(ResultObject.sop_uid).where(
+                    ResultObject.result_id == result.id)).scalars())
+                added = [(ds, p) for ds, p in written if str(ds.SOPInstanceUID) not in have]
                 for ds, relpath in written:
-                    s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
-                                       sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
-                for name in self.destinations if written else []:
-                    s.add(Delivery(result_id=result.id, destination=name, state="pending",
-                                   next_attempt_at=utcnow()))
-            else:
-                for _, relpath in written:  # identical analysis already recorded
-                    self.spool.remove(relpath)
+                    if str(ds.SOPInstanceUID) in have:
+                        self.spool.remove(relpath)
+            for ds, relpath in added:
+                s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
+                                   sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
+            _record_kinds(s, result.id, {kind_of(str(ds.SOPClassUID)) for ds, _ in added},
+                          failed or {})
+            if added:
+                _queue_deliveries(s, result.id, self.destinations)
             job.state = "done"
             job.finished_at = utcnow()
             job.error = None
@@ -261,7 +321,8 @@ class AnalysisWorker:
               max_probability=None if max_p is None else round(max_p, 3),
               images=sum(1 for i in analysis.images if i.analysed),
               skipped=sum(1 for i in analysis.images if not i.analysed),
-              objects=len(written), ms=round(ms, 1),
+              objects=len(written), failed_kinds=",".join(sorted(failed or {})) or None,
+              ms=round(ms, 1),
               stages=",".join(f"{k}:{v:.0f}" for k, v in analysis.timings_ms.items()))
 
     def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception) -> None:
@@ -280,3 +341,39 @@ class AnalysisWorker:
                     study.state = "failed"
         event(log, "analysis.failed", logging.ERROR, study=study_uid, job=job_id,
               attempt=attempts, final=final, error=message[:300])
+
+
+def _record_kinds(s: Session, result_id: int, built: set[str | None],
+                  failed: dict[str, str]) -> None:
+    """Per-kind bookkeeping of a result: kinds just built, kinds that failed (with why)."""
+    rows = {r.kind: r for r in s.execute(select(ResultKind).where(
+        ResultKind.result_id == result_id)).scalars()}
+    now = utcnow()
+    for kind in sorted(k for k in built if k):
+        row = rows.get(kind)
+        if row is None:
+            s.add(ResultKind(result_id=result_id, kind=kind, state="built", updated_at=now))
+        else:
+            row.state, row.error, row.updated_at = "built", None, now
+    for kind, error in sorted(failed.items()):
+        row = rows.get(kind)
+        if row is None:
+            s.add(ResultKind(result_id=result_id, kind=kind, state="failed", error=error,
+                             attempts=1, updated_at=now))
+        else:
+            row.state, row.error, row.updated_at = "failed", error, now
+            row.attempts += 1
+
+
+def _queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -> None:
+    """A delivery per destination; an existing one (a kind was added to a delivered result)
+    goes back to pending: only the kinds it has not delivered yet are sent."""
+    existing = {d.destination: d for d in s.execute(select(Delivery).where(
+        Delivery.result_id == result_id)).scalars()}
+    for name in destinations:
+        d = existing.get(name)
+        if d is None:
+            s.add(Delivery(result_id=result_id, destination=name, state="pending",
+                           next_attempt_at=utcnow()))
+        elif d.state != "superseded":
+            d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()

@@ -18,10 +18,8 @@ from pydicom.uid import (
 )
 
 from node.analysis.prepare import SkipImage, laterality_and_view, pixel_spacing, prepare
-from node.testdata import SHARED_DATA, mg_dataset, mias_pixels, mias_to_mg
-from tests.tools import require_binary
-
-WG04 = SHARED_DATA / "wg04" / "MG1_J2KI.dcm"
+from node.testdata import mg_dataset, mias_pixels, mias_to_mg
+from tests.tools import require_binary, require_shared
 
 
 def _crop_ds() -> pydicom.Dataset:
@@ -66,8 +64,9 @@ def test_jpeg_lossless_decodes(flag, uid, reference, tmp_path) -> None:
 
 
 def test_jpeg2000_lossy_wg04_and_spacing_fallback_is_logged(caplog) -> None:
+    wg04 = require_shared("wg04/MG1_J2KI.dcm")
     with caplog.at_level(logging.WARNING, logger="node.analysis"):
-        im = prepare(WG04, fallback_spacing_mm=0.05)
+        im = prepare(wg04, fallback_spacing_mm=0.05)
     assert im.image01.shape == (4664, 3064)
     assert (im.pixel_spacing_mm, im.spacing_source) == (0.05, "fallback")
     assert "fallback" in caplog.text and im.sop_instance_uid in caplog.text

@@ -25,7 +25,6 @@ from tests.netutil import NodeProcess, storescu
 from tests.reliability import (
     MG_FOR_PRESENTATION,
     NO_RESPONSE,
-    SR_CLASS,
     RawSender,
     echo,
     file_meta_bytes,
@@ -33,6 +32,8 @@ from tests.reliability import (
     stored_sop_uids,
 )
 from tests.smallstudies import small_study, sop_uids
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: never accepted
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -167,11 +168,11 @@ def test_hostile_inputs_get_the_right_status_and_are_quarantined(tmp_path: Path)
             got[name] = sender.send(path)
             sender.close()  # a fresh association per case: one bad object, one verdict
         # An object of a class the node does not take never gets a presentation context.
-        sr = RawSender(node.port, sop_classes=[SR_CLASS])
-        ds = _image("sr-class")
-        ds.SOPClassUID = SR_CLASS
+        ct = RawSender(node.port, sop_classes=[CT_CLASS])
+        ds = _image("ct-class")
+        ds.SOPClassUID = CT_CLASS
         with pytest.raises(ConnectionError):  # no accepted presentation context at all
-            sr.send(_write(tmp_path / "sr.dcm", _body(ds), uid_from("h", "sr"), SR_CLASS))
+            ct.send(_write(tmp_path / "ct.dcm", _body(ds), uid_from("h", "ct"), CT_CLASS))
         assert echo(node.port) == 0x0000
         assert node.proc is not None and node.proc.poll() is None
     finally:

@@ -23,7 +23,7 @@ from tests.tools import require_binary
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray For Presentation
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -59,9 +59,9 @@ def test_metrics_health_and_status_page_during_a_real_run(tmp_path: Path) -> Non
     good = tmp_path / "in" / "mdb209.dcm"
     ds = mias_to_mg("mdb209", good)
     study_uid = str(ds.StudyInstanceUID)
-    # A Secondary Capture whose Modality is not MG: accepted at negotiation, refused 0xC001.
+    # A Digital X-Ray whose Modality is not MG: accepted at negotiation, refused 0xC001.
     bad = tmp_path / "in" / "not-mg.dcm"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SC_CLASS
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_CLASS
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.Modality = "OT"
     ds.save_as(bad, enforce_file_format=True)

@@ -120,7 +120,9 @@ def test_refusing_destination_is_failed_in_status_and_retry_resends(tmp_path: Pa
     assert "failed" in text and "0xA700" in text
     assert "0xC000" in second["recent_errors"][0]["error"]
     assert done["deliveries"] == {"done": 1}
-    # Refusals stop at the first object; the accepted round delivers each of the 5 once.
-    assert [a for _, a in scp.received[:2]] == [0xA700, 0xC000]
+    # Each output kind goes on its own: a refusal stops that kind at its first object (the SR
+    # and the first SC here, each refused in both rounds); the accepted round delivers each of
+    # the 5 objects once.
+    assert [a for _, a in scp.received[:4]] == [0xA700, 0xA700, 0xC000, 0xC000]
     assert len(scp.accepted()) == 5 and len(set(scp.accepted())) == 5
     assert node.log().count("delivery.sent") == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import stat
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 from sqlalchemy import func, select
 
-from node.db import Database, Instance, Study
+from node.db import Database, Instance, OtherObject, Study
 from node.receive import TRANSFER_SYNTAXES, Receiver
 from node.store import Spool
 from node.testdata import mias_to_mg, uid_from
@@ -94,22 +96,117 @@ def test_same_uid_different_content_is_quarantined(receiver: Receiver, tmp_path:
     assert len(reasons) == 1 and "different content" in reasons[0].read_text()
 
 
-def test_secondary_capture_needs_modality_mg(receiver: Receiver, tmp_path: Path) -> None:
+def test_secondary_capture_and_dx_intake(receiver: Receiver, tmp_path: Path) -> None:
+    """SC: analysed when it holds a mammogram (Modality MG, or a mammography view and laterality
+    as in WG-04's MG1 with Modality RG); another SC is accepted, not analysed. A DX that is not
+    MG is no mammogram at all: 0xC001, quarantined."""
     ds = mias_to_mg("mdb212", None)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.Modality = "OT"
-    bad = tmp_path / "sc_ot.dcm"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.Modality = "DX"
+    bad = tmp_path / "dx.dcm"
     ds.save_as(bad, enforce_file_format=True)
     res = storescu(receiver.port, [bad], extra=["-d"])
     assert "0xc001" in (res.stdout + res.stderr).lower()
     assert _count(receiver.db, Instance) == 0
     assert len(list((receiver.spool.root / "quarantine").rglob("*.dcm"))) == 1
-    ds.Modality = "MG"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid_from("sc-mg")
-    good = tmp_path / "sc_mg.dcm"
-    ds.save_as(good, enforce_file_format=True)
-    assert storescu(receiver.port, [good]).returncode == 0
-    assert _count(receiver.db, Instance) == 1
+
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    paths = {}
+    for name, modality, keep_view in (("sc_ot_no_view", "OT", False), ("sc_mg", "MG", True),
+                                      ("sc_rg_view", "RG", True)):
+        variant = copy.deepcopy(ds)
+        variant.Modality = modality
+        if not keep_view:
+            for keyword in ("ViewPosition", "ViewCodeSequence", "ImageLaterality"):
+                delattr(variant, keyword)
+        variant.SOPInstanceUID = uid_from("sc", name)
+        variant.file_meta.MediaStorageSOPInstanceUID = variant.SOPInstanceUID
+        paths[name] = tmp_path / f"{name}.dcm"
+        variant.save_as(paths[name], enforce_file_format=True)
+    res = storescu(receiver.port, list(paths.values()), extra=["-d"])
+    assert res.returncode == 0 and (res.stdout + res.stderr).lower().count("0x0000") >= 3
+    with receiver.db.session() as s:
+        stored = set(s.execute(select(Instance.sop_uid)).scalars())
+    assert stored == {uid_from("sc", "sc_mg"), uid_from("sc", "sc_rg_view")}
+    assert len(receiver.stored) == 2  # only the analysed ones reach completion
+
+
+def _other_object(sop_class: str, study_uid: str, name: str) -> pydicom.Dataset:
+    """A small non-image object of ``sop_class`` (a dose report, a presentation state...)."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid_from("other", name)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = uid_from("other-series", name)
+    ds.Modality = "SR" if ".88." in sop_class else "PR"
+    ds.PatientID = "OTHER1"
+    return ds
+
+
+@pytest.mark.parametrize("policy", ["discard", "keep"])
+def test_objects_not_analysed_are_accepted_and_never_touch_the_study(
+        tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path / "data")
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
+    db.create_schema()
+    stored: list = []
+    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
+                 allowed_calling_aets=[], max_pdu_size=131072, max_associations=8,
+                 network_timeout=30, min_free_mb=1, on_stored=stored.append,
+                 keep_other_objects=policy == "keep")
+    r.start()
+    try:
+        image = tmp_path / "img.dcm"
+        ds = mias_to_mg("mdb209", image)
+        assert storescu(r.port, [image]).returncode == 0
+        with db.session() as s:
+            before = s.execute(select(Study)).scalar_one()
+        objects = []
+        for name, sop_class in (("rdsr", "1.2.840.10008.5.1.4.1.1.88.67"),
+                                ("gsps", "1.2.840.10008.5.1.4.1.1.11.1"),
+                                ("cad", "1.2.840.10008.5.1.4.1.1.88.50"),
+                                ("tomo-elsewhere", "1.2.840.10008.5.1.4.1.1.88.33")):
+            path = tmp_path / f"{name}.dcm"
+            study = ds.StudyInstanceUID if name != "tomo-elsewhere" else uid_from("unknown")
+            _other_object(sop_class, study, name).save_as(path, enforce_file_format=True)
+            objects.append(path)
+        with caplog.at_level(logging.INFO, logger="node.receive"):
+            res = storescu(r.port, objects, extra=["-d"])
+            again = storescu(r.port, objects[:1])
+        assert res.returncode == 0 and again.returncode == 0
+        assert (res.stdout + res.stderr).lower().count("0x0000: success") == len(objects)
+        with db.session() as s:
+            after = s.execute(select(Study)).scalar_one()  # no study row for the unknown UID
+            kept = s.execute(select(OtherObject)).scalars().all()
+            n_instances = s.execute(select(func.count()).select_from(Instance)).scalar_one()
+        # The study is not re-opened, not delayed, and its analysis input is unchanged.
+        assert (after.state, after.last_received_at, after.generation) == (
+            before.state, before.last_received_at, before.generation)
+        assert n_instances == 1 and len(stored) == 1
+        lines = [rec.getMessage() for rec in caplog.records
+                 if "instance.not_analysed" in rec.getMessage()]
+        assert len(lines) == len(objects) + 1
+        assert any("kind=dose_report" in ln and "X-Ray Radiation Dose SR" in ln for ln in lines)
+        if policy == "keep":
+            assert sorted(k.kind for k in kept) == ["dose_report", "presentation_state",
+                                                    "structured_report", "structured_report"]
+            assert all(spool.path(k.relpath).exists() for k in kept)
+            assert "action=duplicate" in lines[-1]
+        else:
+            assert kept == [] and "action=discarded" in lines[0]
+            assert list(spool.instances.rglob("*.dcm")) == [spool.path(
+                next(iter(_relpaths(db))))]
+        assert list(spool.incoming.iterdir()) == []
+    finally:
+        r.stop()
+        db.dispose()
+
+
+def _relpaths(db: Database) -> list[str]:
+    with db.session() as s:
+        return list(s.execute(select(Instance.relpath)).scalars())
 
 
 def test_other_sop_classes_refused_at_negotiation(receiver: Receiver, tmp_path: Path) -> None:

@@ -60,3 +60,34 @@ def test_purge_removes_only_expired_finished_studies(tmp_path: Path) -> None:
     assert n_inst == 3
     assert purge_expired(db, spool, days=0) == 0  # 0 = keep forever
     db.dispose()
+
+
+def test_kept_objects_that_are_not_analysed_survive_the_orphan_sweep_and_expire(
+        tmp_path: Path) -> None:
+    """``[study] other_objects = "keep"``: their files are owned (the start-up sweep keeps
+    them) and purged after retention.days like everything else."""
+    from node.db import OtherObject
+    from node.orphans import sweep_orphans
+
+    spool = Spool(tmp_path / "data")
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
+    db.create_schema()
+    paths = {}
+    for name, age in (("old", 40.0), ("new", 1.0)):
+        src = tmp_path / f"{name}.dcm"
+        mias_to_mg("mdb210", src)
+        relpath, size, sha = spool.adopt(src)
+        paths[name] = spool.path(relpath)
+        with db.session() as s:
+            s.add(OtherObject(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid=f"1.2.3.4.{age}",
+                              sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67", kind="dose_report",
+                              relpath=relpath, size=size, sha256=sha,
+                              received_at=utcnow() - dt.timedelta(days=age)))
+    assert sweep_orphans(db, spool) == 0
+    assert all(p.exists() for p in paths.values())
+    purge_expired(db, spool, days=30)
+    with db.session() as s:
+        left = s.execute(select(OtherObject.sop_uid)).scalars().all()
+    assert left == ["1.2.3.4.1.0"]
+    assert not paths["old"].exists() and paths["new"].exists()
+    db.dispose()

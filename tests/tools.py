@@ -26,6 +26,25 @@ def require_binary(name: str) -> str:
     return path
 
 
+def require_shared(relative: str) -> Path:
+    """``relative`` under the shared data folder (``../shared/data`` beside the repository, or
+    ``$MAMMO_NODE_SHARED_DATA``): real public data too large or too restricted to ship (WG-04
+    images, vendor headers under GPL, the full mini-MIAS).
+
+    Missing: the test FAILS when ``CI`` is set (CI provides it) and is skipped otherwise, with
+    the path it looked for."""
+    from node.testdata import SHARED_DATA_ENV, find_shared, shared_data_dir
+
+    path = find_shared(relative)
+    if path is None:
+        message = (f"{relative} not found under {shared_data_dir()} (the project's shared data "
+                   f"beside the repository; set {SHARED_DATA_ENV} to point elsewhere)")
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set, so this is an error)")
+        pytest.skip(message)
+    return path
+
+
 def run_tool(name: str, args: Sequence[str | Path], timeout: float = 120) -> tuple[int, str]:
     """Run binary ``name`` (see :func:`require_binary`); return (exit code, stdout + stderr)."""
     exe = require_binary(name)

@@ -8,12 +8,27 @@
 -- becoming stable again when the results arrive sends nothing; a study that receives new MG
 -- images later is sent again (the node skips instances it already has and re-analyses).
 --
+-- Tomosynthesis series (Modality MG too) are left out: the node accepts them with the study but
+-- never analyses them, so sending gigabytes of slices would only cost bandwidth. The node takes
+-- everything else a mammography study holds (synthesized 2D, vendor Secondary Captures, dose
+-- reports, presentation states, other CAD SRs) without failing the job, so a manual "send
+-- study" of the whole study works as well.
+--
 -- Loaded by docker/orthanc/orthanc.json ("LuaScripts"); tests/test_docker_orthanc.py runs this
 -- very file with Debian's Orthanc.
 
 local NODE_MODALITY = 'mammo'          -- the key in "DicomModalities" (site.json)
 local NODE_MANUFACTURER = 'mammo-node' -- [output] manufacturer of the node
 local ROUTED = 'MammoRoutedInstances'  -- user metadata (orthanc.json "UserMetadata")
+local TOMOSYNTHESIS = '1.2.840.10008.5.1.4.1.1.13.1.3'  -- Breast Tomosynthesis Image Storage
+
+local function sopClassOf(seriesId)
+  local instances = ParseJson(RestApiGet('/series/' .. seriesId .. '/instances'))
+  if #instances == 0 then
+    return ''
+  end
+  return RestApiGet('/instances/' .. instances[1]['ID'] .. '/metadata/SopClassUid')
+end
 
 local function routedBefore(studyId)
   local names = ParseJson(RestApiGet('/studies/' .. studyId .. '/metadata'))
@@ -31,7 +46,8 @@ function OnStableStudy(studyId, tags, metadata)
   local instances = 0
   for _, s in ipairs(series) do
     local t = s['MainDicomTags']
-    if t['Modality'] == 'MG' and t['Manufacturer'] ~= NODE_MANUFACTURER then
+    if t['Modality'] == 'MG' and t['Manufacturer'] ~= NODE_MANUFACTURER and
+       sopClassOf(s['ID']) ~= TOMOSYNTHESIS then
       table.insert(resources, s['ID'])
       instances = instances + #s['Instances']
     end

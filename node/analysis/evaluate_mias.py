@@ -29,7 +29,7 @@ import numpy as np
 from models.roi import crop_roi
 from node.analysis.prepare import PreparedImage, prepare
 from node.analysis.rois import Cluster, DetectorParams, find_clusters
-from node.testdata import MIAS_DIR, mias_clusters, mias_normals, mias_to_mg
+from node.testdata import full_mias_dir, mias_clusters, mias_normals, mias_to_mg
 
 MATCH_MARGIN_MM = 2.0
 
@@ -75,7 +75,12 @@ def sens_at(fpi_target: float, sens: np.ndarray, fpi: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m node.analysis.evaluate_mias", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mias-dir", type=Path, default=MIAS_DIR)
+    full = full_mias_dir()
+    ap.add_argument("--mias-dir", type=Path, default=full, required=full is None,
+                    help="the full mini-MIAS (png/, Info.txt, calc_annotations.csv); default: "
+                         "../shared/data/mini-mias beside the repository when it exists. The "
+                         "35-image subset in tests/data/mini-mias (10 normals) gives no "
+                         "meaningful false-positive figures")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--architecture", default="tf_efficientnet_lite0")

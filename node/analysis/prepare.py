@@ -118,9 +118,11 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
 
     Order as in the DICOM grayscale pipeline: Modality LUT (rescale), VOI (window or VOI LUT),
     then polarity (MONOCHROME1 is inverted). For Processing images carry no usable VOI; they are
-    normalised instead: log-transformed when the pixel intensity relationship is linear, then
-    stretched between the 0.5th and 99.8th percentiles of the non-background pixels.
+    normalised instead (:func:`_for_processing`). Pixels equal to Pixel Padding Value (up to
+    Pixel Padding Range Limit; compared with the stored values, PS3.3 C.7.5.1.1.2) are
+    background: 0, and left out of every statistic.
     """
+    padding = _padding_mask(raw, ds)
     x = raw.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
@@ -129,21 +131,21 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
     mono1 = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
 
     if not for_presentation:
-        if str(ds.get("PixelIntensityRelationship", "")).upper() == "LIN":
-            x = np.log1p(np.maximum(x - x.min(), 0.0))
-        y = _percentile_stretch(x)
+        y = _for_processing(x, ds, mono1, padding)
+        mono1 = False  # polarity already decided from the intensity relationship
     elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0 and "WindowCenter" not in ds:
         y = _apply_voi_lut_sequence(raw, x, ds)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         y = _window(x, centre, width, function)
     elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         y = _apply_voi_lut_sequence(raw, x, ds)
     else:
         # No VOI: the full stored range (or the data's actual range when that is much smaller).
         bits = int(ds.get("BitsStored", 16))
-        lo, hi = float(x.min()), float(x.max())
+        values = x[~padding] if padding is not None and not padding.all() else x
+        lo, hi = float(values.min()), float(values.max())
         if hi - lo < 1e-6:
             hi = lo + 1.0
         if hi - lo < 0.25 * ((1 << bits) - 1):
@@ -155,7 +157,50 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
     np.clip(y, 0.0, 1.0, out=y)  # in place: a full-field image is 54 MB per float32 copy
     if mono1:
         np.subtract(1.0, y, out=y)
+    if padding is not None:
+        y[padding] = 0.0
     return y
+
+
+def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Pixels that are padding (outside the breast), or None when the header declares none."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    try:
+        value = int(_first(ds.PixelPaddingValue))
+        limit = ds.get("PixelPaddingRangeLimit")
+        limit = int(_first(limit)) if limit is not None else value
+    except (TypeError, ValueError):
+        return None
+    lo, hi = min(value, limit), max(value, limit)
+    mask = (raw >= lo) & (raw <= hi)
+    return mask if mask.any() and not mask.all() else None
+
+
+def _for_processing(x: np.ndarray, ds: Dataset, mono1: bool,
+                    padding: np.ndarray | None) -> np.ndarray:
+    """For Processing values -> bright = dense, stretched between the 0.5th and 99.8th
+    percentiles of the non-background pixels.
+
+    Pixel Intensity Relationship says how values relate to the X-ray intensity reaching the
+    detector: LIN (proportional) or LOG; its sign +1 means higher values for more intensity
+    (less dense tissue), -1 the opposite. When the sign is absent it follows the photometric
+    interpretation (MONOCHROME1 shows high values dark: +1). LIN data are log-transformed."""
+    relationship = str(ds.get("PixelIntensityRelationship", "") or "").upper()
+    try:
+        sign = int(ds.get("PixelIntensityRelationshipSign"))
+    except (TypeError, ValueError):
+        sign = 0
+    if sign not in (-1, 1):
+        sign = 1 if mono1 else -1
+    valid = x[~padding] if padding is not None else x
+    if relationship == "LIN":
+        # intensity = x (sign +1) or max - x (sign -1); attenuation = -log(intensity)
+        intensity = (x - float(valid.min())) if sign > 0 else (float(valid.max()) - x)
+        y = -np.log1p(np.maximum(intensity, 0.0))
+    else:
+        y = -x if sign > 0 else x
+    return _percentile_stretch(y, padding)
 
 
 def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
@@ -171,15 +216,20 @@ def _apply_voi_lut_sequence(raw: np.ndarray, x: np.ndarray, ds: Dataset) -> np.n
     from pydicom.pixels import apply_voi
 
     item = ds.VOILUTSequence[0]
-    out = apply_voi(raw if "RescaleSlope" not in ds else x, ds, index=0).astype(np.float32)
+    rescaled = float(ds.get("RescaleSlope", 1) or 1) != 1.0 or \
+        float(ds.get("RescaleIntercept", 0) or 0) != 0.0
+    out = apply_voi(x if rescaled else raw, ds, index=0).astype(np.float32)
     nbits = int(item.LUTDescriptor[2])
     if nbits not in range(8, 17):
         nbits = int(math.ceil(math.log2(max(float(out.max()), 1.0) + 1)))
     return out / float((1 << nbits) - 1)
 
 
-def _percentile_stretch(x: np.ndarray) -> np.ndarray:
-    sample = x[:: max(1, x.shape[0] // 512), :: max(1, x.shape[1] // 512)]
+def _percentile_stretch(x: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    step_r, step_c = max(1, x.shape[0] // 512), max(1, x.shape[1] // 512)
+    sample = x[::step_r, ::step_c]
+    if padding is not None:
+        sample = sample[~padding[::step_r, ::step_c]]
     fg = sample[sample > sample.min()]
     if fg.size < 16:
         fg = sample.ravel()

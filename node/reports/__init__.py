@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
@@ -100,6 +101,8 @@ def build_reports(
     if len(set(numbers.values())) != len(numbers):
         raise ValueError("the series numbers of the output kinds must all differ")
     operating_point = threshold if cad_operating_point is None else cad_operating_point
+    check_analysis(analysis, sources)
+    analysis = one_analysis_per_displayed_image(analysis, sources)
     analysed = check_analysis(analysis, sources)
     if SC in kinds:
         for n, image in enumerate(analysed, start=1):
@@ -132,3 +135,35 @@ def build_reports(
                                   identity=identity, **common))
     log.info("built %d report object(s): %s", len(out), ", ".join(kinds))
     return out
+
+
+def one_analysis_per_displayed_image(analysis: StudyAnalysis, sources: Mapping[str, Dataset]
+                                     ) -> StudyAnalysis:
+    """At most one analysed image per image the results reference.
+
+    A study may hold both the For Processing and the For Presentation image of a view (GE sends
+    both); the results reference the For Presentation one (see :func:`presentation_image_for`).
+    Analysing both would mark every cluster twice and give two presentation states for one
+    image, so the analysis of the image the results reference wins (else the first one); the
+    others are reported as skipped, with the reason."""
+    keep: dict[str, str] = {}  # referenced SOP Instance UID -> analysed image kept for it
+    for image in analysis.images:
+        if not image.analysed:
+            continue
+        ref = str(presentation_image_for(image, sources).SOPInstanceUID)
+        kept = keep.get(ref)
+        if kept is None or (image.sop_instance_uid == ref and kept != ref):
+            keep[ref] = image.sop_instance_uid
+    kept_uids = set(keep.values())
+    if all(i.sop_instance_uid in kept_uids for i in analysis.images if i.analysed):
+        return analysis
+    images = []
+    for image in analysis.images:
+        if image.analysed and image.sop_instance_uid not in kept_uids:
+            log.info("image %s left out of the results: another analysed image of the study "
+                     "is the one its results would reference", image.sop_instance_uid)
+            image = dataclasses.replace(
+                image, findings=[], display=None, cam=None,
+                skipped_reason="the study's For Presentation image of this view was analysed")
+        images.append(image)
+    return dataclasses.replace(analysis, images=images)

@@ -54,14 +54,20 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
+from node.dicom_header import (
+    Code,
+    mammo_view,
+    modifier_term_for_code,
+    term_code,
+    view_term,
+)
 from node.reports.common import (
     check_analysis,
     check_common_args,
     check_series_number,
     laterality_of,
+    orientation_of,
     presentation_image_for,
-    valid_patient_orientation,
-    view_of,
 )
 from node.reports.kinds import MAMMOGRAPHY_CAD_SR
 from node.reports.sr import _header, _set_dates, algorithm_identification
@@ -102,6 +108,7 @@ DETECTION_PERFORMED = _C("111022", "DCM", "Detection Performed")
 ANALYSIS_PERFORMED = _C("111004", "DCM", "Analysis Performed")
 IMAGE_LATERALITY = _C("111027", "DCM", "Image Laterality")
 IMAGE_VIEW = _C("111031", "DCM", "Image View")
+IMAGE_VIEW_MODIFIER = _C("111032", "DCM", "Image View Modifier")
 ORIENTATION_ROW = _C("111044", "DCM", "Patient Orientation Row")
 ORIENTATION_COLUMN = _C("111043", "DCM", "Patient Orientation Column")
 STUDY_DATE = _C("111060", "DCM", "Study Date")
@@ -111,10 +118,6 @@ PERCENT = _C("%", "UCUM", "Percent")
 MICROMETER = _C("um", "UCUM", "micrometer")
 LATERALITY_VALUES = {"L": _C("80248007", "SCT", "Left breast"),
                      "R": _C("73056007", "SCT", "Right breast")}
-VIEW_VALUES = {"CC": _C("399162004", "SCT", "cranio-caudal"),
-               "MLO": _C("399368009", "SCT", "medio-lateral oblique"),
-               "ML": _C("399260004", "SCT", "medial-lateral"),
-               "LM": _C("399352003", "SCT", "lateral-medial")}
 
 
 # --------------------------------------------------------------------------- tree builder
@@ -225,11 +228,13 @@ def _library_entry(library: _Node, ref: Dataset, image: ImageAnalysis) -> _Node:
     lat = laterality_of(ref) or (image.laterality if image.laterality in ("L", "R") else "")
     if lat:
         entry.add("HAS ACQ CONTEXT", _code(IMAGE_LATERALITY, LATERALITY_VALUES[lat]))
-    view = _view_code(ref, image)
+    view, modifiers = _view_codes(ref, image)
     if view is not None:
-        entry.add("HAS ACQ CONTEXT", _code(IMAGE_VIEW, view))
-    orientation = valid_patient_orientation(ref.get("PatientOrientation"))
-    if orientation is not None:
+        view_item = entry.add("HAS ACQ CONTEXT", _code(IMAGE_VIEW, view))
+        for modifier in modifiers:  # CID 4015: spot compression, magnification, ...
+            view_item.add("HAS CONCEPT MOD", _code(IMAGE_VIEW_MODIFIER, modifier))
+    orientation = orientation_of(ref)
+    if orientation is not None:  # as the source has it, combined values (A\FR) included
         entry.add("HAS ACQ CONTEXT", _text(ORIENTATION_ROW, orientation[0]))
         entry.add("HAS ACQ CONTEXT", _text(ORIENTATION_COLUMN, orientation[1]))
     study_date = str(ref.get("StudyDate", "") or "")
@@ -245,14 +250,27 @@ def _library_entry(library: _Node, ref: Dataset, image: ImageAnalysis) -> _Node:
     return entry
 
 
-def _view_code(ref: Dataset, image: ImageAnalysis) -> hd.sr.CodedConcept | None:
-    seq = ref.get("ViewCodeSequence")
-    if seq:
-        item = seq[0]
-        if all(k in item for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")):
-            return _C(str(item.CodeValue), str(item.CodingSchemeDesignator),
-                      str(item.CodeMeaning))
-    return VIEW_VALUES.get(view_of(ref) or image.view)
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return _C(code.value, code.scheme or "SCT", code.meaning or code.value)
+
+
+def _view_codes(ref: Dataset, image: ImageAnalysis
+                ) -> tuple[hd.sr.CodedConcept | None, list[hd.sr.CodedConcept]]:
+    """Image View and its modifiers (CID 4014 / 4015): the current SCT code of the view the
+    source names (ViewCodeSequence with any designator, SRT and SNM3 included, or View
+    Position), else of the view the analysis determined; a code outside the context groups is
+    copied as the source has it."""
+    mv = mammo_view(ref)
+    term = view_term(mv.view) or view_term(image.view)
+    if term is not None:
+        view = _concept(term_code(term))
+    else:
+        view = _concept(mv.view_code) if mv.view_code is not None else None
+    mods = []
+    for code in mv.modifiers:
+        mterm = modifier_term_for_code(code.value)
+        mods.append(_concept(term_code(mterm) if mterm is not None else code))
+    return view, mods
 
 
 def _algorithm(node: _Node, algo: hd.sr.AlgorithmIdentification,

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation
 
 from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
-from node.dicom_header import is_for_processing, laterality_and_view
+from node.dicom_header import is_for_processing, laterality_and_view, patient_orientation
 
 FOR_PRESENTATION_MG = {
     DigitalMammographyXRayImageStorageForPresentation,
@@ -157,19 +157,12 @@ def presentation_image_for(
     return candidates[0][2]
 
 
-_ORIENTATION_LETTERS = set("APRLHF")
+def orientation_of(ds: Dataset) -> list[str] | None:
+    """The source's two Patient Orientation values when they are legal (PS3.3 C.7.6.1.1.1,
+    combined values such as ``A\\FR`` included), else None.
 
-
-def valid_patient_orientation(value: object) -> list[str] | None:
-    """The two PatientOrientation values when they are valid (letters A P R L H F), else None.
-
-    Digitised-film archives put view names ("CC") there; those must not be copied on."""
-    if value is None or isinstance(value, str):
-        return None
-    try:
-        parts = [str(v) for v in value]  # type: ignore[union-attr]
-    except TypeError:
-        return None
-    if len(parts) == 2 and all(p and set(p) <= _ORIENTATION_LETTERS for p in parts):
-        return parts
-    return None
+    Digitised-film archives put view names ("CC") there; those must not be copied on. The
+    values are copied as they are: highdicom's enumeration takes single letters only, so the
+    builders set the attribute themselves (see :mod:`node.reports.sc`)."""
+    value = patient_orientation(ds)
+    return list(value) if value is not None else None

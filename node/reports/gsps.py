@@ -46,6 +46,88 @@ def label_for(index: int, probability: float) -> str:
     return f"#{index} P(malignant) {probability * 100:.0f}%"
 
 
+def _numbers(value: object) -> list[float]:
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return [float(value)]  # type: ignore[arg-type]
+    return [float(v) for v in value]  # type: ignore[union-attr]
+
+
+def _lut_data(item: Dataset) -> np.ndarray:
+    """LUT Data as uint16, whether it was read as OW (bytes) or US (a list of numbers)."""
+    data = item.LUTData
+    if isinstance(data, bytes | bytearray):
+        bits = int(item.LUTDescriptor[2])
+        dtype = np.uint8 if bits <= 8 and len(data) == int(item.LUTDescriptor[0] or 65536) \
+            else np.dtype("<u2")
+        return np.frombuffer(data, dtype=dtype).astype(np.uint16)
+    return np.asarray(_numbers(data), dtype=np.uint16)
+
+
+def _shared(ref: Dataset, sequence: str) -> Dataset | None:
+    """The first item of ``sequence`` in the Shared Functional Groups (enhanced images such as
+    Breast Projection X-Ray keep rescale and VOI there), or None."""
+    try:
+        return ref.SharedFunctionalGroupsSequence[0][sequence][0]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def modality_transformation(ref: Dataset) -> hd.ModalityLUTTransformation | None:
+    """Rescale slope / intercept of the image (top level or shared functional groups)."""
+    source = ref if "RescaleSlope" in ref else _shared(ref, "PixelValueTransformationSequence")
+    if source is None or "RescaleSlope" not in source:
+        return None
+    return hd.ModalityLUTTransformation(
+        rescale_intercept=float(source.get("RescaleIntercept", 0) or 0),
+        rescale_slope=float(source.RescaleSlope or 1),
+        rescale_type=str(source.get("RescaleType", "") or "US"))
+
+
+def voi_transformations(ref: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """The referenced image's VOI as the GSPS's Softcopy VOI LUT, so that it looks as without
+    the marks: every window (the first is the default) with its VOI LUT Function (LINEAR,
+    LINEAR_EXACT, SIGMOID), else its VOI LUT Sequence, else those of its shared functional
+    groups (Frame VOI LUT), else None (no VOI: none is written).
+    highdicom's own copy refuses images that
+    carry both (GE sends both: the window wins, as it does in the analysis) and LUT Data read
+    as US, so it is done here."""
+    if "WindowCenter" not in ref and "VOILUTSequence" not in ref:
+        frame_voi = _shared(ref, "FrameVOILUTSequence")
+        if frame_voi is not None:
+            ref = frame_voi
+    if "WindowCenter" in ref and "WindowWidth" in ref:
+        centres, widths = _numbers(ref.WindowCenter), _numbers(ref.WindowWidth)
+        n = min(len(centres), len(widths))
+        explanation = ref.get("WindowCenterWidthExplanation")
+        explanations = None
+        if explanation:
+            values = [str(e) for e in (explanation if not isinstance(explanation, str)
+                                       else [explanation])]
+            explanations = values[:n] if len(values) >= n else None
+        function = str(ref.get("VOILUTFunction", "") or "").upper() or None
+        return [hd.pr.SoftcopyVOILUTTransformation(
+            window_center=centres[:n] if n > 1 else centres[0],
+            window_width=widths[:n] if n > 1 else widths[0],
+            window_explanation=explanations if n > 1 or explanations is None
+            else explanations[0],
+            voi_lut_function=function if function in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+            else None)]
+    luts = []
+    for item in ref.get("VOILUTSequence", []) or []:
+        try:
+            data = _lut_data(item)
+            bits = int(item.LUTDescriptor[2])
+            if bits != 16:  # a Softcopy VOI LUT has 8 or 16 output bits: written as 16
+                data = np.round(data.astype(np.float64) * 65535.0 / ((1 << bits) - 1)
+                                ).astype(np.uint16)
+            lut = hd.VOILUT(first_mapped_value=int(item.LUTDescriptor[1]), lut_data=data,
+                            lut_explanation=item.get("LUTExplanation"))
+            luts.append(lut)
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            log.warning("VOI LUT not carried into the GSPS: %s", exc)
+    return [hd.pr.SoftcopyVOILUTTransformation(voi_luts=luts)] if luts else None
+
+
 def _text_anchor(outline: np.ndarray, columns: int, rows: int) -> tuple[float, float]:
     """Where the label points: the top-most outline point, kept inside the image."""
     top = outline[int(np.argmin(outline[:, 1]))]
@@ -88,6 +170,10 @@ def build_gsps(
     ref = presentation_image_for(image, sources)
     header = Dataset({e.tag: e for e in ref if e.keyword not in _PIXEL_KEYWORDS})
     header.file_meta = getattr(ref, "file_meta", Dataset())
+    if str(header.get("NumberOfFrames", "") or "") == "1":
+        # One frame (e.g. a Breast Projection X-Ray image): presented as a single-frame
+        # image; highdicom would otherwise ask for per-frame references.
+        del header.NumberOfFrames
     for keyword in ("Rows", "Columns", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                     "SeriesInstanceUID"):
         if keyword not in header:
@@ -128,6 +214,7 @@ def build_gsps(
         referenced_images=[header], graphic_layer=layer,
         graphic_objects=graphics or None, text_objects=texts or None,
     )
+    voi = voi_transformations(ref)
     presentation_lut = None
     if str(ref.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         presentation_lut = hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE")
@@ -147,6 +234,8 @@ def build_gsps(
         graphic_annotations=[annotation],
         graphic_layers=[layer],
         presentation_lut_transformation=presentation_lut,
+        modality_lut_transformation=modality_transformation(ref),
+        voi_lut_transformations=voi,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=GSPS_SERIES_DESCRIPTION,
     )

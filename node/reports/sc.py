@@ -17,7 +17,7 @@ from node.reports.common import (
     check_finding,
     check_series_number,
     laterality_of,
-    valid_patient_orientation,
+    orientation_of,
 )
 from node.reports.uids import ResultUIDs
 
@@ -148,7 +148,8 @@ def build_sc(
     ``source`` is the analysed instance (headers suffice). Patient and study attributes are
     copied from ``identity`` (default: ``source``; :func:`node.reports.build_reports` passes the
     same dataset for every object of a study so that they agree even when the sources don't).
-    PatientOrientation is copied only when it is a valid two-valued value (else written empty,
+    PatientOrientation is copied as it is when it is a legal two-valued value (any PS3.3
+    C.7.6.1.1.1 form, combined oblique values such as ``A\\FR`` included; else written empty,
     Type 2); laterality goes to ImageLaterality (the series holds both breasts); PixelSpacing is
     never written.
     """
@@ -174,7 +175,7 @@ def build_sc(
     uids = ResultUIDs(analysis_key)
     header = Dataset({e.tag: e for e in source if e.keyword not in _PIXEL_KEYWORDS})
     lat = laterality_of(source) or (image.laterality if image.laterality in ("L", "R") else "")
-    orientation = valid_patient_orientation(source.get("PatientOrientation"))
+    orientation = orientation_of(source)
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -187,14 +188,17 @@ def build_sc(
         sop_instance_uid=uids.sc_instance(image.sop_instance_uid),
         instance_number=instance_number,
         manufacturer=manufacturer,
-        patient_orientation=tuple(orientation) if orientation else ("A", "F"),
+        # highdicom validates against single-letter enums ("FL" is refused although PS3.3
+        # C.7.6.1.1.1 allows it): a placeholder here, the source's own values below.
+        patient_orientation=("A", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SC_SERIES_DESCRIPTION,
         software_versions=software_version,
         manufacturer_model_name=model.name[:64],
     )
-    if orientation is None:
-        sc.PatientOrientation = None  # Type 2: empty rather than a guess
+    # The source's orientation as it is (e.g. A\FR for a left MLO); Type 2: empty rather than
+    # a guess when the source has none or an illegal one.
+    sc.PatientOrientation = orientation if orientation is not None else None
     # The SC series holds both breasts, so laterality is per image: ImageLaterality, and no
     # series Laterality (dciodvfy: Laterality must be absent when ImageLaterality is sent).
     # Unknown laterality: empty series Laterality (Type 2C, "unknown").

@@ -18,8 +18,8 @@ from node.reports.common import (
     check_common_args,
     check_series_number,
     laterality_of,
+    orientation_of,
     presentation_image_for,
-    valid_patient_orientation,
 )
 from node.reports.uids import ResultUIDs
 
@@ -63,6 +63,36 @@ def _header(ds: Dataset) -> Dataset:
     return out
 
 
+# Image SOP classes highdicom's Image Library cannot code a modality for (it raises): the entry is
+# built as the closest class it knows and the reference is set back to the real class after.
+_LIBRARY_STAND_IN = {
+    "1.2.840.10008.5.1.4.1.1.13.1.4": "1.2.840.10008.5.1.4.1.1.1.2",  # BPX -> MG Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5": "1.2.840.10008.5.1.4.1.1.1.2.1",  # BPX -> MG Processing
+}
+
+
+def _known_to_highdicom(sop_class_uid: str) -> bool:
+    try:
+        from highdicom.sr.templates import _get_coded_modality
+    except ImportError:  # pragma: no cover - another highdicom layout: assume it knows
+        return True
+    try:
+        _get_coded_modality(sop_class_uid)
+    except ValueError:
+        return False
+    return True
+
+
+def _restore_library_classes(item: Dataset, real: dict[str, str]) -> None:
+    """Set the Image Library references built on a stand-in class back to the real class."""
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") == "IMAGE":
+            ref = child.ReferencedSOPSequence[0]
+            if str(ref.ReferencedSOPInstanceUID) in real:
+                ref.ReferencedSOPClassUID = real[str(ref.ReferencedSOPInstanceUID)]
+        _restore_library_classes(child, real)
+
+
 def _library_view(ds: Dataset) -> Dataset:
     """What highdicom's Image Library entry needs from ``ds``.
 
@@ -76,10 +106,13 @@ def _library_view(ds: Dataset) -> Dataset:
         if keyword in ds and ds[keyword].value not in (None, ""):
             setattr(view, keyword, ds[keyword].value)
     view.Modality = str(ds.get("Modality", "") or "OT")
+    sop_class = str(view.get("SOPClassUID", ""))
+    if not _known_to_highdicom(sop_class):
+        view.SOPClassUID = _LIBRARY_STAND_IN.get(sop_class, "1.2.840.10008.5.1.4.1.1.7")
     if view.Modality in _PROJECTION_MODALITIES:
         spacing = view.get("ImagerPixelSpacing")
         ok_spacing = spacing is not None and len(spacing) == 2
-        orientation = valid_patient_orientation(view.get("PatientOrientation"))
+        orientation = orientation_of(ds)
         if not (ok_spacing and orientation is not None):
             view.Modality = "OT"  # only changes which descriptors highdicom emits
     return view
@@ -310,14 +343,20 @@ def build_sr(
         )
     )
     headers = [_header(ds) for ds in library.values()]
+    views = [_library_view(ds) for ds in headers]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.SCT.Mammography,
         # highdicom needs one group; a study without ROI then loses the (empty) container
         imaging_measurements=rois or [_placeholder_group(uids)],
-        referenced_images=[_library_view(ds) for ds in headers],
+        referenced_images=views,
     )
     root = report[0]
+    stand_ins = {str(h.SOPInstanceUID): str(h.SOPClassUID) for h, v in zip(headers, views,
+                                                                          strict=True)
+                 if str(v.SOPClassUID) != str(h.SOPClassUID)}
+    if stand_ins:
+        _restore_library_classes(root, stand_ins)
     if not rois:
         root.ContentSequence = [item for item in root.ContentSequence
                                 if item.ConceptNameCodeSequence[0].CodeValue
