@@ -220,8 +220,10 @@ def _check_outputs(variant: Variant, src: pydicom.Dataset, got: Received,
         first = src.WindowCenter[0] if src["WindowCenter"].VM > 1 else src.WindowCenter
         centre = voi.WindowCenter[0] if voi["WindowCenter"].VM > 1 else voi.WindowCenter
         assert float(centre) == float(first), name
-        if "VOILUTFunction" in src:
+        if str(src.get("VOILUTFunction", "LINEAR")).upper() != "LINEAR":
             assert voi.VOILUTFunction == src.VOILUTFunction, name
+        else:  # LINEAR is the default; written out it makes OHIF show the image black
+            assert "VOILUTFunction" not in voi, name
     elif "VOILUTSequence" in src:
         assert "VOILUTSequence" in ps.SoftcopyVOILUTSequence[0], name
     # The Grad-CAM picture shows this mammogram the right way up and the right polarity.
