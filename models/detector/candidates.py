@@ -1,0 +1,230 @@
+"""Microcalcification candidates: multi-scale bright blobs and their features.
+
+The image is resampled to a working grid of ``work_mm`` (0.1 mm: area-averaged when the source
+is finer, pixel-replicated when coarser), so the same filters in millimetres apply to film at
+0.2 mm and to digital detectors at 0.05-0.1 mm. On it:
+
+* differences of Gaussians in four bands between sigma 0.07 and 0.36 mm (bright
+  blobs of ~0.25-1 mm diameter), each divided by its own local robust noise level, so the
+  response is a contrast-to-noise ratio (SNR) whatever the VOI or the film grain;
+* candidates are the local maxima of the best-scale SNR inside the breast above ``snr``;
+* features per candidate (all in physical units or ratios): SNR per scale, best scale, contrast
+  and background level, Hessian eigenvalue ratio at the best scale (elongation: a speck is round,
+  a vessel or duct wall is a line) and at two context scales (0.6 and 1.2 mm: lines, edges),
+  gradient at the context scale (edges of dense tissue), distance to the breast edge, signed
+  distance to the pectoral muscle, and the density of other candidates around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.spatial import cKDTree
+
+from models.detector.anatomy import Anatomy, anatomy
+
+# DoG band edges (sigma, mm): band k lies between EDGES_MM[k] and EDGES_MM[k + 1]; its centre
+# scale (geometric mean) is SCALES_MM[k].
+EDGES_MM = (0.07, 0.105, 0.16, 0.24, 0.36)
+SCALES_MM = tuple(round(float(np.sqrt(a * b)), 3) for a, b in zip(EDGES_MM[:-1], EDGES_MM[1:],
+                                                                   strict=True))
+CONTEXT_MM = (0.6, 1.2)
+
+CANDIDATE_FEATURES = (
+    "snr", "snr_s0", "snr_s1", "snr_s2", "snr_s3", "scale_mm", "contrast", "background",
+    "noise", "elong", "curv_ratio", "line_ctx1", "line_ctx2", "ridge_ctx1", "grad_ctx",
+    "edge_mm", "pectoral_mm", "n_2mm", "n_5mm", "n_15mm", "snr_rank_5mm", "spacing_mm",
+)
+
+
+@dataclass(frozen=True)
+class CandidateParams:
+    work_mm: float = 0.1
+    snr: float = 4.0  # candidate threshold on the best-scale SNR
+    border_mm: float = 3.0  # no candidates this close to the image edge
+    noise_window_mm: float = 12.0
+    max_candidates: int = 2500  # per image, strongest first
+
+
+@dataclass
+class Candidates:
+    """Candidates of one image: source-image (row, col) and a feature matrix."""
+
+    rows: np.ndarray  # float64, source numpy coordinates
+    cols: np.ndarray
+    features: np.ndarray  # float32 (n, len(CANDIDATE_FEATURES))
+    anatomy: Anatomy | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def feature(self, name: str) -> np.ndarray:
+        return self.features[:, CANDIDATE_FEATURES.index(name)]
+
+
+def to_work_grid(
+    image01: np.ndarray, mask: np.ndarray, spacing_mm: float, work_mm: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Resample image and mask to ``work_mm``; returns (image, mask, work px per source px)."""
+    rows, cols = image01.shape
+    f = spacing_mm / work_mm
+    if abs(f - 1.0) < 1e-3:
+        return image01.astype(np.float32, copy=False), mask, 1.0
+    size = (max(1, int(round(cols * f))), max(1, int(round(rows * f))))
+    # Finer images are area-averaged; coarser ones are replicated, not interpolated, so a speck
+    # keeps the contrast it was measured with (interpolation would blur it and change its SNR).
+    interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_NEAREST
+    work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
+    wmask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return work, wmask, size[0] / cols
+
+
+def local_noise(resp: np.ndarray, mask: np.ndarray, window_px: float) -> np.ndarray:
+    """Local robust noise SD of a filter response inside the breast, at every pixel.
+
+    Computed on a coarse grid (the window is ~12 mm) as the RMS of the response after clipping
+    its strongest values (the specks themselves), then smoothly interpolated back.
+    """
+    rows, cols = resp.shape
+    step = max(1, int(window_px // 4))
+    sr, sc = max(1, rows // step), max(1, cols // step)
+    # coarse first (area average = box filter + decimation), then the window blur on the coarse
+    # grid: ~20x cheaper than blurring the full-resolution map with a 12 mm box.
+    m = cv2.resize(mask.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
+    inside = resp[mask]
+    cap = float(np.quantile(inside[:: max(1, inside.size // 200000)], 0.98)) if inside.size \
+        else 1.0
+    cap = max(cap, 1e-6)
+    t2 = np.minimum(np.abs(resp), cap) ** 2
+    t2[~mask] = 0.0
+    num = cv2.resize(t2, (sc, sr), interpolation=cv2.INTER_AREA)
+    k = (5, 5)
+    num, den = cv2.blur(num, k), cv2.blur(m, k)
+    sd = np.sqrt(num / np.maximum(den, 1e-3))
+    ok = den > 0.5
+    floor = max(float(np.median(sd[ok])) * 0.5 if ok.any() else 1e-5, 1e-5)
+    sd = np.maximum(sd, floor).astype(np.float32)
+    return cv2.resize(sd, (cols, rows), interpolation=cv2.INTER_LINEAR)
+
+
+def _hessian_at(g: np.ndarray, r: np.ndarray, c: np.ndarray, h: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenvalues (l1 <= l2) and gradient magnitude of blurred image ``g`` at integer (r, c),
+    by central differences with step ``h`` pixels."""
+    rows, cols = g.shape
+    rp, rm = np.minimum(r + h, rows - 1), np.maximum(r - h, 0)
+    cp, cm = np.minimum(c + h, cols - 1), np.maximum(c - h, 0)
+    centre = g[r, c]
+    dxx = (g[r, cp] - 2 * centre + g[r, cm]) / (h * h)
+    dyy = (g[rp, c] - 2 * centre + g[rm, c]) / (h * h)
+    dxy = (g[rp, cp] - g[rp, cm] - g[rm, cp] + g[rm, cm]) / (4 * h * h)
+    tr, det = dxx + dyy, dxx * dyy - dxy * dxy
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+    l1, l2 = tr / 2 - disc, tr / 2 + disc
+    grad = np.hypot(g[r, cp] - g[r, cm], g[rp, c] - g[rm, c]) / (2 * h)
+    return l1, l2, grad
+
+
+def find_candidates(
+    image01: np.ndarray,
+    mask: np.ndarray,
+    spacing_mm: float,
+    p: CandidateParams = CandidateParams(),
+    *,
+    view: str = "",
+) -> Candidates:
+    """Candidates and their features for one prepared image (see the module docstring)."""
+    anat = anatomy(image01, mask, spacing_mm, view)
+    work_mm = max(p.work_mm, spacing_mm)
+    work, wmask, f = to_work_grid(image01, mask, spacing_mm, work_mm)
+    px = work_mm
+    b = int(round(p.border_mm / px))
+    if b > 0:
+        wmask = wmask.copy()
+        wmask[:b], wmask[-b:], wmask[:, :b], wmask[:, -b:] = False, False, False, False
+    empty = Candidates(np.zeros(0), np.zeros(0),
+                       np.zeros((0, len(CANDIDATE_FEATURES)), np.float32), anat)
+    if not wmask.any():
+        return empty
+    # Difference of Gaussians between successive blurs (ratio 1.5: scale-normalised up to a
+    # constant that the noise normalisation removes); each blur starts from the previous one.
+    blurred = [cv2.GaussianBlur(work, (0, 0), EDGES_MM[0] / px)]
+    for s0, s1 in zip(EDGES_MM[:-1], EDGES_MM[1:], strict=True):
+        blurred.append(cv2.GaussianBlur(blurred[-1], (0, 0), np.sqrt(s1 * s1 - s0 * s0) / px))
+    best = np.zeros(work.shape, np.float32)
+    snrs, noises = [], []
+    for k in range(len(SCALES_MM)):
+        resp = blurred[k] - blurred[k + 1]
+        noise = local_noise(resp, wmask, p.noise_window_mm / px)
+        snr = resp / noise
+        np.maximum(best, snr, out=best)
+        snrs.append(snr)
+        noises.append(noise)
+    best[~wmask] = 0.0
+    peak = (best >= p.snr) & (best >= cv2.dilate(best, np.ones((5, 5), np.uint8)))
+    n, labels, _, cent = cv2.connectedComponentsWithStats(peak.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return empty
+    pr = np.clip(np.round(cent[1:, 1]).astype(int), 0, work.shape[0] - 1)
+    pc = np.clip(np.round(cent[1:, 0]).astype(int), 0, work.shape[1] - 1)
+    snr_peak = best[pr, pc]
+    order = np.lexsort((pc, pr, -snr_peak))[: p.max_candidates]
+    pr, pc = pr[order], pc[order]
+    ok = wmask[pr, pc]
+    pr, pc = pr[ok], pc[ok]
+    if len(pr) == 0:
+        return empty
+    per_scale = np.stack([s[pr, pc] for s in snrs])  # (scales, n)
+    k_best = per_scale.argmax(axis=0)
+    snr = per_scale.max(axis=0)
+    scale_mm = np.asarray(SCALES_MM)[k_best]
+    noise = np.stack([nz[pr, pc] for nz in noises])[k_best, np.arange(len(pr))]
+    # elongation at the best scale: l2 / l1 for a bright blob (both negative): 1 round, 0 line
+    l1 = np.zeros(len(pr))
+    l2 = np.zeros(len(pr))
+    for k in range(len(SCALES_MM)):
+        sel = k_best == k
+        if sel.any():
+            h = max(1, int(round(SCALES_MM[k] / px)))
+            a1, a2, _ = _hessian_at(blurred[k + 1], pr[sel], pc[sel], h)
+            l1[sel], l2[sel] = a1, a2
+    elong = np.where(l1 < 0, np.clip(l2 / np.minimum(l1, -1e-9), -1, 1), -1.0)
+    curv_ratio = np.abs(l1) / (np.abs(l1) + np.abs(l2) + 1e-9)
+    # context (vessels, duct walls, dense-tissue edges) and background on a coarse copy
+    cmm = max(0.4, px)
+    coarse = cv2.resize(work, (max(1, int(work.shape[1] * px / cmm)),
+                               max(1, int(work.shape[0] * px / cmm))), interpolation=cv2.INTER_AREA)
+    cf = coarse.shape[1] / work.shape[1]
+    cr = np.clip(np.round((pr + 0.5) * cf - 0.5).astype(int), 0, coarse.shape[0] - 1)
+    cc = np.clip(np.round((pc + 0.5) * cf - 0.5).astype(int), 0, coarse.shape[1] - 1)
+    background = cv2.GaussianBlur(coarse, (0, 0), 1.0 / cmm)[cr, cc]
+    contrast = blurred[0][pr, pc] - background
+    ctx = []
+    for s in CONTEXT_MM:
+        g = cv2.GaussianBlur(coarse, (0, 0), s / cmm)
+        h = max(1, int(round(s / cmm)))
+        a1, a2, grad = _hessian_at(g, cr, cc, h)
+        mag = np.abs(a1) + np.abs(a2) + 1e-9
+        # 1 for a bright line (one strongly negative eigenvalue, one ~0), 0 for a blob or flat
+        line = np.where(a1 < 0, (np.abs(a1) - np.abs(a2)) / mag, 0.0)
+        ridge = -a1 * s * s / (cmm * cmm) / np.maximum(noise, 1e-6)
+        ctx.append((line, ridge, grad * s / cmm / np.maximum(noise, 1e-6)))
+    rows_src = (pr + 0.5) / f - 0.5
+    cols_src = (pc + 0.5) / f - 0.5
+    edge_mm, pect_mm = anat.sample(rows_src, cols_src)
+    pect_mm = np.where(np.isfinite(pect_mm), pect_mm, -100.0)
+    pts = np.stack([pr, pc], axis=1) * px  # mm
+    tree = cKDTree(pts)
+    counts = [tree.query_ball_point(pts, r, return_length=True) - 1 for r in (2.0, 5.0, 15.0)]
+    # rank of this candidate's SNR among its 5 mm neighbours (1 = the strongest there)
+    nb = tree.query_ball_point(pts, 5.0)
+    rank = np.array([int((snr[idx] > snr[i]).sum()) + 1 for i, idx in enumerate(nb)])
+    feats = np.column_stack([
+        snr, per_scale[0], per_scale[1], per_scale[2], per_scale[3], scale_mm, contrast,
+        background, noise, elong, curv_ratio, ctx[0][0], ctx[1][0], ctx[0][1], ctx[0][2],
+        edge_mm, pect_mm, counts[0], counts[1], counts[2], rank,
+        np.full(len(pr), spacing_mm),
+    ]).astype(np.float32)
+    return Candidates(rows_src.astype(np.float64), cols_src.astype(np.float64), feats, anat)
