@@ -37,6 +37,10 @@ class ModelInfo:
     version: str
     architecture: str
     threshold: float  # P(malignant) at or above which a finding is called malignant
+    # True only when the model card's cross-validated evidence supports a Benign/Malignant call
+    # (models.card.classification_validated); otherwise the reports carry the cluster mark and
+    # its detection score and say "not validated for benign/malignant classification".
+    classification_validated: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,10 @@ class Finding:
     outline_xy: tuple[tuple[float, float], ...]  # closed polygon (first == last), pixels
     radius_mm: float  # cluster radius in millimetres
     n_calcifications: int  # candidate specks grouped into this cluster
-    probability: float  # P(malignant) in [0, 1]
+    probability: float  # P(malignant) in [0, 1] (calibrated when the card has a calibration)
+    # The detector's cluster score in [0, 1] (likelihood that the mark is a calcification
+    # cluster); None when the analysis has no detector score (then reports use ``probability``).
+    detection_score: float | None = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ from node.reports.common import (
     presentation_image_for,
     valid_patient_orientation,
 )
+from node.reports.labels import NOT_VALIDATED, cluster_score, is_malignant
 from node.reports.uids import ResultUIDs
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ PATHOLOGY = codes.DCM.Pathology  # (111042, DCM)
 MALIGNANT = codes.SCT.Malignant  # (21594007, SCT)
 BENIGN = codes.SCT.Benign  # (30807003, SCT)
 ABSENT = codes.SCT.Absent  # (272519000, SCT)
+CERTAINTY_OF_FINDING = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 
 def _header(ds: Dataset) -> Dataset:
@@ -99,6 +102,7 @@ def _roi_group(
     uids: ResultUIDs,
     algo: hd.sr.AlgorithmIdentification,
     threshold: float,
+    validated: bool,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     lat = image.laterality or finding.laterality or laterality_of(reference)
     region = hd.sr.ImageRegion(
@@ -109,9 +113,8 @@ def _roi_group(
             referenced_sop_instance_uid=reference.SOPInstanceUID,
         ),
     )
-    percent = round(float(finding.probability) * 100.0, 2)
-    malignant = float(finding.probability) >= threshold
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    measurements, evaluations = _values(finding, algo, threshold, validated)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking(finding.index),
             identifier=f"Calcification cluster {finding.index}",
@@ -120,18 +123,32 @@ def _roi_group(
         finding_type=CALCIFICATION_CLUSTER,
         finding_sites=[_finding_site(lat)],
         algorithm_id=algo,
-        measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY_OF_CANCER,
-                value=percent,
-                unit=codes.UCUM.Percent,
-                algorithm_id=algo,
-            )
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(PATHOLOGY, MALIGNANT if malignant else BENIGN)
-        ],
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
     )
+    if not validated:
+        # TEXT qualitative evaluation (TID 1419 allows TEXT; highdicom writes CODE only)
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT, value=f"Detection only: {NOT_VALIDATED}",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _values(finding: Finding, algo: hd.sr.AlgorithmIdentification, threshold: float,
+            validated: bool) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The label values of one ROI: Certainty of Finding (the detector's cluster score) always;
+    Probability of cancer and Pathology = Malignant/Benign only for a validated classifier."""
+    def percent(name: hd.sr.CodedConcept, value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value) * 100.0, 2),
+                                 unit=codes.UCUM.Percent, algorithm_id=algo)
+
+    if not validated:
+        return [percent(CERTAINTY_OF_FINDING, cluster_score(finding))], []
+    measurements = [percent(PROBABILITY_OF_CANCER, finding.probability)]
+    if finding.detection_score is not None:
+        measurements.append(percent(CERTAINTY_OF_FINDING, finding.detection_score))
+    call = MALIGNANT if is_malignant(finding, threshold) else BENIGN
+    return measurements, [hd.sr.QualitativeEvaluation(PATHOLOGY, call)]
 
 
 def _absent_group(
@@ -210,7 +227,8 @@ def build_sr(
     for image, ref in zip(analysed, references, strict=True):
         for finding in sorted(image.findings, key=lambda f: f.index):
             rois.append(_roi_group(finding, image, ref, uids=uids, algo=algo,
-                                   threshold=float(threshold)))
+                                   threshold=float(threshold),
+                                   validated=analysis.model.classification_validated))
         if not image.findings:
             absent.append(_absent_group(image, ref, uids=uids, algo=algo))
 
