@@ -23,6 +23,7 @@ from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
 from node.reports.cad_sr import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED, read_cad_findings
 from node.reports.kinds import SOP_CLASS_OF_KIND
+from node.reports.sr import CERTAINTY_OF_FINDING
 from node.testdata import mias_four_view
 from tests.netutil import REPO, NodeProcess, StoreSCP, storescu, wait_until
 from tests.orthanc import Orthanc
@@ -43,7 +44,11 @@ def operating_point_between_scores(study: list[Path]) -> float:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         inputs.append(ImageInput(path, ds.SOPInstanceUID, ds.SOPClassUID))
     analysis = pipeline.analyse(str(ds.StudyInstanceUID), inputs)
-    scores = sorted(f.probability for f in analysis.findings)
+    # the operating point applies to P(malignant) for a model validated for classification,
+    # to the cluster score otherwise (the shipped card)
+    validated = analysis.model.classification_validated
+    scores = sorted(f.probability if validated else f.detection_score
+                    for f in analysis.findings)
     assert len(scores) >= 2, "the test study needs at least two clusters"
     gap, low = max((b - a, a) for a, b in zip(scores, scores[1:], strict=False))
     assert gap > 1e-3, scores
@@ -127,14 +132,17 @@ def test_each_destination_gets_its_kinds(tmp_path: Path) -> None:
     # The CAD SR says what the TID 1500 SR says, and marks by the configured operating point.
     cad = read_cad_findings(pydicom.dcmread(by_class[kind["mammo_cad"]]))
     groups = hd.sr.srread(by_class[kind["tid1500"]]).content.get_planar_roi_measurement_groups()
+    validated = "probability" in cad[0]
+    name, key = ((codes.DCM.ProbabilityOfCancer, "probability") if validated
+                 else (CERTAINTY_OF_FINDING, "certainty"))
     tid1500 = sorted(
         (g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
-         round(float(g.get_measurements(name=codes.DCM.ProbabilityOfCancer)[0].value), 2))
+         round(float(g.get_measurements(name=name)[0].value), 2))
         for g in groups)
-    assert sorted((e["sop_instance_uid"], round(e["probability"], 2)) for e in cad) == tid1500
+    assert sorted((e["sop_instance_uid"], round(e[key], 2)) for e in cad) == tid1500
     intents = Counter(e["rendering_intent"] for e in cad)
     assert intents[PRESENTATION_REQUIRED.value] >= 1 and intents[PRESENTATION_OPTIONAL.value] >= 1
     for e in cad:
-        required = e["probability"] >= op * 100
+        required = e[key] >= op * 100
         assert e["rendering_intent"] == (PRESENTATION_REQUIRED if required
                                          else PRESENTATION_OPTIONAL).value

@@ -81,32 +81,91 @@ def to_work_grid(
     return work, wmask, size[0] / cols
 
 
-def local_noise(resp: np.ndarray, mask: np.ndarray, window_px: float) -> np.ndarray:
-    """Local robust noise SD of a filter response inside the breast, at every pixel.
+def local_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2
+                ) -> np.ndarray:
+    """Local robust noise SD of a filter response inside the breast, at every pixel (the
+    coarse map of :func:`coarse_noise` interpolated back to full resolution)."""
+    sd = coarse_noise(resp, mask, window_px, stride)
+    return cv2.resize(sd, (resp.shape[1], resp.shape[0]), interpolation=cv2.INTER_LINEAR)
 
-    Computed on a coarse grid (the window is ~12 mm) as the RMS of the response after clipping
-    its strongest values (the specks themselves), then smoothly interpolated back.
+
+def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2
+                 ) -> np.ndarray:
+    """Local robust noise SD of a filter response inside the breast, on a coarse grid.
+
+    Computed from every ``stride``-th pixel on a grid of a quarter window (the window is
+    ~12 mm) as the RMS of the response after clipping its strongest values (the specks
+    themselves).
     """
-    rows, cols = resp.shape
-    step = max(1, int(window_px // 4))
-    sr, sc = max(1, rows // step), max(1, cols // step)
+    r2, m2 = resp[::stride, ::stride], mask[::stride, ::stride]
+    step = max(1, int(window_px // (4 * stride)))
+    sr, sc = max(1, r2.shape[0] // step), max(1, r2.shape[1] // step)
     # coarse first (area average = box filter + decimation), then the window blur on the coarse
     # grid: ~20x cheaper than blurring the full-resolution map with a 12 mm box.
-    m = cv2.resize(mask.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
-    inside = resp[mask]
-    cap = float(np.quantile(inside[:: max(1, inside.size // 200000)], 0.98)) if inside.size \
-        else 1.0
-    cap = max(cap, 1e-6)
-    t2 = np.minimum(np.abs(resp), cap) ** 2
-    t2[~mask] = 0.0
+    m = cv2.resize(m2.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
+    sub = max(1, int(np.sqrt(r2.size / 250000)))  # the 98th percentile from ~250k pixels
+    inside = r2[::sub, ::sub][m2[::sub, ::sub]]
+    cap = max(float(np.quantile(inside, 0.98)) if inside.size else 1.0, 1e-6)
+    t2 = np.minimum(np.abs(r2), cap) ** 2
+    t2[~m2] = 0.0
     num = cv2.resize(t2, (sc, sr), interpolation=cv2.INTER_AREA)
     k = (5, 5)
     num, den = cv2.blur(num, k), cv2.blur(m, k)
     sd = np.sqrt(num / np.maximum(den, 1e-3))
     ok = den > 0.5
     floor = max(float(np.median(sd[ok])) * 0.5 if ok.any() else 1e-5, 1e-5)
-    sd = np.maximum(sd, floor).astype(np.float32)
-    return cv2.resize(sd, (cols, rows), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(sd, floor).astype(np.float32)
+
+
+def sample_like_resize(coarse: np.ndarray, shape: tuple[int, int], rows: np.ndarray,
+                       cols: np.ndarray) -> np.ndarray:
+    """Values of ``cv2.resize(coarse, shape[::-1], INTER_LINEAR)`` at full-resolution integer
+    (rows, cols), without building the full-resolution map."""
+    def axis(x: np.ndarray, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f = (x + 0.5) * (n_in / n_out) - 0.5
+        f = np.clip(f, 0.0, n_in - 1.0)
+        i0 = np.floor(f).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, f - i0
+
+    r0, r1, wr = axis(rows.astype(np.float64), shape[0], coarse.shape[0])
+    c0, c1, wc = axis(cols.astype(np.float64), shape[1], coarse.shape[1])
+    top = coarse[r0, c0] * (1 - wc) + coarse[r0, c1] * wc
+    bottom = coarse[r1, c0] * (1 - wc) + coarse[r1, c1] * wc
+    return top * (1 - wr) + bottom * wr
+
+
+def _gauss(sigma: float) -> tuple[np.ndarray, int]:
+    k = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-k, k + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum(), k
+
+
+def _stencils(windows: np.ndarray, radius: int, sigma: float, h: int) -> np.ndarray:
+    """Gaussian-blurred values (sigma px) at the 3 x 3 stencil of step ``h`` around each window
+    centre: (n, 3, 3), rows/cols offsets (-h, 0, +h). ``windows`` are (n, 2R+1, 2R+1)."""
+    g, k = _gauss(sigma)
+    out = np.empty((len(windows), 3, 3))
+    for j, dc in enumerate((-h, 0, h)):
+        c0 = radius + dc - k
+        cols = windows[:, :, c0:c0 + 2 * k + 1] @ g  # (n, 2R+1): rows blurred along x
+        for i, dr in enumerate((-h, 0, h)):
+            r0 = radius + dr - k
+            out[:, i, j] = cols[:, r0:r0 + 2 * k + 1] @ g
+    return out
+
+
+def _hessian_from(st: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenvalues (l1 <= l2) and gradient magnitude from (n, 3, 3) stencils of step ``h``."""
+    centre = st[:, 1, 1]
+    dxx = (st[:, 1, 2] - 2 * centre + st[:, 1, 0]) / (h * h)
+    dyy = (st[:, 2, 1] - 2 * centre + st[:, 0, 1]) / (h * h)
+    dxy = (st[:, 2, 2] - st[:, 2, 0] - st[:, 0, 2] + st[:, 0, 0]) / (4 * h * h)
+    tr, det = dxx + dyy, dxx * dyy - dxy * dxy
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+    grad = np.hypot(st[:, 1, 2] - st[:, 1, 0], st[:, 2, 1] - st[:, 0, 1]) / (2 * h)
+    return tr / 2 - disc, tr / 2 + disc, grad
 
 
 def _hessian_at(g: np.ndarray, r: np.ndarray, c: np.ndarray, h: int
@@ -148,48 +207,62 @@ def find_candidates(
                        np.zeros((0, len(CANDIDATE_FEATURES)), np.float32), anat)
     if not wmask.any():
         return empty
-    # Difference of Gaussians between successive blurs (ratio 1.5: scale-normalised up to a
-    # constant that the noise normalisation removes); each blur starts from the previous one.
-    blurred = [cv2.GaussianBlur(work, (0, 0), EDGES_MM[0] / px)]
-    for s0, s1 in zip(EDGES_MM[:-1], EDGES_MM[1:], strict=True):
-        blurred.append(cv2.GaussianBlur(blurred[-1], (0, 0), np.sqrt(s1 * s1 - s0 * s0) / px))
+    # Pass 1, detection: differences of Gaussians between successive blurs (ratio 1.5:
+    # scale-normalised up to a constant that the noise normalisation removes), each blur from
+    # the previous one; only the running maximum SNR is kept (memory: a few image copies).
+    prev = cv2.GaussianBlur(work, (0, 0), EDGES_MM[0] / px)
     best = np.zeros(work.shape, np.float32)
-    snrs, noises = [], []
-    for k in range(len(SCALES_MM)):
-        resp = blurred[k] - blurred[k + 1]
-        noise = local_noise(resp, wmask, p.noise_window_mm / px)
-        snr = resp / noise
-        np.maximum(best, snr, out=best)
-        snrs.append(snr)
-        noises.append(noise)
+    coarse_sd = []
+    for s0, s1 in zip(EDGES_MM[:-1], EDGES_MM[1:], strict=True):
+        nxt = cv2.GaussianBlur(prev, (0, 0), np.sqrt(s1 * s1 - s0 * s0) / px)
+        resp = prev - nxt
+        sd = coarse_noise(resp, wmask, p.noise_window_mm / px)
+        coarse_sd.append(sd)
+        resp /= cv2.resize(sd, (work.shape[1], work.shape[0]), interpolation=cv2.INTER_LINEAR)
+        np.maximum(best, resp, out=best)
+        prev = nxt
+    del prev, nxt, resp
     best[~wmask] = 0.0
     peak = (best >= p.snr) & (best >= cv2.dilate(best, np.ones((5, 5), np.uint8)))
-    n, labels, _, cent = cv2.connectedComponentsWithStats(peak.astype(np.uint8), connectivity=8)
+    n, _, _, cent = cv2.connectedComponentsWithStats(peak.astype(np.uint8), connectivity=8)
     if n <= 1:
         return empty
     pr = np.clip(np.round(cent[1:, 1]).astype(int), 0, work.shape[0] - 1)
     pc = np.clip(np.round(cent[1:, 0]).astype(int), 0, work.shape[1] - 1)
-    snr_peak = best[pr, pc]
-    order = np.lexsort((pc, pr, -snr_peak))[: p.max_candidates]
+    order = np.lexsort((pc, pr, -best[pr, pc]))[: p.max_candidates]
     pr, pc = pr[order], pc[order]
     ok = wmask[pr, pc]
     pr, pc = pr[ok], pc[ok]
+    del best, peak
     if len(pr) == 0:
         return empty
-    per_scale = np.stack([s[pr, pc] for s in snrs])  # (scales, n)
+    # Pass 2, features at the candidates only: Gaussian stencils from local windows.
+    hs = [max(1, int(round(s / px))) for s in SCALES_MM]
+    radius = max(_gauss(EDGES_MM[-1] / px)[1] + max(hs), 2)
+    padded = np.pad(work, radius, mode="reflect")
+    win = np.lib.stride_tricks.sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1))
+    windows = win[pr, pc].astype(np.float64)  # (n, 2R+1, 2R+1), centred on each candidate
+    del padded, win
+    centre = [_stencils(windows, radius, e / px, 0)[:, 1, 1] for e in EDGES_MM]
+    per_scale = np.zeros((len(SCALES_MM), len(pr)))
+    noise_k = np.zeros((len(SCALES_MM), len(pr)))
+    for k in range(len(SCALES_MM)):
+        noise_k[k] = sample_like_resize(coarse_sd[k], work.shape, pr, pc)
+        per_scale[k] = (centre[k] - centre[k + 1]) / noise_k[k]
     k_best = per_scale.argmax(axis=0)
     snr = per_scale.max(axis=0)
     scale_mm = np.asarray(SCALES_MM)[k_best]
-    noise = np.stack([nz[pr, pc] for nz in noises])[k_best, np.arange(len(pr))]
+    noise = noise_k[k_best, np.arange(len(pr))]
     # elongation at the best scale: l2 / l1 for a bright blob (both negative): 1 round, 0 line
     l1 = np.zeros(len(pr))
     l2 = np.zeros(len(pr))
     for k in range(len(SCALES_MM)):
         sel = k_best == k
         if sel.any():
-            h = max(1, int(round(SCALES_MM[k] / px)))
-            a1, a2, _ = _hessian_at(blurred[k + 1], pr[sel], pc[sel], h)
+            a1, a2, _ = _hessian_from(_stencils(windows[sel], radius, EDGES_MM[k + 1] / px,
+                                                hs[k]), hs[k])
             l1[sel], l2[sel] = a1, a2
+    del windows
     elong = np.where(l1 < 0, np.clip(l2 / np.minimum(l1, -1e-9), -1, 1), -1.0)
     curv_ratio = np.abs(l1) / (np.abs(l1) + np.abs(l2) + 1e-9)
     # context (vessels, duct walls, dense-tissue edges) and background on a coarse copy
@@ -200,7 +273,7 @@ def find_candidates(
     cr = np.clip(np.round((pr + 0.5) * cf - 0.5).astype(int), 0, coarse.shape[0] - 1)
     cc = np.clip(np.round((pc + 0.5) * cf - 0.5).astype(int), 0, coarse.shape[1] - 1)
     background = cv2.GaussianBlur(coarse, (0, 0), 1.0 / cmm)[cr, cc]
-    contrast = blurred[0][pr, pc] - background
+    contrast = centre[0] - background
     ctx = []
     for s in CONTEXT_MM:
         g = cv2.GaussianBlur(coarse, (0, 0), s / cmm)
@@ -215,7 +288,7 @@ def find_candidates(
     cols_src = (pc + 0.5) / f - 0.5
     edge_mm, pect_mm = anat.sample(rows_src, cols_src)
     pect_mm = np.where(np.isfinite(pect_mm), pect_mm, -100.0)
-    pts = np.stack([pr, pc], axis=1) * px  # mm
+    pts = np.stack([pr, pc], axis=1).astype(np.float64) * px  # mm
     tree = cKDTree(pts)
     counts = [tree.query_ball_point(pts, r, return_length=True) - 1 for r in (2.0, 5.0, 15.0)]
     # rank of this candidate's SNR among its 5 mm neighbours (1 = the strongest there)

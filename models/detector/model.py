@@ -126,7 +126,52 @@ class DetectorModel:
             raise ValueError(f"detector file {path} was trained on other cluster features")
         if not (0.0 <= model.operating_point <= 1.0 and 0.0 <= model.keep_threshold <= 1.0):
             raise ValueError(f"detector file {path}: thresholds must lie in [0, 1]")
+        problem = fingerprint_problem(model.training.get("feature_fingerprint"))
+        if problem:
+            raise ValueError(f"detector file {path}: {problem}")
         return model
+
+
+def _fingerprint_image(spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed synthetic test image (flat noise, specks of three sizes, a line) at 0.2 or
+    0.1 mm; deterministic."""
+    rng = np.random.default_rng(12345)
+    n = int(round(60.0 / spacing_mm))
+    img = (0.5 + rng.normal(0, 0.01, (n, n))).astype(np.float32)
+    f = 0.2 / spacing_mm
+    for k, (r, c, size) in enumerate([(60, 60, 1), (60, 150, 2), (150, 60, 3), (200, 200, 2),
+                                      (205, 206, 1), (198, 210, 2)]):
+        r0, c0, sz = int(r * f), int(c * f), max(1, int(size * f))
+        img[r0:r0 + sz, c0:c0 + sz] += 0.05 + 0.03 * k
+    img[int(240 * f):int(242 * f), int(30 * f):int(270 * f)] += 0.1
+    mask = np.zeros((n, n), bool)
+    mask[10:-10, 10:-10] = True
+    return np.clip(img, 0, 1), mask
+
+
+def feature_fingerprint() -> dict[str, Any]:
+    """The candidate features of the fixed test image at 0.2 and 0.1 mm: stored in the detector
+    file at training and compared at load, so a detector is never served with feature code
+    other than the one it was trained with."""
+    out: dict[str, Any] = {}
+    for sp in (0.2, 0.1):
+        img, mask = _fingerprint_image(sp)
+        c = find_candidates(img, mask, sp)
+        out[str(sp)] = np.round(c.features[:12].astype(np.float64), 5).tolist()
+    return out
+
+
+def fingerprint_problem(stored: dict[str, Any] | None) -> str | None:
+    """None when ``stored`` matches the running feature code (to float tolerance)."""
+    if not stored:
+        return None
+    now = feature_fingerprint()
+    for key, rows in stored.items():
+        a, b = np.asarray(rows, dtype=np.float64), np.asarray(now.get(key, []), dtype=np.float64)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=2e-3, atol=2e-4):
+            return (f"it was trained with other candidate features than this code computes (test "
+                    f"image at {key} mm); retrain it with `python -m models detector`")
+    return None
 
 
 def _digest(body: dict[str, Any]) -> str:

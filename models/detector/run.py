@@ -9,6 +9,7 @@ from pathlib import Path
 
 from models.detector import train as T
 from models.detector.froc import FP_RATES
+from models.detector.model import feature_fingerprint
 
 
 def variants_of(a: argparse.Namespace) -> tuple[str, ...]:
@@ -105,7 +106,8 @@ def main(a: argparse.Namespace, command: str) -> int:
         "clean_test": {k: v for k, v in res.items() if k not in ("curve", "best_scores")},
         "cv_with_real_clusters": cv, "measured_with": command, "wall_s": wall,
     }
-    model.training = {**info, "data": "mini-MIAS normal images (training half, split by woman) "
+    model.training = {**info, "feature_fingerprint": feature_fingerprint(),
+                      "data": "mini-MIAS normal images (training half, split by woman) "
                       "with synthetic clusters (models.detector.insert)",
                       "n_train_normals": len(s.train_normals), "variants": list(variants_of(a)),
                       "seed": a.seed}

@@ -60,7 +60,26 @@ from models.detector.model import DetectorModel
 from models.detector.trees import Forest, fit_forest
 
 MIAS_MM = 0.2
-CACHE_VERSION = "1"
+
+
+def _cache_version() -> str:
+    """Cached features are valid for the code that computed them: a hash of the candidate,
+    anatomy and insertion modules' source."""
+    from models.detector import anatomy, candidates, insert
+
+    h = hashlib.sha256()
+    for mod in (anatomy, candidates, insert, synth_module()):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def synth_module():  # noqa: ANN201
+    from models import synth
+
+    return synth
+
+
+CACHE_VERSION = _cache_version()
 
 
 def mias_patient(ref: str) -> str:

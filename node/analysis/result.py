@@ -81,6 +81,9 @@ class ImageAnalysis:
     display: np.ndarray | None = None
     cam: np.ndarray | None = None
     display_scale: float = 1.0
+    # what ``cam`` shows: the CNN's Grad-CAM, or the detector's calcification evidence when the
+    # call comes from a morphology head (the SC says which)
+    cam_source: str = "Grad-CAM"
     skipped_reason: str | None = None  # set when the image was not analysed
 
     @property

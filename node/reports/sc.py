@@ -234,7 +234,8 @@ def build_sc(
     values = ("P(malignant) and benign/malignant call" if model.classification_validated
               else "cluster score (not validated for benign/malignant classification)")
     sc.DerivationDescription = (
-        f"Grad-CAM heat map of {model.name} {model.version} blended over a display rendering;"
+        f"{image.cam_source} heat map ({model.name} {model.version}) blended over a display "
+        "rendering;"
         f" {n} numbered calcification cluster outline(s) with {values} burned in"
     )[:1024]
     sc.ImageComments = (
