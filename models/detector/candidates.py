@@ -111,7 +111,10 @@ def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: i
     num = cv2.resize(t2, (sc, sr), interpolation=cv2.INTER_AREA)
     k = (5, 5)
     num, den = cv2.blur(num, k), cv2.blur(m, k)
-    sd = np.sqrt(num / np.maximum(den, 1e-3))
+    # OpenCV's running-sum box filter can leave -1e-12 where the breast is absent: NaN cells
+    # there are missing values (the forests route them as learned), never inside the breast
+    with np.errstate(invalid="ignore"):
+        sd = np.sqrt(num / np.maximum(den, 1e-3))
     ok = den > 0.5
     floor = max(float(np.median(sd[ok])) * 0.5 if ok.any() else 1e-5, 1e-5)
     return np.maximum(sd, floor).astype(np.float32)
