@@ -47,6 +47,7 @@ from models.detector.train import mias_patient, read_truths, split
 
 REPO = Path(__file__).resolve().parents[1]
 CARD = REPO / "models" / "weights" / "calc-cluster-lite0.json"
+DEFAULT_MIAS = REPO.parent / "shared" / "data" / "mini-mias"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 PATHOLOGY_CALLS = ("21594007", "30807003")  # SCT Malignant, Benign
@@ -106,8 +107,8 @@ def run_node(studies: dict[str, list[Path]], work: Path, log=print) -> tuple[lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.evaluate_mias", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mias-dir", type=Path,
-                    default=REPO.parent / "shared" / "data" / "mini-mias")
+    ap.add_argument("--mias-dir", type=Path, default=DEFAULT_MIAS,
+                    help="mini-MIAS (default: ../shared/data/mini-mias beside the repository)")
     ap.add_argument("--out", type=Path, default=REPO / "models" / "reports" / "node-eval")
     ap.add_argument("--card", type=Path, default=CARD)
     ap.add_argument("--retrain", action="store_true",
@@ -117,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     command = "python -m bench.evaluate_mias" + (" --retrain" if a.retrain else "")
     if a.retrain:
-        for cmd in (["detector", "--mias-dir", str(a.mias_dir)],
-                    ["classify", "--mias-dir", str(a.mias_dir), "--card", str(a.card)]):
+        # paths relative to the repository in the recorded commands (no machine paths in cards)
+        mias = [] if a.mias_dir == DEFAULT_MIAS else ["--mias-dir", str(a.mias_dir)]
+        card = str(a.card.resolve().relative_to(REPO)) if a.card.resolve().is_relative_to(REPO) \
+            else str(a.card)
+        for cmd in (["detector", *mias], ["classify", *mias, "--card", card]):
             print("$ python -m models " + " ".join(cmd), flush=True)
             subprocess.run([sys.executable, "-m", "models", *cmd], cwd=REPO, check=True)
     card = ModelCard.load(a.card)
