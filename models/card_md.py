@@ -59,7 +59,7 @@ def render_model_card(card: ModelCard, card_file: str, report: str = "",
         "- MIAS MiniMammographic Database: **research use only**; no renting, leasing or "
         "selling; cite Suckling J et al. (1994), \"The Mammographic Image Analysis Society "
         "Digital Mammogram Database\", Excerpta Medica International Congress Series "
-        "1069:375–378. The weights are a derived work under the same terms: "
+        "1069:375–378. The weights and the detector file are derived works under the same terms: "
         "`LICENCE-mini-MIAS.txt`.",
         f"- Training: {t.get('epochs_run')} of at most {t.get('epochs_max')} epochs (early "
         f"stopping on a patient-disjoint {t.get('n_val')}-ROI validation split, best epoch "
