@@ -1,14 +1,17 @@
 """Microcalcification candidates: multi-scale bright blobs and their features.
 
-The image is resampled to a working grid of ``work_mm`` (0.1 mm: area-averaged when the source
-is finer, pixel-replicated when coarser), so the same filters in millimetres apply to film at
-0.2 mm and to digital detectors at 0.05-0.1 mm. On it:
+The image is area-averaged to a working grid of ``work_mm`` (0.1 mm) when the source is finer;
+a coarser source (film at 0.2 mm) keeps its own grid. Every filter is set in millimetres, so the
+same detector runs on film and on digital detectors at 0.05-0.1 mm (the trees also see the pixel
+size). On it:
 
 * differences of Gaussians in four bands between sigma 0.07 and 0.36 mm (bright
   blobs of ~0.25-1 mm diameter), each divided by its own local robust noise level, so the
   response is a contrast-to-noise ratio (SNR) whatever the VOI or the film grain;
-* candidates are the local maxima of the best-scale SNR inside the breast above ``snr``;
-* features per candidate (all in physical units or ratios): SNR per scale, best scale, contrast
+* candidates are the local maxima of the best-scale SNR inside the breast above ``snr``
+  (pass 1 keeps only the running maximum, so memory stays at a few image copies);
+* features per candidate, from Gaussian stencils of local windows (pass 2; all in physical
+  units or ratios): SNR per scale, best scale, contrast
   and background level, Hessian eigenvalue ratio at the best scale (elongation: a speck is round,
   a vessel or duct wall is a line) and at two context scales (0.6 and 1.2 mm: lines, edges),
   gradient at the context scale (edges of dense tissue), distance to the breast edge, signed
@@ -79,14 +82,6 @@ def to_work_grid(
     work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
     wmask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return work, wmask, size[0] / cols
-
-
-def local_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2
-                ) -> np.ndarray:
-    """Local robust noise SD of a filter response inside the breast, at every pixel (the
-    coarse map of :func:`coarse_noise` interpolated back to full resolution)."""
-    sd = coarse_noise(resp, mask, window_px, stride)
-    return cv2.resize(sd, (resp.shape[1], resp.shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2
