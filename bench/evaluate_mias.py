@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="first run `python -m models detector` and `python -m models classify`")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite card/docs/README")
     a = ap.parse_args(argv)
+    if not (a.mias_dir / "calc_annotations.csv").is_file():
+        raise SystemExit(f"mini-MIAS not found in {a.mias_dir} (png/, Info.txt, "
+                         "calc_annotations.csv): pass --mias-dir")
     t_all = time.perf_counter()
     command = "python -m bench.evaluate_mias" + (" --retrain" if a.retrain else "")
     if a.retrain:

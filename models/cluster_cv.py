@@ -421,6 +421,9 @@ def served_head(cs: ClusterSet, idx: np.ndarray, folds: int, seed: int) -> tuple
 def main(a: argparse.Namespace, command: str) -> int:
     from models.train import configure_cpu
 
+    if not (Path(a.mias_dir) / "calc_annotations.csv").is_file():
+        raise SystemExit(f"mini-MIAS not found in {a.mias_dir} (png/, Info.txt, "
+                         "calc_annotations.csv): pass --mias-dir")
     configure_cpu(1)
     t0 = time.perf_counter()
     out = Path(a.out)

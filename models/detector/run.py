@@ -77,6 +77,9 @@ def plot_froc(res: dict, cv: dict | None, path: Path) -> None:
 
 
 def main(a: argparse.Namespace, command: str) -> int:
+    if not (Path(a.mias_dir) / "calc_annotations.csv").is_file():
+        raise SystemExit(f"mini-MIAS not found in {a.mias_dir} (png/, Info.txt, "
+                         "calc_annotations.csv): pass --mias-dir")
     t_all = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
