@@ -86,7 +86,12 @@ def cmd_model_card(a: argparse.Namespace) -> None:
     from models.card_md import render_model_card
 
     card = ModelCard.load(Path(a.card))
-    Path(a.out).write_text(render_model_card(card, Path(a.card).name, a.report),
+    detector = None
+    if card.detector_path(Path(a.card)) is not None:
+        from models.detector.model import DetectorModel
+
+        detector = DetectorModel.load(card.detector_path(Path(a.card)))
+    Path(a.out).write_text(render_model_card(card, Path(a.card).name, a.report, detector),
                            encoding="utf-8")
     print(f"wrote {a.out}")
 
@@ -171,6 +176,18 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         )
     print(f"done in {(time.perf_counter() - t) / 60:.1f} min; report in {out}")
     del results
+
+
+def cmd_detector(a: argparse.Namespace) -> None:
+    from models.detector.run import main as run
+
+    run(a, _command())
+
+
+def cmd_classify(a: argparse.Namespace) -> None:
+    from models.cluster_cv import main as run
+
+    run(a, _command())
 
 
 def _default_mias_dir() -> str | None:
@@ -286,6 +303,47 @@ def main(argv: list[str] | None = None) -> None:
     add_import_parser(sub)  # python -m models import KIND SRC --out DIR (models/importers/)
     add_protocol_parsers(sub, common)  # seed000 / seed001 (models/protocols.py)
     add_verify_parser(sub)  # verify-card (models/verify.py)
+
+    d = sub.add_parser("detector", formatter_class=fmt,
+                       help="train the cluster detector on synthetic clusters in real normals, "
+                            "FROC on the real clusters (models/detector/train.py)")
+    d.add_argument("--mias-dir", default=_default_mias_dir(),
+                   required=_default_mias_dir() is None,
+                   help="the full mini-MIAS (default: ../shared/data/mini-mias beside the "
+                        "repository when it exists)")
+    d.add_argument("--out", default="models/reports/detector", help="report folder")
+    d.add_argument("--weights", default="models/weights/calc-detector.json",
+                   help="detector file to write ('' = none)")
+    d.add_argument("--cache", default=".cache/detector", help="per-image feature cache")
+    d.add_argument("--film", type=int, default=3, help="synthetic film copies per normal")
+    d.add_argument("--digital", type=int, default=2, help="synthetic digital copies per normal")
+    d.add_argument("--target-fp", type=float, default=1.0,
+                   help="false clusters per normal training image at the operating point")
+    d.add_argument("--cv", type=int, default=5,
+                   help="folds of the CV that fine-tunes on real clusters (0 = none)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_detector)
+
+    k = sub.add_parser("classify", formatter_class=fmt,
+                       help="benign vs malignant on the real clusters: Lite0/1/2 + morphology, "
+                            "patient-grouped CV, calibration (models/cluster_cv.py)")
+    k.add_argument("--mias-dir", default=_default_mias_dir(),
+                   required=_default_mias_dir() is None,
+                   help="the full mini-MIAS (default: ../shared/data/mini-mias beside the "
+                        "repository when it exists)")
+    k.add_argument("--out", default="models/reports/classification", help="report folder")
+    k.add_argument("--roi-size-mm", type=float, default=32.0)
+    k.add_argument("--input-size", type=int, default=224)
+    k.add_argument("--folds", type=int, default=5)
+    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--card", default="", help="write the served model + evidence to this card")
+    k.add_argument("--version", default="0.2.0")
+    k.add_argument("--detector", default="models/weights/calc-detector.json",
+                   help="detector whose candidates and clusters give the morphology")
+    k.add_argument("--detector-file", default="calc-detector.json",
+                   help="detector file named by the card (relative to it)")
+    k.set_defaults(fn=cmd_classify)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and a.init not in ("imagenet", "scratch", "double") \

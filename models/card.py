@@ -35,6 +35,11 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)  # data, epochs, seed, ...
     data_licence: str = ""
     intended_use: str = "Research only; not for diagnosis."
+    # Cross-validated benign/malignant evidence and the out-of-fold calibration of P(malignant)
+    # (see classification_validated); empty: the model is not validated for classification.
+    classification: dict[str, Any] = field(default_factory=dict)
+    # The cluster detector file (models.detector), relative to the card; "" = none named.
+    detector_file: str = ""
     card_format: int = CARD_FORMAT
 
     @property
@@ -83,6 +88,60 @@ class ModelCard:
 
     def weights_path(self, card_path: Path) -> Path:
         return Path(card_path).parent / self.weights_file
+
+    def detector_path(self, card_path: Path) -> Path | None:
+        return Path(card_path).parent / self.detector_file if self.detector_file else None
+
+
+#: The documented rule (docs/analysis-evaluation.md): a card supports a categorical
+#: Benign/Malignant call only when its classification evidence is a patient-grouped
+#: cross-validation on real clusters whose benign-vs-malignant AUC has a lower 95 % bound above
+#: 0.5, on at least MIN_CLUSTERS clusters, with the decision threshold and the calibration of
+#: P(malignant) both chosen on out-of-fold predictions (calibration "platt", or "identity" when
+#: the out-of-fold probabilities were better calibrated without it).
+MIN_CLUSTERS = 20
+MIN_AUC_LOWER_BOUND = 0.5
+
+
+def classification_validated(card: ModelCard) -> tuple[bool, str]:
+    """(validated, why) for ``card`` under the rule above; the node never trusts a flag, it
+    re-checks the evidence."""
+    c = card.classification or {}
+    if not c:
+        return False, "the model card holds no cross-validated classification evidence"
+    if c.get("validation") != "patient-grouped cross-validation":
+        return False, (f"classification evidence is {c.get('validation')!r}, not a "
+                       "patient-grouped cross-validation")
+    try:
+        auc = float(c["auc"])
+        lo, hi = (float(v) for v in c["auc_ci95"])
+        n = int(c["n_clusters"])
+    except (KeyError, TypeError, ValueError):
+        return False, "classification evidence lacks auc, auc_ci95 or n_clusters"
+    if n < MIN_CLUSTERS:
+        return False, f"cross-validated on {n} clusters (< {MIN_CLUSTERS})"
+    if c.get("threshold_source") != "out-of-fold":
+        return False, "the decision threshold was not chosen on out-of-fold predictions"
+    cal = c.get("calibration") or {}
+    if cal.get("method") not in ("platt", "identity") or cal.get("fitted_on") != "out-of-fold":
+        return False, "P(malignant) is not calibrated on out-of-fold predictions"
+    if not lo > MIN_AUC_LOWER_BOUND:
+        return False, (f"benign-vs-malignant AUC {auc:.2f} (95 % CI {lo:.2f}-{hi:.2f}): the "
+                       f"lower bound is not above {MIN_AUC_LOWER_BOUND}")
+    return True, f"benign-vs-malignant AUC {auc:.2f} (95 % CI {lo:.2f}-{hi:.2f}, n = {n})"
+
+
+def calibrate(p: Any, card: ModelCard) -> Any:
+    """P(malignant) through the card's out-of-fold Platt calibration, sigmoid(a * logit(p) + b);
+    unchanged for "identity" or without a calibration."""
+    import numpy as np
+
+    cal = (card.classification or {}).get("calibration") or {}
+    if cal.get("method") != "platt":
+        return p
+    a, b = float(cal["a"]), float(cal["b"])
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-(a * np.log(q / (1 - q)) + b)))
 
 
 def sha256_of(path: Path) -> str:

@@ -63,7 +63,7 @@ class AnalysisSettings:
     synthesized_2d: str = "skip"  # "skip" | "analyse"
     fallback_pixel_spacing_mm: float = 0.1
     sc_max_side: int = 2048
-    min_cluster_score: float = 0.0
+    detector_operating_point: str | float = "card"
     max_rois_per_image: int = 20
 
 
@@ -196,6 +196,12 @@ class Settings:
     @property
     def log_file(self) -> Path:
         return Path(self.log.file) if self.log.file else self.node.data_dir / "node.log"
+
+    @property
+    def detector_operating_point_override(self) -> float | None:
+        """The configured detector operating point, or None for the detector file's."""
+        op = self.analysis.detector_operating_point
+        return None if op == "card" else float(op)
 
     @property
     def threshold_override(self) -> float | None:
@@ -440,7 +446,13 @@ def _validate(s: Settings) -> None:
            "analysis.fallback_pixel_spacing_mm", "must be between 0.01 and 1.0 mm")
     _check(256 <= s.analysis.sc_max_side <= 16384, "analysis.sc_max_side",
            "must be between 256 and 16384")
-    _check(s.analysis.min_cluster_score >= 0, "analysis.min_cluster_score", "must not be negative")
+    op = s.analysis.detector_operating_point
+    if isinstance(op, str):
+        _check(op == "card", "analysis.detector_operating_point",
+               f"must be \"card\" or a cluster score in [0, 1], got {op!r}")
+    else:
+        _check(0.0 <= op <= 1.0, "analysis.detector_operating_point",
+               f"must be in [0, 1] (a cluster score), got {op}")
     _check(1 <= s.analysis.max_rois_per_image <= 1000, "analysis.max_rois_per_image",
            "must be between 1 and 1000")
     m = s.model

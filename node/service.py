@@ -47,7 +47,8 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         for_processing=a.for_processing,
         fallback_spacing_mm=a.fallback_pixel_spacing_mm,
         sc_max_side=a.sc_max_side,
-        detector=DetectorParams(min_score=a.min_cluster_score),
+        detector=(None if settings.detector_operating_point_override is None
+                  else DetectorParams(min_score=settings.detector_operating_point_override)),
         max_rois_per_image=a.max_rois_per_image,
     )
 

@@ -14,7 +14,8 @@ from pydicom.sr.codedict import codes
 class SRFinding:
     tracking_identifier: str
     tracking_uid: str
-    probability_percent: float
+    score_percent: float  # Probability of cancer (validated model), else Certainty of Finding
+    probability_percent: float | None  # None when the model is not validated for a call
     outline: np.ndarray  # (n, 2) column, row
     referenced_sop_instance_uid: str
     group: hd.sr.MeasurementsAndQualitativeEvaluations
@@ -22,16 +23,21 @@ class SRFinding:
     pathology: hd.sr.CodedConcept | None
 
 
+CERTAINTY_OF_FINDING = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+
+
 def sr_findings(path: Path | str) -> list[SRFinding]:
-    """One entry per measurement group that has a Probability of cancer with an outline."""
+    """One entry per measurement group with a score (Probability of cancer, or Certainty of
+    Finding for a model not validated for a benign/malignant call) inferred from an outline."""
     report = hd.sr.srread(path)
     out = []
     for g in report.content.get_image_measurement_groups():
         probs = g.get_measurements(name=codes.DCM.ProbabilityOfCancer)
-        if not probs:
+        scores = probs or g.get_measurements(name=CERTAINTY_OF_FINDING)
+        if not scores:
             continue
-        (prob,) = probs
-        (scoord,) = prob.referenced_coordinates
+        (score,) = scores
+        (scoord,) = score.referenced_coordinates
         ref = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         comments = [i.TextValue for i in g[0].ContentSequence
                     if i.ValueType == "TEXT"
@@ -40,7 +46,8 @@ def sr_findings(path: Path | str) -> list[SRFinding]:
         out.append(SRFinding(
             tracking_identifier=g.tracking_identifier,
             tracking_uid=str(g.tracking_uid),
-            probability_percent=float(prob.value),
+            score_percent=float(score.value),
+            probability_percent=float(probs[0].value) if probs else None,
             outline=np.asarray(scoord.value, dtype=float).reshape(-1, 2),
             referenced_sop_instance_uid=str(ref),
             group=g,

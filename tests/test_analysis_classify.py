@@ -102,6 +102,11 @@ def test_pipeline_on_a_real_four_view_study(card_path: Path, tmp_path: Path) -> 
             assert ia.cam[max(r - 20, 0): r + 20, max(c - 20, 0): c + 20].max() > 0
         if not ia.findings:
             assert ia.cam.max() == 0
+        else:  # Grad-CAM feathered and smoothed: no square patch edges, nothing off the breast
+            assert ia.cam_source == "Grad-CAM"
+            assert np.abs(np.diff(ia.cam, axis=0)).max() < 0.2
+            assert np.abs(np.diff(ia.cam, axis=1)).max() < 0.2
+            assert ia.cam[:8, :8].max() == ia.cam[-8:, -8:].max() == 0.0
     assert set(a.timings_ms) >= {"decode", "rois", "classify", "gradcam"}
     # determinism: same input, same output
     assert a.findings == b.findings

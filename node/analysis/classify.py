@@ -16,7 +16,7 @@ import numpy as np
 import timm
 import torch
 
-from models.card import ModelCard, sha256_of
+from models.card import ModelCard, calibrate, classification_validated, sha256_of
 from node.analysis.gradcam import logits_and_cam
 from node.analysis.result import ModelInfo
 
@@ -132,15 +132,64 @@ class Classifier:
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         # Reduced precision on the GPU by default (bf16 is emulated, 10-50x slower, on our CPUs).
         self.amp_dtype = resolve_precision(self.device, precision)
+        validated, why = classification_validated(card)
+        self.validated_reason = why
+        head = (card.classification or {}).get("head") or {"kind": "cnn"}
+        self.head_kind = str(head.get("kind", "cnn"))
+        if self.head_kind not in ("cnn", "morphology"):
+            raise RuntimeError(f"model card {card_path}: classification head "
+                               f"{self.head_kind!r} is not 'cnn' or 'morphology'")
+        self.head_features: tuple[str, ...] = ()
+        if self.head_kind == "morphology":
+            try:
+                self.head_features = tuple(str(f) for f in head["features"])
+                self.head_w = np.asarray(head["w"], dtype=np.float64)
+                self.head_b = float(head["b"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RuntimeError(f"model card {card_path}: unusable morphology head: {exc}"
+                                   ) from None
+            if len(self.head_w) != len(self.head_features):
+                raise RuntimeError(f"model card {card_path}: morphology head has "
+                                   f"{len(self.head_w)} weights for "
+                                   f"{len(self.head_features)} features")
+        domain = (card.classification or {}).get("validated_for", {}).get("pixel_spacing_mm")
+        self.validated_spacing = (float(domain[0]), float(domain[1])) if domain else None
         self.info = ModelInfo(
             name=card.name, version=card.version, architecture=card.architecture,
-            threshold=self.threshold,
+            threshold=self.threshold, classification_validated=validated,
         )
         log.info(
             "classifier %s %s (%s, %d px for %.1f mm) on %s%s, threshold %.3f",
             card.name, card.version, card.architecture, card.input_size, card.roi_size_mm,
             self.device, f" ({self.amp_dtype})" if self.amp_dtype else "", self.threshold,
         )
+        log.log(logging.INFO if validated else logging.WARNING,
+                "classifier %s %s benign/malignant call: %s (%s)", card.name, card.version,
+                "validated" if validated else "NOT validated, reports show cluster marks and "
+                "scores only", why)
+
+    def malignancy(self, cnn_p: np.ndarray, cluster_features: np.ndarray | None
+                   ) -> np.ndarray:
+        """The served P(malignant) per ROI, through the card's out-of-fold calibration.
+
+        ``cnn_p`` are :meth:`predict`'s probabilities (ignored by a morphology head);
+        ``cluster_features`` (n, len(head_features)) the detector's features of each cluster in
+        the head's order (a morphology head needs them)."""
+        if self.head_kind == "morphology":
+            if cluster_features is None:
+                raise ValueError("a morphology head needs the clusters' features")
+            z = np.asarray(cluster_features, np.float64) @ self.head_w + self.head_b
+            p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        else:
+            p = np.asarray(cnn_p, dtype=np.float64)
+        return np.asarray(calibrate(p, self.card), dtype=np.float64).reshape(-1)
+
+    def in_validated_domain(self, pixel_spacing_mm: float) -> bool:
+        """Whether an image of this pixel size lies in what the card is validated for."""
+        if self.validated_spacing is None:
+            return True
+        lo, hi = self.validated_spacing
+        return lo <= pixel_spacing_mm <= hi
 
     def _tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         x = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops]))
@@ -154,7 +203,8 @@ class Classifier:
     def predict(
         self, crops: Sequence[np.ndarray], with_cam: bool = True
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, float]]:
-        """P(malignant) per crop, its Grad-CAM map (h x w in [0, 1]) and timings in ms.
+        """The CNN's P(malignant) per crop (uncalibrated; see :meth:`malignancy`), its Grad-CAM
+        map (h x w in [0, 1]) and timings in ms.
 
         With ``with_cam`` one pass gives both (Grad-CAM's forward is the classifier's forward);
         ``classify`` times the forward, ``gradcam`` the head-only backward and the maps.

@@ -1,9 +1,16 @@
 """The analysis stage: :class:`AnalysisPipeline` implements :class:`StudyAnalyser`.
 
-Per study: decode and prepare every image, find calcification clusters on each (in millimetres),
-crop every cluster with the shared :func:`models.roi.crop_roi`, score all crops of the study in
-batches with the EfficientNet, compute each ROI's Grad-CAM in the same pass, and paint the maps
-into a display-sized canvas for the Secondary Capture.
+Per study: decode and prepare every image, find calcification clusters on each (in millimetres;
+:mod:`node.analysis.rois`), keep the ``max_rois_per_image`` highest-scoring ones, and score each
+for malignancy with the card's classification head: either the EfficientNet (every cluster
+cropped with the shared :func:`models.roi.crop_roi`, all crops of the study in batches, each
+ROI's Grad-CAM in the same pass) or a morphology head on the detector's cluster features (no CNN
+forward; the heat map is then the detector's calcification evidence). The maps are blended,
+feathered and confined to the breast, into a display-sized canvas for the Secondary Capture.
+Whether the reports may show the call is the card's (``ModelInfo.classification_validated``),
+withheld for a study with images outside the validated pixel-size range. Findings are
+numbered 1..n over the study: images in input order, within an image by descending score; every
+report kind uses that number.
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
-from node.analysis.gradcam import paste_cam
+from node.analysis.gradcam import finish_cam, paint_evidence, paste_cam
 from node.analysis.prepare import SkipImage, display_image, prepare
 from node.analysis.result import (
     Finding,
@@ -27,7 +36,13 @@ from node.analysis.result import (
     ModelInfo,
     StudyAnalysis,
 )
-from node.analysis.rois import Cluster, DetectorParams, find_clusters
+from node.analysis.rois import (
+    DEFAULT_DETECTOR,
+    Cluster,
+    DetectorParams,
+    find_clusters,
+    load_detector,
+)
 
 log = logging.getLogger("node.analysis.pipeline")
 
@@ -44,6 +59,9 @@ class AnalysisPipeline:
     * ``threshold``: P(malignant) decision threshold, ``None`` = the card's.
     * ``for_processing``: "analyse" or "skip"; ``fallback_spacing_mm``: pixel size when the header
       has none (logged); ``sc_max_side``: long side of the display/CAM images.
+    * ``detector``: detector file and operating point (:class:`rois.DetectorParams`); default:
+      the file the card names (``detector_file``), else the shipped one, at its own operating
+      point.
     * ``max_rois_per_image``: strongest clusters kept per image.
     * ``precision``: "auto", "fp32", "bf16", "fp16" (see :func:`classify.resolve_precision`).
     * ``max_workers``: images of a study decoded and searched in parallel (default min(4, CPUs)).
@@ -81,7 +99,23 @@ class AnalysisPipeline:
         self.for_processing = for_processing
         self.fallback_spacing_mm = float(fallback_spacing_mm)
         self.sc_max_side = int(sc_max_side)
-        self.detector = detector or DetectorParams()
+        params = detector or DetectorParams()
+        if params.path is None:
+            named = self.classifier.card.detector_path(self.classifier.card_path)
+            params = DetectorParams(path=named or DEFAULT_DETECTOR, min_score=params.min_score)
+        self.detector = params
+        self.detector_model = load_detector(params.path)
+        self.detector_operating_point = (self.detector_model.operating_point
+                                         if params.min_score is None else params.min_score)
+        log.info("detector %s %s (%s), operating point %.3f%s", self.detector_model.name,
+                 self.detector_model.version, params.path.name, self.detector_operating_point,
+                 "" if params.min_score is None else " (configured)")
+        from models.detector.clusters import CLUSTER_FEATURES
+
+        missing = [n for n in self.classifier.head_features if n not in CLUSTER_FEATURES]
+        if missing:
+            raise RuntimeError(f"model card {card_path}: its morphology head needs detector "
+                               f"features {missing} that the detector does not compute")
         self.max_rois_per_image = int(max_rois_per_image)
         # Images of a study prepared in parallel: at most 4 (a four-view study), at most the CPUs.
         self.max_workers = int(max_workers or min(4, os.cpu_count() or 1))
@@ -107,18 +141,28 @@ class AnalysisPipeline:
         results: list[ImageAnalysis] = [d[0] for d in done]
         # (analysis, ROI crops, clusters) per analysed image; the full-resolution images are
         # already gone (cropped in the worker thread), which keeps the peak RSS down.
-        work: list[tuple[ImageAnalysis, list[np.ndarray], list[Cluster]]] = [
-            (d[0], d[1], d[2]) for d in done if d[1] is not None
+        work: list[tuple[ImageAnalysis, list[np.ndarray], list[Cluster], np.ndarray | None]] = [
+            (d[0], d[1], d[2], d[5]) for d in done if d[1] is not None
         ]
 
-        crops = [crop for _, image_crops, _ in work for crop in image_crops]
+        crops = [crop for _, image_crops, _, _ in work for crop in image_crops]
+        clusters_all = [c for _, _, image_clusters, _ in work for c in image_clusters]
         card = self.classifier.card
-        probs, cams, t = self.classifier.predict(crops, with_cam=True)
-        timings["classify"] += t["classify"] / 1000.0
+        cnn = self.classifier.head_kind == "cnn"
+        if cnn:  # the CNN makes the call: its forward gives P(malignant) and the Grad-CAM
+            cnn_p, cams, t = self.classifier.predict(crops, with_cam=True)
+            timings["classify"] += t["classify"] / 1000.0
+            timings["gradcam"] += t["gradcam"] / 1000.0
+        else:  # a morphology head: the call comes from the detector's cluster features
+            cnn_p, cams = np.zeros(len(crops)), []
+        t0 = time.perf_counter()
+        probs = self.classifier.malignancy(cnn_p, self._head_inputs(clusters_all))
+        timings["classify"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         k = 0
-        for ia, _, clusters in work:
+        for ia, _, clusters, breast in work:
             side_px = card.roi_size_mm / ia.pixel_spacing_mm
+            px_per_mm = ia.display_scale / ia.pixel_spacing_mm  # display pixels per mm
             for c in clusters:
                 ia.findings.append(
                     Finding(
@@ -131,15 +175,35 @@ class AnalysisPipeline:
                         radius_mm=round(c.radius_mm, 2),
                         n_calcifications=len(c.members),
                         probability=float(probs[k]),
+                        detection_score=round(float(c.score), 4),
                     )
                 )
                 assert ia.cam is not None
-                paste_cam(ia.cam, cams[k], c.centre_rc, side_px, ia.display_scale)
+                if cnn:
+                    paste_cam(ia.cam, cams[k], c.centre_rc, side_px, ia.display_scale)
+                else:
+                    paint_evidence(ia.cam, c.member_points, ia.display_scale,
+                                   max(1.0, 0.6 * px_per_mm))
                 k += 1
-        timings["gradcam"] += t["gradcam"] / 1000.0 + (time.perf_counter() - t0)
+            if not cnn:
+                ia.cam_source = "calcification evidence of the detector"
+            if ia.cam is not None:
+                # ~1 mm of smoothing at display scale: one continuous surface over the breast
+                finish_cam(ia.cam, breast, px_per_mm)
+        timings["gradcam"] += time.perf_counter() - t0
+        model = self.model
+        if model.classification_validated:
+            outside = sorted({round(ia.pixel_spacing_mm, 3) for ia, _, _, _ in work
+                              if not self.classifier.in_validated_domain(ia.pixel_spacing_mm)})
+            if outside:
+                # the card is validated for another kind of image: marks and scores only
+                log.info("study %s: pixel spacing %s mm outside the classifier's validated "
+                         "range %s mm: no benign/malignant call", study_instance_uid, outside,
+                         self.classifier.validated_spacing)
+                model = replace(model, classification_validated=False)
         out = StudyAnalysis(
             study_instance_uid=study_instance_uid,
-            model=self.model,
+            model=model,
             images=results,
             timings_ms={name: round(1000.0 * s, 1) for name, s in timings.items()},
         )
@@ -155,11 +219,24 @@ class AnalysisPipeline:
 
     # ------------------------------------------------------------------------------ helpers
 
+    def _head_inputs(self, clusters: list[Cluster]) -> np.ndarray | None:
+        """The detector features a morphology head reads, in its order (None for a CNN head)."""
+        names = self.classifier.head_features
+        if not names:
+            return None
+        from models.detector.clusters import CLUSTER_FEATURES
+
+        idx = [CLUSTER_FEATURES.index(n) for n in names]
+        return np.array([[c.features[i] for i in idx] for c in clusters],
+                        dtype=np.float64).reshape(len(clusters), len(idx))
+
     def _prepare_image(
         self, item: ImageInput
-    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float]:
+    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
+               np.ndarray | None]:
         """Decode, prepare, find the clusters of one image and crop them; (analysis, crops,
-        clusters, decode seconds, ROI seconds). A skipped image comes back with ``crops`` None."""
+        clusters, decode seconds, ROI seconds, display-size breast mask). A skipped image comes
+        back with ``crops`` None."""
         t0 = time.perf_counter()
         try:
             prepared = prepare(
@@ -168,17 +245,20 @@ class AnalysisPipeline:
             )
         except SkipImage as exc:
             log.info("image %s skipped: %s", item.sop_instance_uid, exc)
-            return self._skipped(item, str(exc)), None, [], time.perf_counter() - t0, 0.0
+            return self._skipped(item, str(exc)), None, [], time.perf_counter() - t0, 0.0, None
         except Exception as exc:  # undecodable pixel data must not stop the study
             log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}"), None, [],
-                    time.perf_counter() - t0, 0.0)
+                    time.perf_counter() - t0, 0.0, None)
         t1 = time.perf_counter()
-        clusters, _ = find_clusters(
-            prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector
+        clusters = find_clusters(
+            prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector,
+            view=prepared.view, detector=self.detector_model,
         )
-        clusters = clusters[: self.max_rois_per_image]
+        clusters = clusters[: self.max_rois_per_image]  # strongest first
         display, scale = display_image(prepared.image01, self.sc_max_side)
+        breast = cv2.resize(prepared.breast_mask.astype(np.uint8), display.shape[::-1],
+                            interpolation=cv2.INTER_NEAREST)
         ia = ImageAnalysis(
             sop_instance_uid=item.sop_instance_uid,
             sop_class_uid=item.sop_class_uid,
@@ -195,8 +275,9 @@ class AnalysisPipeline:
         )
         card = self.classifier.card
         crops = [crop_roi(prepared.image01, c.centre_rc, prepared.pixel_spacing_mm,
-                          card.roi_size_mm, card.input_size) for c in clusters]
-        return ia, crops, clusters, t1 - t0, time.perf_counter() - t1
+                          card.roi_size_mm, card.input_size) for c in clusters] \
+            if self.classifier.head_kind == "cnn" else []  # a morphology head needs no crops
+        return ia, crops, clusters, t1 - t0, time.perf_counter() - t1, breast
 
     def _skipped(self, item: ImageInput, reason: str) -> ImageAnalysis:
         return ImageAnalysis(

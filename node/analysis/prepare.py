@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from models.detector.anatomy import breast_mask  # noqa: F401  (re-exported)
 from node.dicom_header import (  # noqa: F401  (re-exported)
     FOR_PROCESSING_SOP_CLASSES,
     is_for_processing,
@@ -284,44 +285,8 @@ def pixel_spacing(ds: Dataset, fallback_mm: float) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------------- breast mask
-
-
-def breast_mask(image01: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Boolean mask of the breast.
-
-    Works on a ~1 mm copy: Otsu threshold of the smoothed image, the largest connected component
-    (film labels, markers and scanner edges are separate, smaller blobs), holes filled, then
-    eroded by 1.5 mm so that the skin line and the film edge do not produce candidates.
-    """
-    rows, cols = image01.shape
-    step = max(1.0, 1.0 / spacing_mm)  # source pixels per ~1 mm
-    small = cv2.resize(
-        image01,
-        (max(8, int(round(cols / step))), max(8, int(round(rows / step)))),
-        interpolation=cv2.INTER_AREA,
-    )
-    small = cv2.GaussianBlur(small, (0, 0), 2.0)
-    u8 = np.clip(small * 255.0, 0, 255).astype(np.uint8)
-    thr, binary = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Otsu on a film splits breast from background; keep a lower cut so the faint skin edge stays.
-    low = max(1, int(0.6 * thr))
-    binary = (u8 >= low).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if n <= 1:
-        return np.zeros_like(image01, dtype=bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    comp = (labels == largest).astype(np.uint8)
-    # fill holes: flood the background from the border
-    inv = 1 - comp
-    nb, lb = cv2.connectedComponents(inv, connectivity=4)
-    border = set(np.unique(np.concatenate([lb[0], lb[-1], lb[:, 0], lb[:, -1]])).tolist())
-    holes = np.isin(lb, [i for i in range(1, nb) if i not in border])
-    comp = (comp.astype(bool) | holes).astype(np.uint8)
-    erode = max(1, int(round(1.5 / max(spacing_mm * step, 1e-6))))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1, 2 * erode + 1))
-    comp = cv2.erode(comp, kernel)
-    full = cv2.resize(comp, (cols, rows), interpolation=cv2.INTER_NEAREST)
-    return full.astype(bool)
+# breast_mask lives with the detector (models.detector.anatomy) so that training and serving
+# share it; re-exported here.
 
 
 def display_image(image01: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:

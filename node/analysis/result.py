@@ -37,7 +37,10 @@ class ModelInfo:
     version: str
     architecture: str
     threshold: float  # P(malignant) at or above which a finding is called malignant
-    classification_validated: bool = False  # the card allows a Benign/Malignant call
+    # True only when the model card's cross-validated evidence supports a Benign/Malignant call
+    # (models.card.classification_validated); otherwise the reports carry the cluster mark and
+    # its detection score and say "not validated for benign/malignant classification".
+    classification_validated: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class Finding:
     outline_xy: tuple[tuple[float, float], ...]  # closed polygon (first == last), pixels
     radius_mm: float  # cluster radius in millimetres
     n_calcifications: int  # candidate specks grouped into this cluster
-    probability: float  # P(malignant) in [0, 1]
+    probability: float  # P(malignant) in [0, 1] (calibrated when the card has a calibration)
+    # The detector's cluster score in [0, 1] (likelihood that the mark is a calcification
+    # cluster); None when the analysis has no detector score (then reports use ``probability``).
+    detection_score: float | None = None
 
 
 @dataclass
@@ -75,6 +81,9 @@ class ImageAnalysis:
     display: np.ndarray | None = None
     cam: np.ndarray | None = None
     display_scale: float = 1.0
+    # what ``cam`` shows: the CNN's Grad-CAM, or the detector's calcification evidence when the
+    # call comes from a morphology head (the SC says which)
+    cam_source: str = "Grad-CAM"
     skipped_reason: str | None = None  # set when the image was not analysed
 
     @property

@@ -1,6 +1,7 @@
 """Report stage: DICOM objects the node sends back for one study analysis.
 
-* :func:`build_sr` - one TID 1500 Comprehensive SR per study (ROIs, P(malignant), pathology call).
+* :func:`build_sr` - one TID 1500 Comprehensive SR per study (ROIs, cluster score; P(malignant)
+  and the pathology call only for a model validated for classification).
 * :func:`build_sc` - one RGB Grad-CAM Secondary Capture per analysed image.
 * :func:`build_mammo_cad_sr` - one Mammography CAD SR (TID 4000) per study.
 * :func:`build_gsps` - one GSPS with the ROI outlines per analysed image.
@@ -81,8 +82,10 @@ def build_reports(
 
     ``previous_srs`` are the headers of SRs this result supersedes (a re-opened study); each
     new SR lists those of its own SOP class in its Predecessor Documents Sequence.
-    ``cad_operating_point`` (None: ``threshold``) splits the CAD SR's findings into
-    "Presentation Required" and "Presentation Optional".
+    ``cad_operating_point`` (None: ``threshold`` for a model validated for classification, 0 -
+    every reported cluster - otherwise) splits the CAD SR's findings into "Presentation
+    Required" and "Presentation Optional"; it applies to P(malignant) for a validated model and
+    to the cluster score otherwise.
 
     Raises ``TypeError``/``ValueError`` naming the problem before anything is built when an
     argument, the analysis or a source header is unusable. With ``sc`` selected, every analysed
@@ -100,7 +103,10 @@ def build_reports(
         raise ValueError("sr_series_number and sc_series_number must differ")
     if len(set(numbers.values())) != len(numbers):
         raise ValueError("the series numbers of the output kinds must all differ")
-    operating_point = threshold if cad_operating_point is None else cad_operating_point
+    if cad_operating_point is not None:
+        operating_point = cad_operating_point
+    else:  # every mark the detector reports is at or above its own operating point
+        operating_point = threshold if analysis.model.classification_validated else 0.0
     check_analysis(analysis, sources)
     analysis = one_analysis_per_displayed_image(analysis, sources)
     analysed = check_analysis(analysis, sources)
@@ -132,7 +138,7 @@ def build_reports(
         for n, image in enumerate(analysed, start=1):
             out.append(build_gsps(image, sources, model=analysis.model,
                                   series_number=gsps_series_number, instance_number=n,
-                                  identity=identity, **common))
+                                  identity=identity, threshold=threshold, **common))
     log.info("built %d report object(s): %s", len(out), ", ".join(kinds))
     return out
 

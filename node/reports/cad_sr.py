@@ -23,7 +23,8 @@ The tree (``dsrdump`` view; one Individual Impression per calcification cluster)
             has concept mod  CODE Rendering Intent (same value)
             has properties   TEXT Algorithm Name, TEXT Algorithm Version, TEXT Algorithm
                              Parameters  [TID 4019]
-            has properties   NUM Certainty of Finding (%), NUM Probability of cancer (%)
+            has properties   TEXT Tracking Identifier, UIDREF Tracking Unique Identifier
+            has properties   NUM Certainty of Finding (%), [NUM Probability of cancer (%)]
             has properties   SCOORD Center (POINT)      -> selected from (by reference) the IMAGE
             has properties   SCOORD Outline (POLYLINE)  -> selected from (by reference) the IMAGE
       contains  CODE Summary of Detections = Succeeded
@@ -36,7 +37,9 @@ The tree (``dsrdump`` view; one Individual Impression per calcification cluster)
             has properties TID 4019; inferred from (by reference) every Image Library IMAGE
 
 Rendering Intent (PS3.4 O.2.2.1) follows the CAD operating point: clusters whose P(malignant)
-is at or above it are "Presentation Required", the others "Presentation Optional".
+(for a model validated for classification; the cluster score otherwise) is at or above it are
+"Presentation Required", the others "Presentation Optional". Probability of cancer is written
+only for a validated model (node.reports.labels); Certainty of Finding is the cluster score.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from node.reports.common import (
     presentation_image_for,
 )
 from node.reports.kinds import MAMMOGRAPHY_CAD_SR
+from node.reports.labels import NOT_VALIDATED, cluster_score
 from node.reports.sr import _header, _set_dates, algorithm_identification
 from node.reports.uids import ResultUIDs
 
@@ -94,6 +98,8 @@ SINGLE_IMAGE_FINDING = _C("111059", "DCM", "Single Image Finding")
 CALCIFICATION_CLUSTER = _C("129769006", "SCT", "Calcification Cluster")
 CERTAINTY_OF_FINDING = _C("111012", "DCM", "Certainty of Finding")
 PROBABILITY_OF_CANCER = _C("111047", "DCM", "Probability of cancer")
+TRACKING_IDENTIFIER = _C("112039", "DCM", "Tracking Identifier")
+TRACKING_UID = _C("112040", "DCM", "Tracking Unique Identifier")
 CENTER = _C("111010", "DCM", "Center")
 OUTLINE = _C("111041", "DCM", "Outline")
 ALGORITHM_NAME = _C("111001", "DCM", "Algorithm Name")
@@ -283,18 +289,32 @@ def _algorithm(node: _Node, algo: hd.sr.AlgorithmIdentification,
 
 
 def _finding(summary: _Node, finding: Finding, entry: _Node, *,
-             algo: hd.sr.AlgorithmIdentification, operating_point: float) -> None:
-    """TID 4003 Individual Impression/Recommendation holding one TID 4006 Single Image Finding."""
-    intent = (PRESENTATION_REQUIRED if float(finding.probability) >= operating_point
-              else PRESENTATION_OPTIONAL)
+             algo: hd.sr.AlgorithmIdentification, operating_point: float, validated: bool,
+             tracking_uid: str) -> None:
+    """TID 4003 Individual Impression/Recommendation holding one TID 4006 Single Image Finding.
+
+    Certainty of Finding is the detector's cluster score; Probability of cancer is written only
+    for a model validated for classification (then the operating point applies to it, else to
+    the cluster score). The finding carries the same number (Tracking Identifier) and tracking
+    UID as in the TID 1500 SR, the SC and the GSPS."""
+    value = float(finding.probability) if validated else cluster_score(finding)
+    intent = PRESENTATION_REQUIRED if value >= operating_point else PRESENTATION_OPTIONAL
     impression = summary.add("INFERRED FROM", _container(INDIVIDUAL_IMPRESSION))
     impression.add("HAS CONCEPT MOD", _code(RENDERING_INTENT, intent))
     sif = impression.add("CONTAINS", _code(SINGLE_IMAGE_FINDING, CALCIFICATION_CLUSTER))
     sif.add("HAS CONCEPT MOD", _code(RENDERING_INTENT, intent))
-    _algorithm(sif, algo, f"operating point {operating_point * 100:.1f} % P(malignant)")
-    percent = _percent(finding.probability)
-    sif.add("HAS PROPERTIES", _num(CERTAINTY_OF_FINDING, percent, PERCENT))
-    sif.add("HAS PROPERTIES", _num(PROBABILITY_OF_CANCER, percent, PERCENT))
+    if validated:
+        params = f"operating point {operating_point * 100:.1f} % P(malignant)"
+    else:
+        params = f"operating point {operating_point * 100:.1f} % cluster score; {NOT_VALIDATED}"
+    _algorithm(sif, algo, params)
+    sif.add("HAS PROPERTIES", _text(TRACKING_IDENTIFIER, f"Calcification cluster {finding.index}"))
+    sif.add("HAS PROPERTIES", hd.sr.UIDRefContentItem(name=TRACKING_UID, value=tracking_uid))
+    sif.add("HAS PROPERTIES", _num(CERTAINTY_OF_FINDING, _percent(cluster_score(finding)),
+                                   PERCENT))
+    if validated:
+        sif.add("HAS PROPERTIES", _num(PROBABILITY_OF_CANCER, _percent(finding.probability),
+                                       PERCENT))
     centre = sif.add("HAS PROPERTIES", hd.sr.ScoordContentItem(
         name=CENTER, graphic_type=hd.sr.GraphicTypeValues.POINT,
         graphic_data=np.asarray([finding.centre_xy], dtype=np.float64)))
@@ -426,8 +446,9 @@ def build_mammo_cad_sr(
 ) -> MammographyCADSR:
     """The Mammography CAD SR of one study analysis (see the module docstring for the tree).
 
-    ``operating_point`` is the P(malignant) in [0, 1] at or above which a cluster is marked
-    "Presentation Required". Findings on a For Processing image reference the matching For
+    ``operating_point`` is the value in [0, 1] at or above which a cluster is marked
+    "Presentation Required": P(malignant) for a model validated for classification, the
+    cluster score otherwise. Findings on a For Processing image reference the matching For
     Presentation image when the study has one (as in the TID 1500 SR). ``previous_versions`` are
     the CAD SRs of the study's earlier result, listed as predecessors.
     """
@@ -461,7 +482,9 @@ def build_mammo_cad_sr(
     summary = root.add("CONTAINS", _code(CAD_SUMMARY,
                                          WITH_FINDINGS if findings else WITHOUT_FINDINGS))
     for finding, entry in findings:
-        _finding(summary, finding, entry, algo=algo, operating_point=op)
+        _finding(summary, finding, entry, algo=algo, operating_point=op,
+                 validated=analysis.model.classification_validated,
+                 tracking_uid=uids.tracking(finding.index))
     _summary(root, SUMMARY_OF_DETECTIONS, SUCCESSFUL_DETECTIONS,
              (DETECTION_PERFORMED, CALCIFICATION_CLUSTER), list(entries.values()), algo)
     _summary(root, SUMMARY_OF_ANALYSES, SUCCESSFUL_ANALYSES,
@@ -481,7 +504,9 @@ def build_mammo_cad_sr(
         manufacturer_model_name=analysis.model.name[:64],
     )
     _set_dates(sr, created)
-    required = sum(1 for f, _ in findings if float(f.probability) >= op)
+    validated = analysis.model.classification_validated
+    required = sum(1 for f, _ in findings
+                   if (float(f.probability) if validated else cluster_score(f)) >= op)
     log.info("built Mammography CAD SR: %d finding(s) (%d presentation required), "
              "%d library image(s)", len(findings), required, len(entries))
     return sr
@@ -490,7 +515,8 @@ def build_mammo_cad_sr(
 def read_cad_findings(ds: Dataset) -> list[dict[str, object]]:
     """The Single Image Findings of a Mammography CAD SR as plain values (for checks and tools).
 
-    Each entry: ``probability`` (%), ``certainty`` (%), ``rendering_intent`` (code value),
+    Each entry: ``probability`` (%, only for a model validated for classification),
+    ``certainty`` (%), ``tracking_identifier``, ``tracking_uid``, ``rendering_intent`` (code value),
     ``centre`` (x, y), ``outline`` (list of (x, y)) and ``sop_instance_uid`` of the image the
     coordinates are selected from (resolved through the by-reference identifiers).
     """
@@ -518,6 +544,10 @@ def read_cad_findings(ds: Dataset) -> list[dict[str, object]]:
                             entry["probability"] = value
                         elif code == CERTAINTY_OF_FINDING.value:
                             entry["certainty"] = value
+                    elif prop.ValueType == "TEXT" and code == TRACKING_IDENTIFIER.value:
+                        entry["tracking_identifier"] = str(prop.TextValue)
+                    elif prop.ValueType == "UIDREF" and code == TRACKING_UID.value:
+                        entry["tracking_uid"] = str(prop.UID)
                     elif prop.ValueType == "CODE" and code == RENDERING_INTENT.value:
                         entry["rendering_intent"] = prop.ConceptCodeSequence[0].CodeValue
                     elif prop.ValueType == "SCOORD":

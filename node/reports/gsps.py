@@ -2,7 +2,9 @@
 
 Generic viewers (Weasis, most PACS viewers) draw a GSPS on the original image and let the reader
 toggle it, which a Secondary Capture cannot offer. Each GSPS has one graphic layer holding, per
-calcification cluster, its outline (POLYLINE, image pixels) and a text label with P(malignant).
+calcification cluster, its outline (POLYLINE, image pixels) and a numbered text label
+(:func:`node.reports.labels.mark_label`: the cluster score, and P(malignant) with the call only
+for a model validated for classification).
 The referenced image's VOI (window or VOI LUT) and Modality LUT are carried over, so the image
 looks as it does without the marks; MONOCHROME1 images get Presentation LUT Shape INVERSE (PS3.3
 C.11.6: a GSPS presents P-values, so the inversion must be explicit).
@@ -22,7 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.analysis.result import ImageAnalysis, ModelInfo
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo
 from node.reports.common import (
     check_common_args,
     check_finding,
@@ -30,6 +32,7 @@ from node.reports.common import (
     laterality_of,
     presentation_image_for,
 )
+from node.reports.labels import legend, mark_label, site_name
 from node.reports.uids import ResultUIDs
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,8 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 LAYER_COLOUR = (97.0, -21.0, 94.0)
 
 
-def label_for(index: int, probability: float) -> str:
-    return f"#{index} P(malignant) {probability * 100:.0f}%"
+def label_for(finding: Finding, model: ModelInfo, threshold: float) -> str:
+    return mark_label(finding, model, threshold)
 
 
 def _numbers(value: object) -> list[float]:
@@ -146,15 +149,18 @@ def build_gsps(
     instance_number: int,
     software_version: str,
     identity: Dataset | None = None,
+    threshold: float | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The GSPS presenting ``image``'s findings on the image the results reference.
 
     That image is the analysed one, or its For Presentation counterpart (see
     :func:`node.reports.common.presentation_image_for`); coordinates carry over unchanged.
     ``identity`` (default: the referenced image) gives the patient and study attributes, so that
-    every object of a study agrees. An image without findings gets a GSPS with one text line
-    saying so, so that the reader sees the image was analysed.
+    every object of a study agrees. Every GSPS carries one text line with the finding site and
+    what the marks mean (or that no cluster was found). ``threshold`` is the P(malignant)
+    decision threshold (default: the model's), used only by a validated classifier's labels.
     """
+    threshold = model.threshold if threshold is None else float(threshold)
     check_common_args(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
                       threshold=0.0, software_version=software_version)
     check_series_number("series_number", series_number)
@@ -198,18 +204,19 @@ def build_gsps(
             tracking_uid=uids.tracking(finding.index),
         ))
         texts.append(hd.pr.TextObject(
-            text_value=label_for(finding.index, finding.probability),
+            text_value=label_for(finding, model, threshold),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
             anchor_point=_text_anchor(outline, image.columns, image.rows),
             anchor_point_visible=True,
         ))
-    if not image.findings:
-        w, h = float(image.columns), float(image.rows)
-        texts.append(hd.pr.TextObject(
-            text_value="AI: no calcification cluster found",
-            units=hd.pr.AnnotationUnitsValues.PIXEL,
-            bounding_box=(0.02 * w, 0.02 * h, 0.6 * w, 0.06 * h),
-        ))
+    w, h = float(image.columns), float(image.rows)
+    site = site_name(image.laterality, image.view)
+    note = (f"{site}: {legend(model, threshold)}" if image.findings
+            else f"{site}: AI found no calcification cluster")
+    texts.append(hd.pr.TextObject(
+        text_value=note[:1024], units=hd.pr.AnnotationUnitsValues.PIXEL,
+        bounding_box=(0.02 * w, 0.02 * h, 0.98 * w, 0.06 * h),
+    ))
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[header], graphic_layer=layer,
         graphic_objects=graphics or None, text_objects=texts or None,

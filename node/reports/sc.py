@@ -19,6 +19,7 @@ from node.reports.common import (
     laterality_of,
     orientation_of,
 )
+from node.reports.labels import is_malignant, legend, mark_label, site_name
 from node.reports.uids import ResultUIDs
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Drawing colours, RGB.
 MALIGNANT_RGB = (255, 40, 40)
 BENIGN_RGB = (40, 255, 40)
+MARK_RGB = (255, 220, 0)  # marks of a model not validated for classification: no colour code
 BANNER_BG_RGB = (0, 0, 0)
 BANNER_FG_RGB = (255, 255, 0)
 MAX_ALPHA = 0.5  # heat-map opacity where cam == 1
@@ -61,8 +63,9 @@ def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
 
 
 def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) -> np.ndarray:
-    """RGB uint8 rendering: display image, Grad-CAM heat map, ROI outlines with P(malignant),
-    a "NOT FOR DIAGNOSTIC USE" banner at the top and the model identity at the bottom."""
+    """RGB uint8 rendering: display image, Grad-CAM heat map, numbered ROI outlines with their
+    label (:func:`node.reports.labels.mark_label`), a "NOT FOR DIAGNOSTIC USE" banner at the top
+    and, at the bottom, the finding site and what the marks mean."""
     display, cam = image.display, image.cam
     if display is None or cam is None:
         raise ValueError("the analysed image has no display image or no Grad-CAM map")
@@ -96,12 +99,15 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
     band = max(20, round(h / 22))  # the banner strip (top)
     fband = max(14, round(band * 0.7))  # the model strip (bottom)
     for finding in sorted(image.findings, key=lambda f: f.index):
-        colour = MALIGNANT_RGB if finding.probability >= threshold else BENIGN_RGB
+        if model.classification_validated:
+            colour = MALIGNANT_RGB if is_malignant(finding, threshold) else BENIGN_RGB
+        else:
+            colour = MARK_RGB
         pts = np.asarray(finding.outline_xy, dtype=np.float64) * s - 0.5  # pixel centres
         pts_i = np.round(pts).astype(np.int32).reshape(-1, 1, 2)
         cv2.polylines(out, [pts_i], isClosed=True, color=colour, thickness=line,
                       lineType=cv2.LINE_AA)
-        text = f"#{finding.index} P(malignant) {finding.probability * 100:.0f}%"
+        text = mark_label(finding, model, threshold)
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, label_scale,
                                          label_thick)
         x = int(np.clip(pts[:, 0].min(), 2, max(2, w - tw - 2)))
@@ -119,7 +125,7 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
     (tw, th), _ = cv2.getTextSize(BANNER_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     cv2.putText(out, BANNER_TEXT, ((w - tw) // 2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
                 scale, BANNER_FG_RGB, thick, cv2.LINE_AA)
-    footer = f"AI Grad-CAM {model.name} {model.version} - threshold {threshold * 100:.0f}%"
+    footer = f"{site_name(image.laterality, image.view)} - {legend(model, threshold)}"
     fthick = max(1, round(fband / 14))
     out[h - fband:] = BANNER_BG_RGB
     fscale = _fit_text(footer, w - 8, int(fband * 0.7), fthick)
@@ -230,9 +236,12 @@ def build_sc(
     ]
     sc.SourceImageSequence = [src_item]
     n = len(image.findings)
+    values = ("P(malignant) and benign/malignant call" if model.classification_validated
+              else "cluster score (not validated for benign/malignant classification)")
     sc.DerivationDescription = (
-        f"Grad-CAM heat map of {model.name} {model.version} blended over a display rendering;"
-        f" {n} calcification cluster outline(s) with P(malignant) burned in"
+        f"{image.cam_source} heat map ({model.name} {model.version}) blended over a display "
+        "rendering;"
+        f" {n} numbered calcification cluster outline(s) with {values} burned in"
     )[:1024]
     sc.ImageComments = (
         "NOT FOR DIAGNOSTIC USE. AI calcification analysis visualisation; "

@@ -21,6 +21,7 @@ from node.reports.common import (
     orientation_of,
     presentation_image_for,
 )
+from node.reports.labels import NOT_VALIDATED, cluster_score, is_malignant
 from node.reports.uids import ResultUIDs
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ OHIF_PLANAR_FREEHAND = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 #: Said once per report when the model card does not validate the model for a Benign/Malignant
 #: call (``ModelInfo.classification_validated``); no finding then carries a Pathology item.
 NOT_VALIDATED_TEXT = "Model not validated for benign/malignant classification"
+CERTAINTY_OF_FINDING = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
 
 
 def _header(ds: Dataset) -> Dataset:
@@ -143,15 +145,16 @@ def tracking_identifier_text(index: int) -> str:
 def finding_label(finding: Finding, lat: str, view: str, model: ModelInfo,
                   threshold: float) -> str:
     """The one-line label of a finding (viewers show it beside the outline, OHIF in its
-    Measurements panel): cluster number, breast and view, P(malignant), and the benign/malignant
-    call only when the model card validates the model for it."""
+    Measurements panel): cluster number, breast and view, then P(malignant) and the
+    benign/malignant call when the model card validates the model for it, else the detector's
+    cluster score and the words "not validated for benign/malignant classification"."""
     where = " ".join(p for p in (lat, view) if p)
-    text = f"Cluster {finding.index}{' ' + where if where else ''}: " \
-           f"P(malignant) {float(finding.probability) * 100:.0f} %"
+    head = f"Cluster {finding.index}{' ' + where if where else ''}: "
     if model.classification_validated:
-        call = "malignant" if float(finding.probability) >= threshold else "benign"
-        return f"{text}, {call}"
-    return text  # no call: the report says once that the model is not validated for one
+        call = "malignant" if is_malignant(finding, threshold) else "benign"
+        return f"{head}P(malignant) {float(finding.probability) * 100:.0f} %, {call}"
+    return f"{head}cluster score {cluster_score(finding) * 100:.0f} % (detection only, " \
+           f"{NOT_VALIDATED})"
 
 
 def _roi_group(
@@ -167,7 +170,8 @@ def _roi_group(
     """TID 1501 Measurement Group of one calcification cluster.
 
     Laid out the way Cornerstone3D writes (and so OHIF reads back) a freehand ROI: the outline is
-    a POLYLINE SCOORD that the Area and the Probability of cancer NUMs are INFERRED FROM,
+    a POLYLINE SCOORD that the Area and score NUMs (Probability of cancer or Certainty of
+    Finding) are INFERRED FROM,
     selected from the (For Presentation) image; the Tracking Identifier names the
     PlanarFreehandROI adapter; the label is a Comment (121106, DCM) TEXT item. A TID 1410 group
     (outline at group level, NUM without SCOORD) is not rehydratable in OHIF 3.x: its adapter
@@ -185,21 +189,15 @@ def _roi_group(
         graphic_data=np.asarray(finding.outline_xy, dtype=np.float64),
         source_image=source,
     )
-    percent = round(float(finding.probability) * 100.0, 2)
     measurements = []
     area = outline_area_mm2(finding, image)
     if area is not None:  # first: OHIF shows the first NUM's value as the outline's area
         measurements.append(hd.sr.Measurement(
             name=AREA, value=area, unit=codes.UCUM.SquareMillimeter, algorithm_id=algo,
             referenced_coordinates=[outline]))
-    measurements.append(hd.sr.Measurement(
-        name=PROBABILITY_OF_CANCER, value=percent, unit=codes.UCUM.Percent, algorithm_id=algo,
-        referenced_coordinates=[outline]))
-    evaluations = []
-    if model.classification_validated:
-        malignant = float(finding.probability) >= threshold
-        evaluations.append(hd.sr.QualitativeEvaluation(PATHOLOGY,
-                                                       MALIGNANT if malignant else BENIGN))
+    values, evaluations = _values(finding, algo, threshold, model.classification_validated,
+                                  outline)
+    measurements.extend(values)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking(finding.index),
@@ -223,6 +221,26 @@ def _roi_group(
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
     return group
+
+
+def _values(finding: Finding, algo: hd.sr.AlgorithmIdentification, threshold: float,
+            validated: bool, outline: hd.sr.CoordinatesForMeasurement
+            ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The label values of one ROI: Certainty of Finding (the detector's cluster score) always;
+    Probability of cancer and Pathology = Malignant/Benign only for a validated classifier.
+    Each NUM is inferred from the outline (OHIF reads the SCOORD under the first NUM)."""
+    def percent(name: hd.sr.CodedConcept, value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value) * 100.0, 2),
+                                 unit=codes.UCUM.Percent, algorithm_id=algo,
+                                 referenced_coordinates=[outline])
+
+    if not validated:
+        return [percent(CERTAINTY_OF_FINDING, cluster_score(finding))], []
+    measurements = [percent(PROBABILITY_OF_CANCER, finding.probability)]
+    if finding.detection_score is not None:
+        measurements.append(percent(CERTAINTY_OF_FINDING, finding.detection_score))
+    call = MALIGNANT if is_malignant(finding, threshold) else BENIGN
+    return measurements, [hd.sr.QualitativeEvaluation(PATHOLOGY, call)]
 
 
 def outline_area_mm2(finding: Finding, image: ImageAnalysis) -> float | None:
