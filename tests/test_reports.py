@@ -215,14 +215,16 @@ def test_sr_content_matches_analysis(mias_case) -> None:
         lat = codes.SCT.Right if f.laterality == "R" else codes.SCT.Left
         assert site.laterality == lat
         assert algorithm_of(g) == (MODEL.name, MODEL.version)
-        # The label: cluster number, breast and view, P(malignant); the test model is not
-        # validated for classification, so there is no call and no Pathology item.
+        # The label: cluster number, breast and view, P(malignant) and, since the test model
+        # is validated for classification, the call; the Pathology item says the same.
+        call = "malignant" if f.probability >= MODEL.threshold else "benign"
         assert got.label == (f"Cluster {f.index} {f.laterality} {f.view}: P(malignant) "
-                             f"{f.probability * 100:.0f} %")
-        assert got.pathology is None
+                             f"{f.probability * 100:.0f} %, {call}")
+        assert got.pathology == (codes.SCT.Malignant if call == "malignant"
+                                 else codes.SCT.Benign)
     texts = [i.TextValue for c in sr.ContentSequence if c.ValueType == "CONTAINER"
              for i in c.get("ContentSequence", []) if i.ValueType == "TEXT"]
-    assert NOT_VALIDATED_TEXT in texts
+    assert NOT_VALIDATED_TEXT not in texts
     # The malignant call uses ">= threshold": the 0.5 finding is Malignant.
     # Image Library: all four analysed images; evidence lists all four.
     evidence = {

@@ -27,6 +27,7 @@ from node.reports.cad_sr import read_cad_findings
 from node.reports.labels import NOT_VALIDATED
 from node.reports.sc import BENIGN_RGB, MALIGNANT_RGB, MARK_RGB
 from node.reports.uids import ResultUIDs
+from tests.srfindings import sr_findings
 from tests.test_reports import MODEL, kwargs, mias_four_view_analysis, save_all
 from tests.tools import dciodvfy_problems, dsrdump
 
@@ -142,9 +143,14 @@ def test_unvalidated_model_makes_no_call_in_any_kind(study, tmp_path: Path) -> N
         assert any(NOT_VALIDATED in t for t in _texts(pydicom.dcmread(path)))
     (_, sr_path), = kinds[TID1500]
     rc, dump = dsrdump(sr_path)
-    for f in findings.values():  # the cluster score, in %, per numbered cluster
-        assert f'Calcification cluster {f.index}"' in dump
-        assert f"{f.detection_score * 100:g}" in dump
+    assert rc == 0
+    marks = {int(g.tracking_identifier.rsplit(" ", 1)[1]): g for g in sr_findings(sr_path)}
+    assert set(marks) == set(findings)
+    for n, f in findings.items():  # the cluster score, in %, per numbered cluster
+        assert marks[n].tracking_identifier.endswith(f"Calcification cluster {n}")
+        assert marks[n].score_percent == pytest.approx(f.detection_score * 100, abs=0.01)
+        assert marks[n].probability_percent is None and marks[n].pathology is None
+        assert NOT_VALIDATED in marks[n].label
     (cad, _), = kinds[CAD]
     uids = ResultUIDs("validated-False")
     entries = read_cad_findings(cad)
