@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,9 @@ th{background:#f0f0f0}td.n{text-align:right}
 
 
 def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
-           refresh_seconds: int = 10, now: dt.datetime | None = None) -> str:
+           refresh_seconds: int = 10, now: dt.datetime | None = None,
+           models: Callable[[], dict[str, Any]] | None = None) -> str:
+    """The page; ``models`` (the node's ModelManager.describe) adds the Models section."""
     rows, failed, jobs = collect(db, limit)
     now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
     queue = jobs.get("queued", 0) + jobs.get("running", 0)
@@ -166,5 +169,9 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         out.append("</tbody></table>")
     else:
         out.append('<p id="failed">None.</p>')
+    if models is not None:  # active and shadow models, live performance (issue 17)
+        from node.model_status import section
+
+        out.extend(section(db, models()))
     out.append("</body></html>")
     return "\n".join(x for x in out if x)
