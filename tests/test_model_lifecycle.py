@@ -4,6 +4,7 @@ delivered; a failing shadow model touches nothing else), compare."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -26,10 +27,11 @@ from node.db import (
     ScoredBreast,
     ScoredFinding,
     ShadowRun,
+    Study,
 )
-from node.evaluation import compare
+from node.evaluation import compare, render_compare
 from node.modelstore import ModelRef, ModelStoreError
-from tests.lifecycle import Env, make_env, manager, store_files, worker
+from tests.lifecycle import make_env, manager, store_files, worker
 from tests.modelfixtures import SHIPPED_CARD, variant_card
 from tests.smallstudies import small_study
 
@@ -292,6 +294,9 @@ def test_shadow_results_are_stored_never_delivered_and_failures_stay_alone(
     assert r["per_finding"]["active_only_malignant"] == sum(pa[k] and not ps[k] for k in pa)
     assert r["per_finding"]["agreement"] == pytest.approx(np.mean([pa[k] == ps[k] for k in pa]))
     assert r["distribution"]["finding_probability"]["shadow"]["n"] == len(ps)
+    later = compare(env.db, SHIPPED, LOW, since=dt.datetime.now() + dt.timedelta(days=1))
+    assert later["breasts"] == 0 and "nothing to compare yet" in render_compare(later)
+    assert "agreement per breast" in render_compare(r)
 
     # a shadow model that raises fails its run only (retried once), never the active result
     broken = Broken(models.shadow.info)
@@ -343,3 +348,21 @@ def test_shadow_run_of_a_changed_study_is_dropped(tmp_path: Path, cards: dict, s
     with env.db.session() as s:
         s.get(ShadowRun, run.id).state = "running"
     assert shadow.recover() == 1
+    # runs of studies that retention purged go, with their JSON
+    stray = env.spool.path("shadow/2026/01/01/x.json")
+    stray.parent.mkdir(parents=True)
+    stray.write_text("{}")
+    os.utime(stray, (0, 0))
+    with env.db.session() as s:
+        s.get(ShadowRun, run.id).relpath = "shadow/2026/01/01/y.json"
+    env.spool.path("shadow/2026/01/01/y.json").write_text("{}")
+    assert shadow.purge_orphans() == 0  # its study is still there
+    assert not stray.exists()  # a JSON no run references (a crash before recording)
+    from node.retention import purge_expired
+
+    with env.db.session() as s:
+        s.execute(Study.__table__.update().values(last_received_at=dt.datetime(2000, 1, 1)))
+        s.execute(Delivery.__table__.update().values(state="done"))
+    assert purge_expired(env.db, env.spool, 30) == 1
+    assert shadow.purge_orphans() == 1
+    assert not env.spool.path("shadow/2026/01/01/y.json").exists()
