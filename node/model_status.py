@@ -86,6 +86,20 @@ def _card_metrics(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def summary(live: dict[str, Any]) -> str:
+    """One line at the top of the page: which model serves, which runs in shadow."""
+    def name(m: dict[str, Any] | None) -> str:
+        return "off" if m is None else f"<b>{_e(m['name'])} {_e(m['version'])}</b>"
+
+    errors = [f"{role}: {_e(live[role + '_error'])}" for role in ("active", "shadow")
+              if live.get(f"{role}_error")]
+    return (f'<p id="models-summary">Model: {name(live.get("active"))}'
+            f'{" ([model] card)" if (live.get("active") or {}).get("source") == "config" else ""}'
+            f'; shadow: {name(live.get("shadow"))}.'
+            + (f' <span class="state-failed">{"; ".join(errors)}</span>' if errors else "")
+            + ' <a href="#models">Models</a></p>')
+
+
 def section(db: Database, live: dict[str, Any]) -> list[str]:
     """HTML for the status page: the models this node serves and their live performance."""
     try:

@@ -115,6 +115,7 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
            models: Callable[[], dict[str, Any]] | None = None) -> str:
     """The page; ``models`` (the node's ModelManager.describe) adds the Models section."""
     rows, failed, jobs = collect(db, limit)
+    live = models() if models is not None else None
     now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
     queue = jobs.get("queued", 0) + jobs.get("running", 0)
     out = [
@@ -128,6 +129,7 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         f'<b id="queue-depth">{queue}</b> (queued {jobs.get("queued", 0)}, running '
         f'{jobs.get("running", 0)}). Research software: not for diagnosis. '
         '<a href="health">health</a> &middot; <a href="metrics">metrics</a></p>',
+        _model_summary(live),
         f"<h2>Recent studies ({len(rows)})</h2>",
         '<table id="studies"><thead><tr><th>Study Instance UID</th><th>State</th>'
         "<th>Instances</th><th>First received (UTC)</th><th>Last received</th>"
@@ -169,9 +171,17 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         out.append("</tbody></table>")
     else:
         out.append('<p id="failed">None.</p>')
-    if models is not None:  # active and shadow models, live performance (issue 17)
+    if live is not None:  # active and shadow models, live performance (issue 17)
         from node.model_status import section
 
-        out.extend(section(db, models()))
+        out.extend(section(db, live))
     out.append("</body></html>")
     return "\n".join(x for x in out if x)
+
+
+def _model_summary(live: dict[str, Any] | None) -> str:
+    if live is None:
+        return ""
+    from node.model_status import summary
+
+    return summary(live)

@@ -196,6 +196,8 @@ def test_live_performance_per_model_version(tmp_path: Path) -> None:
     p2 = perf[ModelRef("calc", "2")]
     assert f"{100 * p2.sensitivity:.1f} % ({p2.tp}/{p2.n_pos})" in page
     assert "calc:3 not loaded: gone" in page and "CV AUC 0.810" in page
+    assert 'id="models-summary">Model: <b>calc 2</b>; shadow: <b>calc 1</b>.' in page
+    assert page.index("models-summary") < page.index("Recent studies")
 
 
 def test_old_database_gets_the_accession_column_and_a_backfill(tmp_path: Path,
