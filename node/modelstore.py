@@ -34,6 +34,7 @@ from node.db import Database, InstalledModel, ModelEvent, ModelRole, utcnow
 # A name or version becomes a folder name: letters, digits and . _ + - only, starting with a
 # letter or digit (so never "." or ".."), at most 64 characters.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 ROLES = ("active", "shadow")
 CARD_FILE = "card.json"
 
@@ -107,6 +108,9 @@ class ModelStore:
                     ". _ + - only (at most 64, starting with a letter or digit)")
         weights_src = card.weights_path(card_path)
         weights_name = Path(card.weights_file).name
+        if not _SAFE_FILE.match(weights_name) or weights_name == CARD_FILE:
+            raise ModelStoreError(f"weights file name {card.weights_file!r} cannot be kept: use "
+                                  f"letters, digits and . _ + - (and not {CARD_FILE})")
         stored = card if card.weights_file == weights_name else replace(
             card, weights_file=weights_name)
         card_bytes = (card_path.read_bytes() if stored is card

@@ -68,8 +68,9 @@ class ShadowRunner:
             event(log, "scores.not_recorded", logging.WARNING, study=study_uid, job=job_id,
                   error=f"{type(exc).__name__}: {exc}"[:300])
         shadow = self.models.shadow
-        if shadow is None:
-            return
+        if shadow is None or (shadow.ref.name, shadow.ref.version) == (analysis.model.name,
+                                                                       analysis.model.version):
+            return  # off, or the shadow model was just activated and ran this analysis itself
         try:
             with self.db.session() as s:
                 input_key = s.execute(select(Job.input_key).where(Job.id == job_id)).scalar()
