@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from models.card import ModelCard, sha256_of
 from node.db import Database, InstalledModel, ModelEvent, ModelRole, utcnow
+from node.store import _fsync_dir
 
 # A name or version becomes a folder name: letters, digits and . _ + - only, starting with a
 # letter or digit (so never "." or ".."), at most 64 characters.
@@ -255,15 +256,7 @@ class ModelStore:
 
     def activate_default(self) -> ModelRef | None:
         """Back to ``[model] card``; returns the model that was active (None: already)."""
-        with self.db.session() as s:
-            current = s.get(ModelRole, "active")
-            if current is None:
-                return None
-            ref = ModelRef(current.name, current.version)
-            s.delete(current)
-            s.add(ModelEvent(action="default", name=ref.name, version=ref.version,
-                             detail="[model] card of config.toml serves again"))
-        return ref
+        return self._clear("active", "default", "[model] card of config.toml serves again")
 
     def set_shadow(self, text: str, *, active: ModelRef | None) -> InstalledModel:
         model = self._servable(text)
@@ -276,13 +269,16 @@ class ModelStore:
         return model
 
     def shadow_off(self) -> ModelRef | None:
+        return self._clear("shadow", "shadow_off")
+
+    def _clear(self, role: str, action: str, detail: str = "") -> ModelRef | None:
         with self.db.session() as s:
-            current = s.get(ModelRole, "shadow")
+            current = s.get(ModelRole, role)
             if current is None:
                 return None
             ref = ModelRef(current.name, current.version)
             s.delete(current)
-            s.add(ModelEvent(action="shadow_off", name=ref.name, version=ref.version))
+            s.add(ModelEvent(action=action, name=ref.name, version=ref.version, detail=detail))
         return ref
 
     def _servable(self, text: str) -> InstalledModel:
@@ -311,14 +307,6 @@ def _set_role(s, role: str, ref: ModelRef) -> None:  # type: ignore[no-untyped-d
         s.add(ModelRole(role=role, name=ref.name, version=ref.version, changed_at=utcnow()))
     else:
         row.name, row.version, row.changed_at = ref.name, ref.version, utcnow()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:
