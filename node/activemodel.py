@@ -11,7 +11,8 @@ switches to it; no restart, and nothing queued is touched:
   every job that starts after it (queued ones included) runs on the new one. Jobs are neither
   re-queued nor dropped, and studies already analysed are not analysed again.
 * a model that cannot be loaded (files gone on this machine, damaged) is not switched to: the
-  current model keeps serving, the error is logged once and shown on the status page. At
+  current model keeps serving, the error is logged and shown on the status page, and the load
+  is tried again every :data:`RETRY_FAILED_LOAD_SECONDS` (a repaired install is picked up). At
   start-up an activated model that cannot be loaded stops the node with the reason (as a bad
   ``[model] card`` does).
 * the shadow model is loaded beside the active one (its own network: the two never share a
@@ -25,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,7 @@ from node.modelstore import ModelRef, ModelStore, headline_metrics
 log = logging.getLogger("node.models")
 
 MODEL_POLL_SECONDS = 2.0
+RETRY_FAILED_LOAD_SECONDS = 60.0  # a model that failed to load is tried again after this
 Loader = Callable[[Settings], StudyAnalyser]
 
 
@@ -95,7 +98,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self.active_error: str | None = None
         self.shadow_error: str | None = None
-        self._failed: dict[str, ModelRef | None] = {}
+        self._failed: dict[str, tuple[ModelRef | None, float]] = {}  # role -> (ref, when)
         roles = self.store.roles()
         wanted = roles.get("active")
         if wanted is None:
@@ -177,12 +180,12 @@ class ModelManager:
         if wanted is not None and current.source == "installed" and current.ref == wanted:
             self.active_error = None
             return
-        if "active" in self._failed and self._failed["active"] == wanted:
-            return  # already tried and failed: wait for another activation (or a restart)
+        if self._recently_failed("active", wanted):
+            return
         try:
             new = self._load_default() if wanted is None else self._load_installed(wanted)
         except Exception as exc:  # noqa: BLE001 - a model that does not load is not served
-            self._failed["active"] = wanted
+            self._failed["active"] = (wanted, time.monotonic())
             self.active_error = f"{wanted or 'the [model] card default'} not loaded: {exc}"
             event(log, "model.load_failed", logging.ERROR, role="active",
                   model=wanted.name if wanted else "default", error=str(exc)[:300],
@@ -200,13 +203,20 @@ class ModelManager:
               queued_jobs="run on the new model; a running analysis finishes on the previous")
         self.store.record("loaded", new.ref, f"active ({new.source})")
 
+    def _recently_failed(self, role: str, wanted: ModelRef | None) -> bool:
+        """The same model failed to load less than RETRY_FAILED_LOAD_SECONDS ago (a repaired
+        install, `mammo-node model install` of the same card again, is picked up after that)."""
+        failed = self._failed.get(role)
+        return (failed is not None and failed[0] == wanted
+                and time.monotonic() - failed[1] < RETRY_FAILED_LOAD_SECONDS)
+
     def _switch_shadow(self, wanted: ModelRef) -> None:
-        if self._failed.get("shadow") == wanted:
+        if self._recently_failed("shadow", wanted):
             return
         try:
             new = self._load_installed(wanted)
         except Exception as exc:  # noqa: BLE001 - a shadow failure never touches the active
-            self._failed["shadow"] = wanted
+            self._failed["shadow"] = (wanted, time.monotonic())
             self.shadow, self.shadow_error = None, f"{wanted} not loaded: {exc}"
             event(log, "model.load_failed", logging.ERROR, role="shadow", model=wanted.name,
                   model_version=wanted.version, error=str(exc)[:300])

@@ -126,9 +126,16 @@ class ModelStore:
         if row is not None:
             if row.weights_sha256 == card.weights_sha256 and row.card_sha256 == card_sha:
                 problems = self.check_files(row)
-                if problems:
-                    raise ModelStoreError(f"{card.name}:{card.version} is installed but its "
-                                          f"files are damaged: {'; '.join(problems)}")
+                if problems:  # the same content again repairs a damaged copy
+                    _remove_tree(target)
+                    self._copy_into_place(card_bytes, weights_src, weights_name,
+                                          card.weights_sha256, target)
+                    with self.db.session() as s:
+                        s.add(ModelEvent(action="repair", name=card.name, version=card.version,
+                                         detail="; ".join(problems)[:2000]))
+                    return InstallResult(row, True, (*v.warnings, "the installed copy was "
+                                                     "damaged and is repaired: "
+                                                     + "; ".join(problems)))
                 return InstallResult(row, True, tuple(v.warnings))
             raise ModelStoreError(
                 f"{card.name}:{card.version} is already installed with other "

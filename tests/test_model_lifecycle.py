@@ -136,10 +136,16 @@ def test_roles_and_a_damaged_install(tmp_path: Path, cards: dict) -> None:
     weights.write_bytes(b"x" + weights.read_bytes()[1:])
     with pytest.raises(ModelStoreError, match="does not match its recorded sha256"):
         env.store.activate(str(LOW))
+    # installing the same card again repairs the copy
+    again = env.store.install(cards["low"], load=False)
+    assert again.already_installed and "repaired" in again.warnings[-1]
+    assert env.store.check_files(again.model) == []
+    env.store.activate(str(LOW))
     with env.db.session() as s:
         actions = [e.action for e in s.execute(select(ModelEvent).order_by(ModelEvent.id))
                    .scalars()]
-    assert actions == ["install", "install", "shadow", "activate", "default"]
+    assert actions == ["install", "install", "shadow", "activate", "default", "repair",
+                       "activate"]
 
 
 def test_start_refuses_an_active_model_it_cannot_load(tmp_path: Path, cards: dict) -> None:
