@@ -200,7 +200,7 @@ class ModelEvent(Base):
 
 class ShadowRun(Base):
     """The shadow model's analysis of one active job's inputs: queued by the worker's hook,
-    run by node.shadow when the active queue is idle; findings in ``relpath`` (JSON under
+    run by node.shadow when nothing is received or analysed; findings in ``relpath`` (JSON under
     ``data_dir/shadow/``) and in scored_breasts/scored_findings. Never delivered."""
 
     __tablename__ = "shadow_runs"

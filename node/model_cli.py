@@ -182,7 +182,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
         except ModelStoreError as exc:
             return _err(str(exc))
         print(f"{model.name}:{model.version} runs in shadow mode beside {active}: on every "
-              "study the active model analyses, when the analysis queue is idle; its results "
+              "study the active model analyses, when nothing is received or analysed; its results "
               "are stored (data_dir/shadow/, the database), never sent. Compare with: "
               "mammo-node model compare")
     finally:

@@ -133,7 +133,7 @@ def section(db: Database, live: dict[str, Any]) -> list[str]:
     runs = c["runs"]
     out.append('<p id="shadow-runs">Shadow runs: '
                + ", ".join(f"{st} {runs.get(st, 0)}" for st in SHADOW_STATES)
-               + " (they run when the analysis queue is idle; never delivered)."
+               + " (they run when nothing is received or analysed; never delivered)."
                + (f" Last failure: {_e(c['last_failure'][:300])}" if c["last_failure"] else "")
                + "</p>")
     if c["agreement"] is not None:

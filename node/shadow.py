@@ -6,12 +6,14 @@
    the job, its input key and the SOP Instance UIDs the active model analysed. Both are short
    database writes after the result is committed; any error in them is logged and swallowed,
    so the active result is recorded and delivered whatever happens here.
-2. The shadow thread runs queued runs when the analysis queue is idle (no job queued or
-   running) and at a lower CPU priority (nice +10 for the thread), so the active model's
-   results are never delayed by the shadow model. It analyses the same stored images with the
-   shadow model, writes the findings to ``data_dir/shadow/YYYY/MM/DD/<random>.json`` (fsynced,
-   marked ``"shadow": true``), records the scores (role ``shadow``) and finishes the run. It
-   builds no DICOM object and creates no delivery: nothing of it is ever sent.
+2. The shadow thread starts a queued run only when nothing is being analysed or received (no
+   job queued or running, no instance received in the last :data:`QUIET_SECONDS`), at a lower
+   CPU priority (nice +10 for the thread), so the active model's analyses do not wait for it;
+   a study that arrives while a shadow analysis runs shares the CPU with that one analysis.
+   It analyses the same stored images with the shadow model, writes the findings to
+   ``data_dir/shadow/YYYY/MM/DD/<random>.json`` (fsynced, marked ``"shadow": true``), records
+   the scores (role ``shadow``) and finishes the run. It builds no DICOM object and creates no
+   delivery: nothing of it is ever sent.
 3. A shadow model that raises fails only its run (retried once, then ``failed`` with the
    error); a run whose study changed since (another analysis queues its own run), whose images
    are gone, or whose model is no longer the shadow is ``dropped`` with the reason. Runs that
@@ -30,7 +32,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from node.activemodel import ModelManager
 from node.analysis.result import ImageInput, StudyAnalysis
@@ -44,6 +46,7 @@ log = logging.getLogger("node.shadow")
 SHADOW_AREA = "shadow"
 MAX_SHADOW_ATTEMPTS = 2
 POLL_SECONDS = 1.0
+QUIET_SECONDS = 5.0  # no instance received for this long before a shadow run starts
 PURGE_EVERY_SECONDS = 3600.0
 
 
@@ -127,9 +130,15 @@ class ShadowRunner:
 
     # -- one run -------------------------------------------------------------------------------
     def active_busy(self) -> bool:
+        """An analysis is queued or running, or a study received an instance in the last
+        :data:`QUIET_SECONDS` (its analysis is about to start): the shadow model waits."""
         with self.db.session() as s:
-            return s.execute(select(Job.id).where(Job.state.in_(("queued", "running")))
-                             .limit(1)).first() is not None
+            if s.execute(select(Job.id).where(Job.state.in_(("queued", "running")))
+                         .limit(1)).first() is not None:
+                return True
+            last = s.execute(select(func.max(Study.last_received_at))
+                             .where(Study.state == "receiving")).scalar()
+        return last is not None and (utcnow() - last).total_seconds() < QUIET_SECONDS
 
     def run_once(self) -> bool:
         """Run the oldest queued run of the loaded shadow model; False when none ran."""

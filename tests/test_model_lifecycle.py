@@ -344,6 +344,14 @@ def test_shadow_run_of_a_changed_study_is_dropped(tmp_path: Path, cards: dict, s
     w, shadow = worker(env, models)
     store_files(env, studies[0])
     assert w.run_once()
+    # a study being received holds the shadow model back until it has been quiet a while
+    with env.db.session() as s:
+        s.add(Study(study_uid="1.2.3.4.5", state="receiving"))
+    assert shadow.active_busy() and not shadow.run_once()
+    with env.db.session() as s:
+        s.execute(Study.__table__.update().where(Study.study_uid == "1.2.3.4.5")
+                  .values(last_received_at=dt.datetime(2000, 1, 1)))
+    assert not shadow.active_busy()
     with env.db.session() as s:
         s.execute(Job.__table__.update().values(input_key="changed"))
     assert shadow.run_once()
