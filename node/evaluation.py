@@ -288,10 +288,12 @@ def compare(db: Database, active: ModelRef, shadow: ModelRef,
         only_s += len(os_)
     fa = np.array([x.probability for x, _ in pairs], dtype=float)
     fs = np.array([y.probability for _, y in pairs], dtype=float)
-    ta = np.array([a_b[(x.study_uid, x.laterality)].threshold if (x.study_uid, x.laterality)
-                   in a_b else 0.5 for x, _ in pairs], dtype=float)
-    ts = np.array([s_b[(y.study_uid, y.laterality)].threshold if (y.study_uid, y.laterality)
-                   in s_b else 0.5 for _, y in pairs], dtype=float)
+    # each finding is called at its model's threshold (that of its breast's score; a finding
+    # of unknown side has no breast score: the model's threshold of the other breasts)
+    ta = np.array([a_b[k].threshold if (k := (x.study_uid, x.laterality)) in a_b
+                   else (thr_a or [0.5])[0] for x, _ in pairs], dtype=float)
+    ts = np.array([s_b[k].threshold if (k := (y.study_uid, y.laterality)) in s_b
+                   else (thr_s or [0.5])[0] for _, y in pairs], dtype=float)
     per_finding = _agreement(fa >= ta, fs >= ts)
     per_finding.update({"found_by_active_only": only_a, "found_by_shadow_only": only_s,
                         "mean_abs_difference": float(np.abs(fa - fs).mean()) if len(fa)

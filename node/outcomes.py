@@ -122,8 +122,8 @@ def _read(path: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
     delimiter = ";" if first.count(";") > first.count(",") else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     cols: dict[str, str] = {}
+    low = {f.strip().lower(): f for f in reader.fieldnames or [] if f}
     for key, names in ALIASES.items():
-        low = {f.strip().lower(): f for f in reader.fieldnames or [] if f}
         for n in names:
             if n in low:
                 cols[key] = low[n]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from sqlalchemy import select
 
 from node.activemodel import ModelManager
 from node.analysis.result import StudyAnalyser
@@ -61,8 +62,6 @@ def store_files(env: Env, files: list[Path]) -> str:
         lat, view = laterality_and_view(ds)
         study_uid = str(ds.StudyInstanceUID)
         with env.db.session() as s:
-            from sqlalchemy import select
-
             study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
             if study is None:
                 study = Study(study_uid=study_uid, state="receiving",
