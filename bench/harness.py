@@ -45,8 +45,8 @@ def _ts(value: str | None) -> dt.datetime | None:
 class Harness:
     """storescp destination + node process; send studies, read back timings."""
 
-    def __init__(self, work: Path, *, sc_max_side: int | None = None, precision: str = "auto"
-                 ) -> None:
+    def __init__(self, work: Path, *, sc_max_side: int | None = None, precision: str = "auto",
+                 shadow_card: Path | None = None) -> None:
         self.work = work
         self.dest = StoreSCP(work / "dest", ae_title="PACS")
         self.dest.start()
@@ -63,11 +63,20 @@ class Harness:
             log={"level": "INFO"},
         )
         try:
+            if shadow_card is not None:  # installed and run in shadow mode (bench/shadow.py)
+                self._shadow(shadow_card)
             self.node.start()
         except Exception:
             self.dest.stop()
             raise
         self.db_path = self.node.data_dir / "node.sqlite3"
+
+    def _shadow(self, card: Path) -> None:
+        name = json.loads(Path(card).read_text())["name"]
+        for args in (("model", "install", str(card)), ("model", "shadow", name)):
+            out = self.node.cli(*args)
+            if out.returncode != 0:
+                raise RuntimeError(f"mammo-node {' '.join(args)}: {out.stderr[-500:]}")
 
     @property
     def pid(self) -> int:

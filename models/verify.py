@@ -1,8 +1,8 @@
 """The contract a model card + weights must meet before the node may serve them.
 
-``python -m models verify-card CARD.json`` runs it here; a later ``mammo-node model install
-CARD`` is meant to run the same :func:`verify_card` (the node already imports ``models.card``)
-and refuse the model on any problem. Checks (models/README.md, "Installing a model"):
+``python -m models verify-card CARD.json`` runs it here; ``mammo-node model install CARD``
+(node/modelstore.py) runs the same :func:`verify_card` and refuses the model on any problem.
+Checks (models/README.md, "Installing a model"):
 
 1. the card parses (:meth:`models.card.ModelCard.load`: known keys, required keys, format,
    threshold in (0, 1), sane sizes);

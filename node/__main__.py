@@ -1,5 +1,5 @@
-"""mammo-node command line: serve, echo, send, status, retry, hash-secret (also
-``python -m node``)."""
+"""mammo-node command line: serve, echo, send, status, retry, hash-secret, model, outcomes
+(also ``python -m node``)."""
 
 from __future__ import annotations
 
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--study", help="only this Study Instance UID")
     sp.set_defaults(func=cmd_retry)
+    from node.model_cli import add_commands  # model ..., outcomes ... (issue 17)
+
+    add_commands(sub, common)
     return p
 
 

@@ -55,6 +55,9 @@ class Study(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # AccessionNumber of the study's first instance that had one (issue 17: outcomes are
+    # matched by it). Database only: never logged. NULL in rows from before the column existed.
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 
@@ -195,6 +198,152 @@ class DeliveryKind(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+# -- model lifecycle and evaluation (issue 17: node/modelstore.py, node/shadow.py,
+# node/evaluation.py, node/outcomes.py) -------------------------------------------------------
+# These tables reference studies by UID, not by foreign key: the evaluation record (scores,
+# outcomes) outlives retention's purge of the images, because biopsy and follow-up outcomes
+# arrive weeks to years after the analysis.
+
+
+class InstalledModel(Base):
+    """One installed model version: an immutable copy under ``data_dir/models/<name>/<version>/``
+    (``relpath``), verified at install (models.verify) and re-hashed before it is served."""
+
+    __tablename__ = "installed_models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    architecture: Mapped[str] = mapped_column(String(64))
+    input_size: Mapped[int] = mapped_column(Integer)
+    roi_size_mm: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    card_sha256: Mapped[str] = mapped_column(String(64))
+    relpath: Mapped[str] = mapped_column(String(255))  # folder, relative to data_dir
+    card_file: Mapped[str] = mapped_column(String(255), default="card.json")
+    weights_file: Mapped[str] = mapped_column(String(255))
+    intended_use: Mapped[str] = mapped_column(Text, default="")
+    data_licence: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the card's headline metrics
+    installed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelRole(Base):
+    """Which installed model is ``active`` (serves results) and which is the ``shadow`` (runs
+    beside it, never delivered). No ``active`` row: ``[model] card`` of config.toml serves."""
+
+    __tablename__ = "model_roles"
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)  # active | shadow
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelEvent(Base):
+    """Audit trail of the lifecycle: install, activate, default, shadow, shadow_off, loaded,
+    load_failed (the last two written by a running node)."""
+
+    __tablename__ = "model_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64), default="")
+    version: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class ShadowRun(Base):
+    """The shadow model's analysis of one active job's inputs: queued by the worker's hook,
+    run by node.shadow when nothing is received or analysed; findings in ``relpath`` (JSON under
+    ``data_dir/shadow/``) and in scored_breasts/scored_findings. Never delivered."""
+
+    __tablename__ = "shadow_runs"
+    __table_args__ = (UniqueConstraint("job_id", "input_key", "model_name", "model_version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    input_key: Mapped[str] = mapped_column(String(64))
+    inputs: Mapped[str] = mapped_column(Text, default="[]")  # JSON: SOP Instance UIDs analysed
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    active_name: Mapped[str] = mapped_column(String(64))
+    active_version: Mapped[str] = mapped_column(String(64))
+    # queued -> running -> done | failed | dropped (study changed, images gone, model changed)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    roi_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    analysis_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    relpath: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class ScoredBreast(Base):
+    """A model's score for one breast of one study: the highest P(malignant) of its findings
+    (0 when the analysed images of that side had none), with the threshold it was called at.
+    The latest analysis of the study by that model version wins."""
+
+    __tablename__ = "scored_breasts"
+    __table_args__ = (UniqueConstraint("study_uid", "laterality", "model_name", "model_version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    laterality: Mapped[str] = mapped_column(String(2))
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # how it ran: active | shadow
+    job_id: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    findings: Mapped[int] = mapped_column(Integer, default=0)
+    threshold: Mapped[float] = mapped_column(Float)
+    analysed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class ScoredFinding(Base):
+    """One ROI of a model's analysis (geometry in source-image pixels, as in the SR)."""
+
+    __tablename__ = "scored_findings"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    finding_index: Mapped[int] = mapped_column(Integer)  # the number in the node's report
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    laterality: Mapped[str] = mapped_column(String(2))
+    view: Mapped[str] = mapped_column(String(16), default="")
+    centre_x: Mapped[float] = mapped_column(Float)  # column, DICOM SCOORD (pixel corner = 0)
+    centre_y: Mapped[float] = mapped_column(Float)
+    radius_mm: Mapped[float] = mapped_column(Float)
+    pixel_spacing_mm: Mapped[float] = mapped_column(Float)
+    probability: Mapped[float] = mapped_column(Float)
+
+
+class Outcome(Base):
+    """Ground truth for a breast (``finding_index`` 0) or one numbered finding of a study:
+    ``truth`` malignant | benign | negative, from a biopsy or a follow-up (``mammo-node outcomes
+    import``). Re-importing the same row updates it instead of adding one."""
+
+    __tablename__ = "outcomes"
+    __table_args__ = (UniqueConstraint("study_uid", "laterality", "finding_index", "kind",
+                                       "outcome_date"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    laterality: Mapped[str] = mapped_column(String(2))
+    finding_index: Mapped[int] = mapped_column(Integer, default=0)
+    truth: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # biopsy | follow-up
+    outcome_date: Mapped[str] = mapped_column(String(10), default="")  # YYYY-MM-DD or ""
+    source: Mapped[str] = mapped_column(String(255), default="")  # file name and line
+    imported_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Database:
     """Engine + session factory with the pragmas the node's durability promise depends on."""
 
@@ -211,6 +360,7 @@ class Database:
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        _add_accession_column(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -233,6 +383,18 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA busy_timeout=60000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _add_accession_column(engine: Engine) -> None:
+    """An older database lacks ``studies.accession_number``: add it (nullable, additive)."""
+    from sqlalchemy import inspect
+
+    if "accession_number" in {c["name"] for c in inspect(engine).get_columns("studies")}:
+        return
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE studies ADD COLUMN accession_number VARCHAR(64)")
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_studies_accession_number "
+                             "ON studies (accession_number)")
 
 
 def claim(session: Session, model: type[Job] | type[Delivery], row_id: int, from_state: str,

@@ -454,6 +454,8 @@ class Receiver:
                     study.generation += 1
                     study.completed_at = None
                 study.last_received_at = now
+                if not study.accession_number:  # outcomes are matched by it (node/outcomes.py)
+                    study.accession_number = str(ds.get("AccessionNumber", "") or "")[:64] or None
                 series_uid = str(ds.SeriesInstanceUID)
                 series = s.execute(
                     select(Series).where(Series.series_uid == series_uid)

@@ -11,7 +11,8 @@ import logging
 import signal
 import threading
 
-from node import __version__, metrics
+from node import __version__, metrics, model_status
+from node.activemodel import MODEL_POLL_SECONDS, ModelManager
 from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
@@ -25,6 +26,7 @@ from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
 from node.security import client_context, server_context
+from node.shadow import ShadowRunner
 from node.store import Spool
 from node.worker import AnalysisWorker, ReportOptions
 
@@ -66,7 +68,8 @@ def build_monitoring(node: Node) -> MonitoringServer:
             destinations=[d.name for d in s.destinations]),
         status_page=lambda: status_page.render(
             node.db, ae_title=s.node.ae_title, version=__version__,
-            limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds),
+            limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds,
+            models=node.models.describe),
     )
 
 
@@ -76,7 +79,10 @@ class Node:
         self.spool = Spool(settings.node.data_dir)
         self.db = Database(settings.database_url)
         self.db.create_schema()
-        self.analyser = analyser or load_analyser(settings)
+        # The active model ([model] card, or the one `mammo-node model activate` chose) behind
+        # a switchable analyser, and the shadow model; followed live (node.activemodel).
+        self.models = ModelManager(settings, self.db, load_analyser, default=analyser)
+        self.analyser = self.models.analyser
         from node.reports import build_reports
 
         model = self.analyser.model
@@ -120,10 +126,14 @@ class Node:
             ("deliver", self.deliverer.run_due, 1.0),
             ("retention", lambda: purge_expired(self.db, self.spool, settings.retention.days),
              settings.retention.check_interval_hours * 3600),
+            ("models", self.models.refresh, MODEL_POLL_SECONDS),
         ])
         self.worker.on_result = self._on_result
+        self.shadow = ShadowRunner(self.db, self.spool, self.models)
+        self.worker.on_analysed = self.shadow.on_analysed
         self._stopped = threading.Event()
         metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
+        model_status.bind_metrics(self.db, self.models)
         self.http = build_monitoring(self) if settings.http.enabled else None
         self.stow = None
         if settings.dicomweb.enabled:  # STOW-RS in, through the receiver's checks and store
@@ -159,17 +169,20 @@ class Node:
                                                            "before the restart")
         sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
         self.worker.recover()
+        self.shadow.recover()
         self.deliverer.recover()
         self.receiver.start()
         if self.stow is not None:
             self.stow.start()
         self.worker.start()
+        self.shadow.start()
         self.scheduler.start()
         self.worker.wake.set()
         if self.http is not None:
             self.http.start()
         event(log, "node.started", version=__version__, model=self.analyser.model.name,
               model_version=self.analyser.model.version,
+              shadow=str(self.models.shadow.ref) if self.models.shadow else "off",
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
               data_dir=self.settings.node.data_dir)
 
@@ -181,6 +194,7 @@ class Node:
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         self.worker.stop()
+        self.shadow.stop()
         self.db.dispose()
         event(log, "node.stopped")
         self._stopped.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,8 +113,11 @@ th{background:#f0f0f0}td.n{text-align:right}
 
 
 def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
-           refresh_seconds: int = 10, now: dt.datetime | None = None) -> str:
+           refresh_seconds: int = 10, now: dt.datetime | None = None,
+           models: Callable[[], dict[str, Any]] | None = None) -> str:
+    """The page; ``models`` (the node's ModelManager.describe) adds the Models section."""
     rows, failed, jobs = collect(db, limit)
+    live = models() if models is not None else None
     now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
     queue = jobs.get("queued", 0) + jobs.get("running", 0)
     out = [
@@ -127,6 +131,7 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         f'<b id="queue-depth">{queue}</b> (queued {jobs.get("queued", 0)}, running '
         f'{jobs.get("running", 0)}). Research software: not for diagnosis. '
         '<a href="health">health</a> &middot; <a href="metrics">metrics</a></p>',
+        _model_summary(live),
         f"<h2>Recent studies ({len(rows)})</h2>",
         '<table id="studies"><thead><tr><th>Study Instance UID</th><th>State</th>'
         "<th>Instances</th><th>First received (UTC)</th><th>Last received</th>"
@@ -184,6 +189,10 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
                    "<code>mammo-node retry</code> rebuilds or re-sends these.</p>")
     else:
         out.append('<p id="failed-outputs">None.</p>')
+    if live is not None:  # active and shadow models, live performance (issue 17)
+        from node.model_status import section
+
+        out.extend(section(db, live))
     out.append("</body></html>")
     return "\n".join(x for x in out if x)
 
@@ -193,3 +202,9 @@ def _failed_outputs(db: Database, limit: int) -> list[dict[str, Any]]:
 
     with db.session() as s:
         return failed_output_kinds(s, limit)
+def _model_summary(live: dict[str, Any] | None) -> str:
+    if live is None:
+        return ""
+    from node.model_status import summary
+
+    return summary(live)

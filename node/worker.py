@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from node import faults, metrics
-from node.analysis.result import ImageInput, StudyAnalyser, StudyAnalysis
+from node.analysis.result import ImageInput, ModelInfo, StudyAnalyser, StudyAnalysis
 from node.db import (
     Database,
     Delivery,
@@ -84,6 +84,9 @@ class AnalysisWorker:
         # Called (in the worker thread) after a result with objects to deliver was recorded, so
         # that delivery starts at once instead of at the deliverer's next tick.
         self.on_result: Callable[[], None] | None = None
+        # Called (in the worker thread) after a result was recorded, with (job id, study UID,
+        # the inputs, the analysis): the model lifecycle's scores and shadow run (node.shadow).
+        self.on_analysed: Callable[[int, str, list[ImageInput], StudyAnalysis], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -158,7 +161,8 @@ class AnalysisWorker:
                       for i in instances]
             faults.hit("analysis.running")
             analysis = self.analyser.analyse(study_uid, inputs)
-            key = self._analysis_key(job_id)
+            # Keyed and reported on the model that ran (a switch may happen at any time).
+            key = self._analysis_key(job_id, analysis.model)
             sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
                                                   stop_before_pixels=True) for i in instances}
             if not any(image.analysed for image in analysis.images):
@@ -167,8 +171,7 @@ class AnalysisWorker:
                 event(log, "analysis.nothing_to_report", logging.WARNING, study=study_uid,
                       reasons=";".join(sorted({i.skipped_reason or "" for i in
                                                analysis.images})))
-                self._record(job_id, self._analysis_key(job_id), analysis, [],
-                             (time.perf_counter() - t0) * 1000)
+                self._record(job_id, key, analysis, [], (time.perf_counter() - t0) * 1000)
                 return
             previous = self._current_srs(study_uid, key)
             kinds = self._kinds_to_build(key)
@@ -181,6 +184,8 @@ class AnalysisWorker:
         self._record(job_id, key, analysis, written, ms, failed)
         if written and self.destinations and self.on_result is not None:
             self.on_result()
+        if self.on_analysed is not None:  # model lifecycle (issue 17); never raises
+            self.on_analysed(job_id, study_uid, inputs, analysis)
 
     def _kinds_to_build(self, key: str) -> tuple[str, ...]:
         """The configured kinds, less those the result with this analysis key already has
@@ -211,7 +216,8 @@ class AnalysisWorker:
                 datasets = self.build_reports(
                     analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
                     manufacturer=o.manufacturer, sr_series_number=o.sr_series_number,
-                    sc_series_number=o.sc_series_number, threshold=o.threshold,
+                    sc_series_number=o.sc_series_number,
+                    threshold=analysis.model.threshold,  # the model that ran
                     software_version=o.software_version, previous_srs=previous,
                     kinds=(kind,), cad_operating_point=o.cad_operating_point,
                     cad_sr_series_number=o.cad_sr_series_number,
@@ -246,12 +252,14 @@ class AnalysisWorker:
         return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
                 if self.spool.path(r).exists()]
 
-    def _analysis_key(self, job_id: int) -> str:
+    def _analysis_key(self, job_id: int, model: ModelInfo | None = None) -> str:
+        """Digest of the inputs, the model that ran (name, version, architecture, threshold)
+        and the output options: the same inputs and model give the same result UIDs."""
+        model = model or self.analyser.model
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            model = self.analyser.model
             text = "|".join([job.input_key, model.name, model.version, model.architecture,
-                             f"{self.options.threshold:.6f}", *self._outputs_key()])
+                             f"{model.threshold:.6f}", *self._outputs_key()])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _outputs_key(self) -> list[str]:
