@@ -223,6 +223,9 @@ class InstalledModel(Base):
     relpath: Mapped[str] = mapped_column(String(255))  # folder, relative to data_dir
     card_file: Mapped[str] = mapped_column(String(255), default="card.json")
     weights_file: Mapped[str] = mapped_column(String(255))
+    # the card's cluster detector (models.detector), kept beside it; "" when the card names none
+    detector_file: Mapped[str] = mapped_column(String(255), default="")
+    detector_sha256: Mapped[str] = mapped_column(String(64), default="")
     intended_use: Mapped[str] = mapped_column(Text, default="")
     data_licence: Mapped[str] = mapped_column(Text, default="")
     metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the card's headline metrics

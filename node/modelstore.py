@@ -112,8 +112,17 @@ class ModelStore:
         if not _SAFE_FILE.match(weights_name) or weights_name == CARD_FILE:
             raise ModelStoreError(f"weights file name {card.weights_file!r} cannot be kept: use "
                                   f"letters, digits and . _ + - (and not {CARD_FILE})")
-        stored = card if card.weights_file == weights_name else replace(
-            card, weights_file=weights_name)
+        files = [(weights_src, weights_name, card.weights_sha256)]
+        detector_name = Path(card.detector_file).name if card.detector_file else ""
+        if detector_name:  # verified above (models.verify): kept beside the card too
+            if not _SAFE_FILE.match(detector_name) or detector_name in (CARD_FILE, weights_name):
+                raise ModelStoreError(f"detector file name {card.detector_file!r} cannot be "
+                                      "kept: use letters, digits and . _ + -")
+            detector_src = card.detector_path(card_path)
+            files.append((detector_src, detector_name, sha256_of(detector_src)))
+        stored = card if (card.weights_file, card.detector_file) == (
+            weights_name, detector_name) else replace(
+            card, weights_file=weights_name, detector_file=detector_name)
         card_bytes = (card_path.read_bytes() if stored is card
                       else stored.to_json().encode("utf-8"))
         card_sha = hashlib.sha256(card_bytes).hexdigest()
@@ -128,8 +137,7 @@ class ModelStore:
                 problems = self.check_files(row)
                 if problems:  # the same content again repairs a damaged copy
                     _remove_tree(target)
-                    self._copy_into_place(card_bytes, weights_src, weights_name,
-                                          card.weights_sha256, target)
+                    self._copy_into_place(card_bytes, files, target)
                     with self.db.session() as s:
                         s.add(ModelEvent(action="repair", name=card.name, version=card.version,
                                          detail="; ".join(problems)[:2000]))
@@ -142,16 +150,17 @@ class ModelStore:
                 f"{'weights' if row.weights_sha256 != card.weights_sha256 else 'card content'}"
                 f" (installed versions never change): give the new model another version")
         if not target.exists():
-            self._copy_into_place(card_bytes, weights_src, weights_name, card.weights_sha256,
-                                  target)
-        elif not self._same_files(target, card_sha, weights_name, card.weights_sha256):
+            self._copy_into_place(card_bytes, files, target)
+        elif not self._same_files(target, card_sha, files):
             raise ModelStoreError(f"{target} exists but holds other files and is not recorded "
                                   "as installed; move it away and install again")
         row = InstalledModel(
             name=card.name, version=card.version, architecture=card.architecture,
             input_size=card.input_size, roi_size_mm=card.roi_size_mm, threshold=card.threshold,
             weights_sha256=card.weights_sha256, card_sha256=card_sha, relpath=relpath,
-            card_file=CARD_FILE, weights_file=weights_name, intended_use=card.intended_use,
+            card_file=CARD_FILE, weights_file=weights_name,
+            detector_file=detector_name, detector_sha256=files[1][2] if detector_name else "",
+            intended_use=card.intended_use,
             data_licence=card.data_licence,
             metrics=json.dumps(headline_metrics(card), sort_keys=True))
         with self.db.session() as s:
@@ -160,25 +169,28 @@ class ModelStore:
                              detail=f"weights sha256 {card.weights_sha256}"))
         return InstallResult(row, False, tuple(v.warnings))
 
-    def _copy_into_place(self, card_bytes: bytes, weights_src: Path, weights_name: str,
-                         weights_sha: str, target: Path) -> None:
-        """Copy into a fresh folder, fsync, check the hash, make read-only, rename into place."""
+    def _copy_into_place(self, card_bytes: bytes, files: list[tuple[Path, str, str]],
+                         target: Path) -> None:
+        """Copy the card and ``files`` ((source, name, sha256): the weights, the detector) into
+        a fresh folder, fsync, check the hashes, make read-only, rename into place."""
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.root / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True, mode=0o700)
         try:
-            with open(weights_src, "rb") as src, open(tmp / weights_name, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
+            for src_path, name, _ in files:
+                with open(src_path, "rb") as src, open(tmp / name, "xb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
             with open(tmp / CARD_FILE, "xb") as dst:
                 dst.write(card_bytes)
                 dst.flush()
                 os.fsync(dst.fileno())
-            if sha256_of(tmp / weights_name) != weights_sha:
-                raise ModelStoreError(f"{weights_src} changed while it was copied; try again")
-            for f in (tmp / weights_name, tmp / CARD_FILE):
-                os.chmod(f, 0o400)
+            for src_path, name, sha in files:
+                if sha256_of(tmp / name) != sha:
+                    raise ModelStoreError(f"{src_path} changed while it was copied; try again")
+            for name in [CARD_FILE, *(n for _, n, _ in files)]:
+                os.chmod(tmp / name, 0o400)
             os.chmod(tmp, 0o500)
             os.rename(tmp, target)
         except BaseException:
@@ -187,10 +199,11 @@ class ModelStore:
         _fsync_dir(target.parent)
 
     @staticmethod
-    def _same_files(folder: Path, card_sha: str, weights_name: str, weights_sha: str) -> bool:
-        card, weights = folder / CARD_FILE, folder / weights_name
-        return (card.is_file() and weights.is_file() and sha256_of(card) == card_sha
-                and sha256_of(weights) == weights_sha)
+    def _same_files(folder: Path, card_sha: str, files: list[tuple[Path, str, str]]) -> bool:
+        card = folder / CARD_FILE
+        return card.is_file() and sha256_of(card) == card_sha and all(
+            (folder / name).is_file() and sha256_of(folder / name) == sha
+            for _, name, sha in files)
 
     # -- what is installed ---------------------------------------------------------------------
     def installed(self) -> list[InstalledModel]:
@@ -225,8 +238,10 @@ class ModelStore:
         """Problems with the installed copy (missing file, hash changed): empty when intact."""
         folder = self.data_dir / model.relpath
         problems = []
-        for name, sha in ((model.card_file, model.card_sha256),
-                          (model.weights_file, model.weights_sha256)):
+        kept = [(model.card_file, model.card_sha256), (model.weights_file, model.weights_sha256)]
+        if model.detector_file:
+            kept.append((model.detector_file, model.detector_sha256))
+        for name, sha in kept:
             path = folder / name
             if not path.is_file():
                 problems.append(f"{path} is missing")

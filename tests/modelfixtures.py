@@ -1,9 +1,14 @@
-"""Second models for the lifecycle tests: the shipped model with its head's malignant logit
-shifted (so its probabilities, hence its calls, really differ) under another name/version."""
+"""Second models for the lifecycle tests: the shipped CNN with its malignant logit shifted (so
+its probabilities, hence its calls, really differ) under another name/version.
+
+The shipped card serves a morphology head (its classification evidence, models.card); a variant
+drops that evidence, so the node runs the card's CNN (head "cnn", not validated for a call), and
+keeps the shipped detector file beside it."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 from models.card import ModelCard, sha256_of
@@ -31,10 +36,13 @@ def variant_card(out_dir: Path, name: str = "calc-cluster-lite0-shift", version:
         state["classifier.bias"] = bias
     weights = out_dir / f"{name}-{version}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    detector = card.detector_path(SHIPPED_CARD)
+    if detector is not None:
+        shutil.copyfile(detector, out_dir / detector.name)
     new = dataclasses.replace(card, name=name, version=version, weights_file=weights.name,
                               weights_sha256=sha256_of(weights),
                               threshold=card.threshold if threshold is None else threshold,
-                              **changes)
+                              classification={}, **changes)
     path = out_dir / f"{name}-{version}.json"
     new.save(path)
     return path

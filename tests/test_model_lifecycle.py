@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from models.card import ModelCard
 from node.analysis.pipeline import AnalysisPipeline
 from node.db import (
     Delivery,
@@ -36,7 +37,7 @@ from tests.modelfixtures import SHIPPED_CARD, variant_card
 from tests.smallstudies import small_study
 
 LOW = ModelRef("calc-cluster-lite0-low", "0.2.0")
-SHIPPED = ModelRef("calc-cluster-lite0", "0.1.0")
+SHIPPED = ModelRef("calc-cluster-lite0", ModelCard.load(SHIPPED_CARD).version)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,10 @@ def test_install_verifies_and_keeps_immutable_versions(tmp_path: Path, cards: di
     r = env.store.install(cards["low"])
     assert not r.already_installed and "roi_kinds" in " ".join(r.warnings)
     folder = env.data_dir / "models" / LOW.name / LOW.version
+    # the card, its weights and the cluster detector it names, nothing else
     assert sorted(p.name for p in folder.iterdir()) == ["calc-cluster-lite0-low-0.2.0"
-                                                        ".safetensors", "card.json"]
+                                                        ".safetensors", "calc-detector.json",
+                                                        "card.json"]
     assert (folder / "card.json").read_bytes() == cards["low"].read_bytes()
     for p in folder.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o400
@@ -111,6 +114,8 @@ def test_install_verifies_and_keeps_immutable_versions(tmp_path: Path, cards: di
     (tmp_path / "u").mkdir()
     shutil.copyfile(cards["low"].with_suffix(".safetensors"), tmp_path / "u" / raw[
         "weights_file"])
+    shutil.copyfile(cards["low"].parent / raw["detector_file"], tmp_path / "u" / raw[
+        "detector_file"])
     (tmp_path / "u" / "card.json").write_text(json.dumps({**raw, "version": "../1"}))
     with pytest.raises(ModelStoreError, match="version '../1' cannot name a folder"):
         env.store.install(tmp_path / "u" / "card.json", load=False)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.modelfixtures import variant_card
+from models.card import ModelCard
+from tests.modelfixtures import SHIPPED_CARD, variant_card
 from tests.netutil import NodeProcess, StoreSCP, free_port, storescu, wait_until
 from tests.smallstudies import small_study
 
@@ -22,6 +23,7 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
 LOW = "calc-cluster-lite0-low"
+SHIPPED_VERSION = ModelCard.load(SHIPPED_CARD).version
 
 
 def _get(url: str) -> str:
@@ -131,7 +133,8 @@ def test_install_shadow_compare_activate_outcomes(tmp_path: Path,
         out = node.cli("model", "compare", "--json")
         assert out.returncode == 0, out.stderr
         cmp = json.loads(out.stdout)
-        assert (cmp["active"], cmp["shadow"]) == ("calc-cluster-lite0:0.1.0", f"{LOW}:0.2.0")
+        assert (cmp["active"], cmp["shadow"]) == (f"calc-cluster-lite0:{SHIPPED_VERSION}",
+                                                  f"{LOW}:0.2.0")
         assert cmp["studies"] == 1 and cmp["breasts"] == 2
         assert cmp["per_finding"]["pairs"] == len(doc["findings"])
         assert cmp["per_finding"]["shadow_only_malignant"] == 0
@@ -184,7 +187,7 @@ def test_install_shadow_compare_activate_outcomes(tmp_path: Path,
         assert "4 rows; 4 linked to 2 studies" in out.stdout
         assert "line 5: accession number not found" in out.stdout
         text = _get(base + "/metrics")
-        for version, name, n_pos, n_neg in (("0.1.0", "calc-cluster-lite0", 1, 1),
+        for version, name, n_pos, n_neg in ((SHIPPED_VERSION, "calc-cluster-lite0", 1, 1),
                                             ("0.2.0", LOW, 1, 3)):
             assert re.search(rf'mammo_model_outcome_breasts{{model="{name}",role="\w+",'
                              rf'truth="malignant",version="{version}"}} {n_pos}.0', text)
