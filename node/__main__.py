@@ -134,9 +134,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         ).all():
             errors.append({"kind": "analysis", "study": study_uid, "state": j.state,
                            "attempts": j.attempts, "error": j.error})
+    from node.status_page import outcome_counts
+
+    outcomes, not_analysed = outcome_counts(db)
     report = {
         "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
         "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
+        "instances": outcomes,
+        "not_analysed": [{"outcome": o, "reason": r, "instances": n}
+                         for o, r, n in not_analysed],
         "recent_errors": errors,
     }
     if args.json:
@@ -147,6 +153,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
     print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
                             or "none"))
+    print("instances: " + ", ".join(f"{k} {outcomes.get(k, 0)}"
+                                    for k in ("analysed", "skipped", "failed", "pending")))
+    for o, r, n in not_analysed:
+        print(f"  {o} {n}: {r}")
     if errors:
         print("recent errors:")
         for e in errors:
@@ -157,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from sqlalchemy import select, update
+    from sqlalchemy import func, select, update
 
     from node.db import Database, Delivery, Job, Result, Study, utcnow
 
@@ -177,7 +187,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
             jq = jq.where(Job.study_id.in_(study_ids))
         n_d = s.execute(dq.values(state="pending", attempts=0, next_attempt_at=utcnow())
                         ).rowcount
-        n_j = s.execute(jq.values(state="queued", attempts=0)).rowcount
+        # One live job per study: the newest failed job of each study without a live one.
+        live = select(Job.study_id).where(Job.state.in_(("queued", "running")))
+        newest = select(func.max(Job.id)).where(Job.state == "failed",
+                                                Job.study_id.not_in(live)).group_by(Job.study_id)
+        n_j = s.execute(jq.where(Job.id.in_(newest)).values(state="queued", attempts=0)
+                        ).rowcount
         if n_j:
             failed_studies = select(Job.study_id).where(Job.state == "queued")
             s.execute(update(Study).where(Study.state == "failed",

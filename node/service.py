@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import threading
+import time
 
 from node import __version__, metrics
+from node.admission import Admission
 from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
+from node.decode_limits import ImageLimits
 from node.deliver import Deliverer
 from node.httpd import MonitoringServer
 from node.log import event
@@ -25,7 +29,7 @@ from node.retention import purge_expired
 from node.schedule import build_scheduler
 from node.security import client_context, server_context
 from node.store import Spool
-from node.worker import AnalysisWorker, ReportOptions
+from node.worker import AnalysisWorker, ReportOptions, StudyBounds
 
 log = logging.getLogger("node.service")
 
@@ -48,6 +52,8 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         sc_max_side=a.sc_max_side,
         detector=DetectorParams(min_score=a.min_cluster_score),
         max_rois_per_image=a.max_rois_per_image,
+        limits=ImageLimits.from_settings(settings.limits),
+        decode_memory_mb=a.decode_memory_mb,
     )
 
 
@@ -65,6 +71,8 @@ def build_monitoring(node: Node) -> MonitoringServer:
         status_page=lambda: status_page.render(
             node.db, ae_title=s.node.ae_title, version=__version__,
             limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds),
+        request_timeout=s.http.request_timeout, idle_timeout=s.http.idle_timeout,
+        max_connections=s.http.max_connections,
     )
 
 
@@ -92,6 +100,8 @@ class Node:
                 gsps_series_number=settings.output.gsps_series_number,
             ),
             destinations=[d.name for d in settings.destinations],
+            bounds=StudyBounds(max_images=settings.analysis.max_images_per_study,
+                               max_seconds=settings.analysis.max_study_seconds),
         )
         n, tls = settings.node, settings.tls
         self.deliverer = Deliverer(
@@ -108,6 +118,13 @@ class Node:
             allowed_peer_ips=n.allowed_peer_ips,
             ssl_context=server_context(tls) if tls.enabled else None,
             handshake_timeout=tls.handshake_timeout_seconds,
+            admission=Admission(
+                max_associations=n.max_associations, reserved=n.reserved_associations,
+                per_ip=n.max_associations_per_ip, per_ae=n.max_associations_per_ae,
+                trusted_peers=n.trusted_peers),
+            acse_timeout=n.acse_timeout, pdu_timeout=n.pdu_timeout,
+            min_receive_rate=n.min_receive_rate_kib * 1024,
+            limits=ImageLimits.from_settings(settings.limits),
         )
         st = settings.study
         self.scheduler = build_scheduler([
@@ -119,6 +136,7 @@ class Node:
         self.worker.on_result = self._on_result
         self._stopped = threading.Event()
         metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
+        metrics.bind_admission(self.receiver.admission.snapshot)
         self.http = build_monitoring(self) if settings.http.enabled else None
 
     def _on_stored(self, stored: StoredInstance) -> None:
@@ -159,25 +177,55 @@ class Node:
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
               data_dir=self.settings.node.data_dir)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop within ``timeout`` seconds (``node.shutdown_timeout``): the listener closes at
+        once; C-STOREs in flight get half the time to finish, then their associations are cut
+        off; the analysis stops at its next safe point and its job goes back to the queue
+        (not counted as an attempt); deliveries in flight resume at the next start. True when
+        everything ended in time, False when something was still running at the deadline (the
+        caller then exits anyway: the running job was re-queued, nothing acknowledged is lost).
+        """
+        timeout = self.settings.node.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.receiver.stop(grace=timeout / 2)
         if self.http is not None:
             self.http.stop()
-        self.receiver.stop()
-        self.scheduler.shutdown(wait=True)
-        self.worker.stop()
+        self.scheduler.shutdown(wait=False)
+        clean = self.worker.stop(max(0.1, deadline - time.monotonic() - 0.5))
+        if not clean:
+            job = self.worker.requeue_interrupted()
+            event(log, "node.stop_timeout", logging.WARNING, job=job,
+                  reason=f"analysis still running after node.shutdown_timeout = {timeout:g} s; "
+                         "re-queued, it resumes after the restart")
         self.db.dispose()
-        event(log, "node.stopped")
+        event(log, "node.stopped", seconds=round(timeout - (deadline - time.monotonic()), 1))
         self._stopped.set()
+        return clean
 
     def serve_forever(self) -> None:
         self.start()
         stop = threading.Event()
 
         def _signal(signum: int, _frame: object) -> None:
-            event(log, "node.stopping", signal=signal.Signals(signum).name)
+            if stop.is_set():  # a second signal: leave now
+                os._exit(1)
+            event(log, "node.stopping", signal=signal.Signals(signum).name,
+                  within_seconds=self.settings.node.shutdown_timeout)
             stop.set()
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
         stop.wait()
+        deadline = time.monotonic() + self.settings.node.shutdown_timeout + 1.0
         self.stop()
+        # Threads still inside a decode or a delivery would keep the interpreter alive past the
+        # deadline (thread pools are joined at exit). Everything acknowledged is durable and the
+        # interrupted work is re-queued or resumes at the next start: wait until the deadline at
+        # most, then leave.
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+               if t is not threading.current_thread()):
+            logging.shutdown()
+            os._exit(0)

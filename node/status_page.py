@@ -166,5 +166,41 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         out.append("</tbody></table>")
     else:
         out.append('<p id="failed">None.</p>')
+    out.extend(_not_analysed_section(db))
     out.append("</body></html>")
     return "\n".join(x for x in out if x)
+
+
+def outcome_counts(db: Database) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
+    """(instances per outcome, [(outcome, reason, count)] of skipped and failed instances,
+    most frequent first). Shared with ``mammo-node status``."""
+    from node.db import Instance
+
+    with db.session() as s:
+        counts = dict(s.execute(select(Instance.outcome, func.count())
+                                .group_by(Instance.outcome)).all())
+        reasons = s.execute(
+            select(Instance.outcome, Instance.outcome_reason, func.count())
+            .where(Instance.outcome.in_(("skipped", "failed")))
+            .group_by(Instance.outcome, Instance.outcome_reason)
+            .order_by(func.count().desc()).limit(20)).all()
+    counts["pending"] = counts.pop(None, 0)
+    return counts, [(o, r or "", n) for o, r, n in reasons]
+
+
+def _not_analysed_section(db: Database) -> list[str]:
+    """Every accepted instance is accounted for: analysed, skipped (why) or failed (why)."""
+    counts, reasons = outcome_counts(db)
+    out = ["<h2>Instances by outcome</h2>",
+           '<p id="outcomes">' + ", ".join(
+               f'{_e(k)} <b class="outcome-{_e(k)}">{counts.get(k, 0)}</b>'
+               for k in ("analysed", "skipped", "failed", "pending")) + "</p>"]
+    if reasons:
+        out.append('<table id="not-analysed"><thead><tr><th>Outcome</th><th>Instances</th>'
+                   "<th>Reason</th></tr></thead><tbody>")
+        for outcome, reason, n in reasons:
+            cls = "state-failed" if outcome == "failed" else ""
+            out.append(f'<tr class="not-analysed"><td class="{cls}">{_e(outcome)}</td>'
+                       f"<td class=n>{n}</td><td>{_e(reason)}</td></tr>")
+        out.append("</tbody></table>")
+    return out
