@@ -35,11 +35,13 @@ def defined_term(value: str) -> str | None:
     term = value.strip()
     if term in python_encoding:
         return term
-    if re.match(r"^ISO[^_]?IR ?\d+$", term):
-        fixed = "ISO_IR " + re.sub(r"^ISO[^_]?IR ?", "", term)
+    m = re.match(r"^ISO[ _-]?IR[ _-]?(\d+)$", term)
+    if m:
+        fixed = f"ISO_IR {m.group(1)}"
         return fixed if fixed in python_encoding else None
-    if re.match(r"^ISO.2022.IR.\d+$", term):
-        fixed = "ISO 2022 IR " + term[12:]
+    m = re.match(r"^ISO[ _-]?2022[ _-]?IR[ _-]?(\d+)$", term)
+    if m:
+        fixed = f"ISO 2022 IR {m.group(1)}"
         return fixed if fixed in python_encoding else None
     return None
 
@@ -114,15 +116,20 @@ def normalise_for_copy(ds: Dataset) -> Dataset:
     terms = [defined_term(v) for v in values]
     if terms == [v.strip() for v in values]:
         return ds
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the value being replaced
-        ds.decode()  # known misspellings as the term they mean, unknown terms as ISO-IR 100
     known = [t for t in terms if t is not None]
-    if None in terms:  # an unknown term: only ASCII text gets past the C-STORE check
-        if non_ascii_text(ds) is None:
-            del ds.SpecificCharacterSet
-        else:  # stored before that check: write what was decoded, in UTF-8
-            ds.SpecificCharacterSet = "ISO_IR 192"
-    else:
+    if None not in terms:  # misspelled terms: decode with the terms they stand for
         ds.SpecificCharacterSet = known if len(known) > 1 else known[0]
+        ds.decode()
+        return ds
+    # An unknown term: only ASCII text gets past the C-STORE check, and ASCII needs no
+    # character set. (An instance stored before that check is decoded as ISO-IR 100, as pydicom
+    # would, and written in UTF-8.)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.decode()
+    if non_ascii_text(ds) is None:
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = "ISO_IR 192"
     return ds

@@ -191,13 +191,57 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
                 got = sock.recv_into(view[n:], len(buf) - n)
         except TimeoutError:
             return _cut_off(self, buf, n, nr_bytes, start, "stalled")
+        except ConnectionError:  # reset by the peer: the same as a close (and no traceback)
+            got = 0
         if not got:  # connection closed: return what was read
             del buf[n:]
             return buf
         n += got
+        self.rx_bytes = getattr(self, "rx_bytes", 0) + got  # for the message watchdog
+        self.rx_last = time.monotonic()
     if limits is not None:
         sock.settimeout(limits[0])  # what a send may wait for the peer to read
     return buf
+
+
+def read_limits() -> tuple[float, float] | None:
+    return _read_limits
+
+
+def message_verdict(assoc_socket: Any, started: float, bytes_at_start: int,
+                    now: float) -> str | None:
+    """For the watchdog (node.security): a DIMSE message in progress since ``started`` must not
+    pause longer than ``pdu_timeout`` between PDUs, and after that grace must keep up with the
+    minimum rate; "stalled", "too slow" or None."""
+    if _read_limits is None:
+        return None
+    timeout, rate = _read_limits
+    last = getattr(assoc_socket, "rx_last", started)
+    if now - max(last, started) > timeout:
+        return "stalled"
+    got = getattr(assoc_socket, "rx_bytes", 0) - bytes_at_start
+    if rate > 0 and now - started > timeout and got < rate * (now - started - timeout):
+        return "too slow"
+    return None
+
+
+def cut_off(assoc_socket: Any, why: str, received: int, seconds: float) -> None:
+    """Log, count and shut the connection of a message that stalled between PDUs."""
+    from node import metrics
+    from node.log import event
+
+    timeout, rate = _read_limits or (0.0, 0.0)
+    requestor = getattr(assoc_socket.assoc, "requestor", None)
+    event(log, "association.stalled", logging.WARNING,
+          peer_aet=getattr(requestor, "ae_title", None) or None,
+          peer=f"{getattr(requestor, 'address', '?')}:{getattr(requestor, 'port', '?')}",
+          reason=why, received=received, seconds=round(seconds, 1), where="between PDUs",
+          limit=f"node.pdu_timeout={timeout:g}s, node.min_receive_rate_kib={rate / 1024:g}")
+    metrics.association_aborted("stalled" if why == "stalled" else "too_slow")
+    sock = getattr(assoc_socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _cut_off(assoc_socket: Any, buf: bytearray, n: int, wanted: int, start: float,

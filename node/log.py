@@ -102,6 +102,9 @@ def setup_logging(
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
+    # pydicom logs each failing decoder plugin with a traceback; the node logs one line per
+    # image that cannot be decoded, with every plugin's reason, and records it as failed.
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
 
 
 def _fmt(value: Any) -> str:

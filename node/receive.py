@@ -195,6 +195,8 @@ class Receiver:
             (self.host, self.port), block=False, evt_handlers=handlers,
             ssl_context=self.ssl_context,
         )
+        if fastrecv.read_limits() is not None:
+            self._server.start_watchdog()
         event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
               port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any",
               allowed_peer_ips=",".join(map(str, self.ae.networks)) or "any",
@@ -210,6 +212,7 @@ class Receiver:
             return
         self._server = None
         server.shutdown()  # closes the listening socket: new connections are refused now
+        server.stop_watchdog()
         deadline = time.monotonic() + grace
         while server.associations and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -23,6 +23,8 @@ import logging
 import socket
 import ssl
 import struct
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,6 +169,45 @@ class GuardedServer(ThreadedAssociationServer):
             ticket = self.tickets.pop(id(request), None)
             if self.admission is not None:
                 self.admission.release(ticket)
+
+    def start_watchdog(self, period: float = 0.5) -> None:
+        """One thread for all associations: a DIMSE message (a C-STORE's dataset) that pauses
+        longer than ``node.pdu_timeout`` between PDUs, or arrives below the minimum rate, is cut
+        off. (Inside a PDU the same limits are socket deadlines: node.fastrecv.)"""
+        self._watch_stop = threading.Event()
+        t = threading.Thread(target=self._watch, args=(period,), name="association-watchdog",
+                             daemon=True)
+        t.start()
+
+    def stop_watchdog(self) -> None:
+        stop = getattr(self, "_watch_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def _watch(self, period: float) -> None:
+        progress: dict[int, tuple[int, float, int]] = {}  # assoc -> (message id, start, bytes)
+        while not self._watch_stop.wait(period):
+            now = time.monotonic()
+            alive = set()
+            for assoc in list(self.associations):
+                sock = getattr(assoc.dul, "socket", None)
+                message = getattr(assoc.dimse, "message", None)
+                if sock is None or message is None:
+                    continue
+                key = id(assoc)
+                alive.add(key)
+                seen = progress.get(key)
+                if seen is None or seen[0] != id(message):
+                    seen = (id(message), getattr(sock, "rx_last", now) or now,
+                            getattr(sock, "rx_bytes", 0))
+                    progress[key] = seen
+                verdict = fastrecv.message_verdict(sock, seen[1], seen[2], now)
+                if verdict is not None:
+                    fastrecv.cut_off(sock, verdict, getattr(sock, "rx_bytes", 0) - seen[2],
+                                     now - seen[1])
+                    progress.pop(key, None)
+            for key in set(progress) - alive:
+                progress.pop(key, None)
 
     def cut_all(self, reason: str = "shutdown") -> int:
         """Shut the socket of every association still open (they end at once); how many."""

@@ -472,7 +472,8 @@ class AnalysisWorker:
               final: bool = False) -> None:
         final = final or attempts >= MAX_JOB_ATTEMPTS
         message = f"{type(exc).__name__}: {exc}"[:2000]
-        log.exception("analysis.error study=%s job=%s", study_uid, job_id)
+        if not isinstance(exc, NothingDecodable | TooLong):  # those say all in their message
+            log.exception("analysis.error study=%s job=%s", study_uid, job_id)
         metrics.analysis_failed()
         with self.db.session() as s:
             job = s.get(Job, job_id)
