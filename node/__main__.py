@@ -27,6 +27,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lg = settings.log
     setup_logging(lg.level, settings.log_file, lg.max_mb, lg.backup_count,
                   lg.patient_identifiers)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks to stderr
     from node.service import Node
 
     try:
