@@ -95,7 +95,15 @@ class _AssociationHandler(RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         try:
             assoc.start()
-            assoc.join()
+            started = time.monotonic()
+            while assoc.is_alive():
+                assoc.join(0.25)
+                if (assoc.is_alive() and assoc.requestor.primitive is None
+                        and time.monotonic() - started > 0.5
+                        and assoc.dul.state_machine.current_state == "Sta1"):
+                    # The peer closed before its A-ASSOCIATE-RQ (a port probe, a scanner):
+                    # pynetdicom would wait node.acse_timeout for it; end it now, free the slot.
+                    assoc.dul.to_user_queue.put(None)
             assoc.dul.join(5.0)
         finally:
             self.server.associations.discard(assoc)

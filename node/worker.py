@@ -66,7 +66,12 @@ class TooLong(Exception):
 
 
 class NothingDecodable(Exception):
-    """No image of the study could be decoded: a failure, not retried (the bytes won't change)."""
+    """No image of the study could be decoded: a failure, not retried (the bytes won't change).
+    ``outcomes`` says why for each instance."""
+
+    def __init__(self, message: str, outcomes: dict[str, tuple[str, str | None]]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
 
 
 @dataclass
@@ -265,7 +270,8 @@ class AnalysisWorker:
                 if failed:  # nothing could be decoded: a counted failure, not "done"
                     raise NothingDecodable(
                         f"no image could be decoded ({len(failed)} of {len(analysis.images)}): "
-                        + "; ".join(sorted({i.skipped_reason or "" for i in failed}))[:1500])
+                        + "; ".join(sorted({i.skipped_reason or "" for i in failed}))[:1500],
+                        outcomes)
                 # Nothing analysable by policy (e.g. For Processing only, with for_processing =
                 # "skip"): a finished job without result objects, each skip recorded.
                 event(log, "analysis.nothing_to_report", logging.WARNING, study=study_uid,
@@ -295,7 +301,8 @@ class AnalysisWorker:
             self._requeue(job_id, sup.reason)
             return
         except (TooLong, NothingDecodable) as exc:
-            self._fail(job_id, study_uid, attempts, exc, final=True)
+            self._fail(job_id, study_uid, attempts, exc, final=True,
+                       outcomes=getattr(exc, "outcomes", None))
             return
         except Exception as exc:
             self._fail(job_id, study_uid, attempts, exc)
@@ -469,7 +476,8 @@ class AnalysisWorker:
             "study content changed"
 
     def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception,
-              final: bool = False) -> None:
+              final: bool = False,
+              outcomes: dict[str, tuple[str, str | None]] | None = None) -> None:
         final = final or attempts >= MAX_JOB_ATTEMPTS
         message = f"{type(exc).__name__}: {exc}"[:2000]
         if not isinstance(exc, NothingDecodable | TooLong):  # those say all in their message
@@ -484,10 +492,13 @@ class AnalysisWorker:
                 study = s.get(Study, job.study_id)
                 if study.state != "receiving":
                     study.state = "failed"
-                s.execute(update(Instance).where(
-                    Instance.study_id == job.study_id,
-                    Instance.outcome.is_(None) | (Instance.outcome != "skipped"))
-                    .values(outcome="failed", outcome_reason=message[:1000]))
+                if outcomes:  # each image's own reason
+                    _record_outcomes(s, job.study_id, outcomes)
+                else:  # the study's analysis failed as a whole: its images with it
+                    s.execute(update(Instance).where(
+                        Instance.study_id == job.study_id,
+                        Instance.outcome.is_(None) | (Instance.outcome != "skipped"))
+                        .values(outcome="failed", outcome_reason=message[:1000]))
         event(log, "analysis.failed", logging.ERROR, study=study_uid, job=job_id,
               attempt=attempts, final=final, error=message[:300])
 

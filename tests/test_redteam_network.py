@@ -20,6 +20,7 @@ Peers bind other loopback source addresses (127.0.0.2, ...) to look like other h
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -274,3 +275,15 @@ def test_many_associations_at_once_still_bounded_by_the_pool(node: NodeProcess) 
     finally:
         for p in admitted:
             p.close()
+
+
+def test_port_probes_do_not_hold_slots(node: NodeProcess) -> None:
+    """A TCP connect that closes at once (a monitoring probe) must not keep its slot until
+    node.acse_timeout: otherwise probes alone exhaust max_associations_per_ip."""
+    wait_until(lambda: _slots_free(node), 30, 0.2, "no association open")
+    for _ in range(10):
+        socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+    t0 = time.monotonic()
+    wait_until(lambda: _slots_free(node), ACSE_TIMEOUT, 0.1, "probe slots released")
+    assert time.monotonic() - t0 < ACSE_TIMEOUT - 1
+    assert echo(node.port, calling="AFTERPROBE") == 0x0000
