@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from node.codestream import CodestreamError, frame_header
+from node.config import LimitsSettings as ImageLimits  # [limits]: the same four keys
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -44,19 +45,6 @@ MAX_INFLATED_MB = 1024
 class LimitExceeded(ValueError):
     """An image declares more than the limits allow, or its codestream contradicts its header.
     The message names the limit (config key) or the contradiction."""
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_rows: int = 16384
-    max_columns: int = 16384
-    max_frames: int = 1000
-    max_decoded_mb: int = 8192
-
-    @classmethod
-    def from_settings(cls, s: object) -> ImageLimits:
-        return cls(**{k: getattr(s, k) for k in ("max_rows", "max_columns", "max_frames",
-                                                 "max_decoded_mb")})
 
 
 @dataclass(frozen=True)

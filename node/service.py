@@ -20,7 +20,6 @@ from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
-from node.decode_limits import ImageLimits
 from node.deliver import Deliverer
 from node.httpd import MonitoringServer
 from node.log import event
@@ -53,7 +52,7 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         sc_max_side=a.sc_max_side,
         detector=DetectorParams(min_score=a.min_cluster_score),
         max_rois_per_image=a.max_rois_per_image,
-        limits=ImageLimits.from_settings(settings.limits),
+        limits=settings.limits,
         decode_memory_mb=a.decode_memory_mb,
     )
 
@@ -125,7 +124,7 @@ class Node:
                 trusted_peers=n.trusted_peers),
             acse_timeout=n.acse_timeout, pdu_timeout=n.pdu_timeout,
             min_receive_rate=n.min_receive_rate_kib * 1024,
-            limits=ImageLimits.from_settings(settings.limits),
+            limits=settings.limits,
         )
         st = settings.study
         self.scheduler = build_scheduler([

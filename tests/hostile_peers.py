@@ -274,3 +274,19 @@ def http_slowloris(port: int, n: int, source_ip: str = "127.0.0.1") -> list[sock
             continue
         socks.append(s)
     return socks
+
+
+def scrape(http_port: int) -> str:
+    """The node's /metrics text."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of ``name`` with exactly ``labels`` from a /metrics text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    head = f"{name}{{{want}}}" if want else name
+    return next((float(ln.split()[-1]) for ln in text.splitlines()
+                 if ln.startswith(head + " ")), 0.0)

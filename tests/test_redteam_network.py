@@ -66,17 +66,10 @@ def node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 
 def _metrics(node: NodeProcess) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10) as r:
-        return r.read().decode()
+    return hp.scrape(node.http_port)
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        head = f"{name}{{{want}}}" if want else name
-        if line.startswith(head + " "):
-            return float(line.split()[-1])
-    return 0.0
+_metric = hp.metric
 
 
 def _slots_free(node: NodeProcess) -> bool:

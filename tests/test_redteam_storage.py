@@ -58,15 +58,10 @@ def node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 
 def _metrics(node: NodeProcess) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10) as r:
-        return r.read().decode()
+    return hp.scrape(node.http_port)
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    head = f"{name}{{{want}}}" if want else name
-    return next((float(ln.split()[-1]) for ln in text.splitlines()
-                 if ln.startswith(head + " ")), 0.0)
+_metric = hp.metric
 
 
 def _store(port: int, path: Path, syntax: str, calling: str = "SENDER") -> tuple[int, str]:
