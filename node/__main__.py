@@ -28,6 +28,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lg = settings.log
     setup_logging(lg.level, settings.log_file, lg.max_mb, lg.backup_count,
                   lg.patient_identifiers)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks to stderr
     from node.service import Node
 
     try:
@@ -153,10 +157,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             errors.append({"kind": "analysis", "study": study_uid, "state": j.state,
                            "attempts": j.attempts, "error": j.error})
         failed_outputs = failed_output_kinds(s, args.errors)
+    from node.status_page import outcome_counts
+
+    outcomes, not_analysed = outcome_counts(db)
     report = {
         "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
         "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
         "failed_outputs": failed_outputs,
+        "instances": outcomes,
+        "not_analysed": [{"outcome": o, "reason": r, "instances": n}
+                         for o, r, n in not_analysed],
         "recent_errors": errors,
     }
     if args.json:
@@ -167,6 +177,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
     print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
                             or "none"))
+    print("instances: " + ", ".join(f"{k} {outcomes.get(k, 0)}"
+                                    for k in ("analysed", "skipped", "failed", "pending")))
+    for o, r, n in not_analysed:
+        print(f"  {o} {n}: {r}")
     if failed_outputs:
         print("failed output kinds (the other kinds were delivered; `mammo-node retry` "
               "rebuilds or re-sends them):")
@@ -184,7 +198,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from sqlalchemy import select, update
+    from sqlalchemy import func, select, update
 
     from node.db import (
         Database,
@@ -217,7 +231,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
             s.execute(update(DeliveryKind).where(
                 DeliveryKind.delivery_id.in_(failed_deliveries),
                 DeliveryKind.state == "failed").values(state="pending"))
-        n_j = s.execute(jq.values(state="queued", attempts=0)).rowcount
+        # One live job per study: the newest failed job of each study without a live one.
+        live = select(Job.study_id).where(Job.state.in_(("queued", "running")))
+        newest = select(func.max(Job.id)).where(Job.state == "failed",
+                                                Job.study_id.not_in(live)).group_by(Job.study_id)
+        n_j = s.execute(jq.where(Job.id.in_(newest)).values(state="queued", attempts=0)
+                        ).rowcount
         if n_j:
             failed_studies = select(Job.study_id).where(Job.state == "queued")
             s.execute(update(Study).where(Study.state == "failed",
@@ -248,9 +267,9 @@ def _requeue_failed_kinds(s, study_ids: list[int] | None) -> tuple[int, int]:  #
             continue
         studies.add(result.study_id)
         original = s.get(Job, result.job_id)
+        # a live job of the study (one at most) analyses its latest content anyway
         pending = s.execute(select(Job.id).where(
-            Job.study_id == result.study_id, Job.input_key == original.input_key,
-            Job.state.in_(("queued", "running")))).first()
+            Job.study_id == result.study_id, Job.state.in_(("queued", "running")))).first()
         if pending is None:
             study = s.get(Study, result.study_id)
             s.add(Job(study_id=result.study_id, generation=study.generation,

@@ -5,6 +5,17 @@ earlier when the four screening views (L/R x CC/MLO) are present and that rule i
 queues one analysis job whose ``input_key`` digests the study's instances; when a job with the
 same key already finished (e.g. a re-sent, identical instance re-opened the study), nothing new is
 queued, so the same content is never analysed or sent twice.
+
+Coalescing, so that a study is analysed once per change and not once per instance:
+
+* A study has at most one live (queued or running) job (a partial unique index enforces it).
+  Completing a study that has one updates that job's ``input_key`` to the new content: the job
+  absorbs the later instances. A queued job is not claimed while its study is receiving; a
+  running one stops at its next safe point (node.worker) and runs again with the latest content.
+* The four-view rule completes a study early only the first time (no job yet). A study that was
+  analysed, or is being analysed, and receives more instances (a re-send, extra views,
+  tomosynthesis behind the 2D views, a study of hundreds of instances) completes when it has been
+  stable for ``stable_seconds``: one analysis of everything instead of one per arriving instance.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import Database, Instance, Job, Study, utcnow
+from node.db import LIVE_JOB_STATES, Database, Instance, Job, Study, utcnow
 from node.log import event
 
 log = logging.getLogger("node.completion")
@@ -50,7 +61,9 @@ def complete_ready_studies(
                 s.execute(select(Instance).where(Instance.study_id == study.id)).scalars()
             )
             quiet = (now - study.last_received_at).total_seconds() >= stable_seconds
-            four = complete_on_four_views and has_four_views(instances)
+            first = s.execute(select(Job.id).where(Job.study_id == study.id).limit(1)
+                              ).first() is None
+            four = complete_on_four_views and first and has_four_views(instances)
             if not (quiet or four):
                 continue
             _complete(s, study, instances, reason="four views" if four and not quiet else
@@ -62,6 +75,16 @@ def complete_ready_studies(
 def _complete(s: Session, study: Study, instances: list[Instance], reason: str) -> None:
     key = input_key(instances)
     study.completed_at = utcnow()
+    live = s.execute(select(Job).where(Job.study_id == study.id,
+                                       Job.state.in_(LIVE_JOB_STATES))).scalar()
+    if live is not None:  # absorb: the study's one live job analyses the latest content
+        changed = live.input_key != key
+        live.input_key, live.generation = key, study.generation
+        study.state = "analysing" if live.state == "running" else "complete"
+        event(log, "study.complete", study=study.study_uid, instances=len(instances),
+              reason=reason, job=live.id,
+              absorbed=("new content" if changed else "same content") + f" into {live.state} job")
+        return
     previous = s.execute(
         select(Job).where(Job.study_id == study.id, Job.input_key == key,
                           Job.state.in_(("queued", "running", "done")))

@@ -34,6 +34,17 @@ class NodeSettings:
     max_associations: int = 16
     network_timeout: int = 60
     min_free_mb: int = 1024
+    # Admission (node.admission): per-peer limits and a reserve for trusted peers.
+    max_associations_per_ip: int = 8
+    max_associations_per_ae: int = 8
+    trusted_peers: list[str] = field(default_factory=list)  # "AE@address", "AE@*", "*@net"
+    reserved_associations: int = 4
+    # Read deadlines (node.fastrecv): A-ASSOCIATE-RQ after connect, silence inside a PDU, and
+    # the slowest rate a PDU may arrive at once it started.
+    acse_timeout: float = 10
+    pdu_timeout: float = 10
+    min_receive_rate_kib: float = 8
+    shutdown_timeout: float = 10
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,20 @@ class AnalysisSettings:
     sc_max_side: int = 2048
     detector_operating_point: str | float = "card"
     max_rois_per_image: int = 20
+    # Bounds per study (node.worker) and on concurrent decoding (node.decode_limits).
+    max_images_per_study: int = 16
+    max_study_seconds: float = 600
+    decode_memory_mb: int = 2048
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Declared image sizes accepted at C-STORE and before any decode (node.decode_limits)."""
+
+    max_rows: int = 16384
+    max_columns: int = 16384
+    max_frames: int = 1000
+    max_decoded_mb: int = 8192
 
 
 #: The model card shipped with the node (inside the installed ``models`` package, next to its
@@ -124,6 +149,9 @@ class HttpSettings:
     port: int = 8080
     recent_studies: int = 50
     refresh_seconds: int = 10
+    request_timeout: float = 10
+    idle_timeout: float = 5
+    max_connections: int = 32
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     study: StudySettings = field(default_factory=StudySettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -230,6 +259,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "study": StudySettings,
     "analysis": AnalysisSettings,
+    "limits": LimitsSettings,
     "model": ModelSettings,
     "output": OutputSettings,
     "delivery": DeliverySettings,
@@ -423,6 +453,7 @@ def _validate(s: Settings) -> None:
     _check(n.max_associations >= 1, "node.max_associations", "must be at least 1")
     _check(n.network_timeout > 0, "node.network_timeout", "must be positive")
     _check(n.min_free_mb >= 0, "node.min_free_mb", "must not be negative")
+    _validate_admission(s)
     _check(s.study.stable_seconds >= 0, "study.stable_seconds", "must not be negative")
     _check(s.study.check_interval_seconds > 0, "study.check_interval_seconds",
            "must be positive")
@@ -455,6 +486,16 @@ def _validate(s: Settings) -> None:
                f"must be in [0, 1] (a cluster score), got {op}")
     _check(1 <= s.analysis.max_rois_per_image <= 1000, "analysis.max_rois_per_image",
            "must be between 1 and 1000")
+    _check(1 <= s.analysis.max_images_per_study <= 10000, "analysis.max_images_per_study",
+           "must be between 1 and 10000")
+    _check(s.analysis.max_study_seconds > 0, "analysis.max_study_seconds", "must be positive")
+    _check(s.analysis.decode_memory_mb >= 64, "analysis.decode_memory_mb",
+           "must be at least 64")
+    lim = s.limits
+    for key, value in (("max_rows", lim.max_rows), ("max_columns", lim.max_columns)):
+        _check(1 <= value <= 65535, f"limits.{key}", "must be between 1 and 65535")
+    _check(lim.max_frames >= 1, "limits.max_frames", "must be at least 1")
+    _check(lim.max_decoded_mb >= 1, "limits.max_decoded_mb", "must be at least 1")
     m = s.model
     _check(m.device == "auto" or m.device == "cpu" or bool(re.match(r"^cuda(:\d+)?$", m.device)),
            "model.device", f"must be auto, cpu, cuda or cuda:N, got {m.device!r}")
@@ -488,6 +529,9 @@ def _validate(s: Settings) -> None:
     _check(0 < h.port < 65536, "http.port", f"must be 1-65535, got {h.port}")
     _check(1 <= h.recent_studies <= 10000, "http.recent_studies", "must be between 1 and 10000")
     _check(h.refresh_seconds >= 0, "http.refresh_seconds", "must not be negative")
+    _check(h.request_timeout > 0, "http.request_timeout", "must be positive")
+    _check(h.idle_timeout > 0, "http.idle_timeout", "must be positive")
+    _check(h.max_connections >= 1, "http.max_connections", "must be at least 1")
     _check_networks(n.allowed_peer_ips, "node.allowed_peer_ips")
     _validate_tls(s)
     names = set()
@@ -577,6 +621,39 @@ def _check_networks(entries: list[str], key: str) -> None:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ConfigError(f"{key}[{i}] is not an IP address or network: {entry!r}") from None
+
+
+def parse_trusted_peer(entry: str) -> tuple[str | None, str | None]:
+    """``"PACS@10.0.0.5"`` -> (AE title or None for any, address/network or None for any)."""
+    if "@" not in entry:
+        raise ValueError("must be AE@ADDRESS (either part may be *)")
+    aet, _, address = entry.rpartition("@")
+    aet, address = aet.strip(), address.strip()
+    if aet != "*" and not _AE_RE.match(aet):
+        raise ValueError(f"{aet!r} is not a valid AE title")
+    if address != "*":
+        ipaddress.ip_network(address, strict=False)  # ValueError when it is not one
+    if aet == "*" and address == "*":
+        raise ValueError("\"*@*\" would trust everyone")
+    return (None if aet == "*" else aet), (None if address == "*" else address)
+
+
+def _validate_admission(s: Settings) -> None:
+    n = s.node
+    _check(n.max_associations_per_ip >= 1, "node.max_associations_per_ip", "must be at least 1")
+    _check(n.max_associations_per_ae >= 1, "node.max_associations_per_ae", "must be at least 1")
+    _check(n.reserved_associations >= 0, "node.reserved_associations", "must not be negative")
+    for i, entry in enumerate(n.trusted_peers):
+        try:
+            parse_trusted_peer(entry)
+        except ValueError as exc:
+            raise ConfigError(f"node.trusted_peers[{i}] {entry!r}: {exc}") from None
+    _check(0 < n.acse_timeout <= 600, "node.acse_timeout", "must be between 0 and 600 s")
+    _check(0 < n.pdu_timeout <= n.network_timeout, "node.pdu_timeout",
+           "must be positive and at most node.network_timeout")
+    _check(n.min_receive_rate_kib >= 0, "node.min_receive_rate_kib", "must not be negative")
+    _check(0 < n.shutdown_timeout <= 3600, "node.shutdown_timeout",
+           "must be between 0 and 3600 s")
 
 
 def _validate_tls(s: Settings) -> None:

@@ -18,12 +18,16 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -85,6 +89,10 @@ class Instance(Base):
     for_processing: Mapped[bool] = mapped_column(Boolean, default=False)
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # What the latest analysis of its study made of it: NULL (pending), "analysed", "skipped"
+    # (outcome_reason says why) or "failed" (a counted failure). Accepted means accounted for.
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    outcome_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
@@ -109,8 +117,20 @@ class OtherObject(Base):
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+LIVE_JOB_STATES = ("queued", "running")
+
+
 class Job(Base):
+    """One analysis of a study. At most one is live (queued or running) per study: later
+    instances are absorbed into it (node.completion); ``superseded`` marks duplicates merged
+    when upgrading from a version that queued one job per instance."""
+
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_one_live_per_study", "study_id", unique=True,
+              sqlite_where=text("state IN ('queued', 'running')"),
+              postgresql_where=text("state IN ('queued', 'running')")),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     generation: Mapped[int] = mapped_column(Integer)
@@ -362,8 +382,10 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, future=True)
 
     def create_schema(self) -> None:
+        """Create what is missing: tables, then columns and indexes added since a database
+        was created (an older node's database is upgraded in place, nothing is dropped)."""
         Base.metadata.create_all(self.engine)
-        _add_accession_column(self.engine)
+        upgrade_schema(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -388,16 +410,55 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
-def _add_accession_column(engine: Engine) -> None:
-    """An older database lacks ``studies.accession_number``: add it (nullable, additive)."""
-    from sqlalchemy import inspect
+def upgrade_schema(engine: Engine) -> None:
+    """Add columns and indexes the models have and an older database lacks.
 
-    if "accession_number" in {c["name"] for c in inspect(engine).get_columns("studies")}:
-        return
+    Only additive changes: nullable columns or columns with a scalar default. Before the unique
+    "one live job per study" index is created, duplicate live jobs (an older node queued one per
+    re-opening instance) are merged: the newest stays, the others become ``superseded``.
+    """
+    insp = inspect(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE studies ADD COLUMN accession_number VARCHAR(64)")
-        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_studies_accession_number "
-                             "ON studies (accession_number)")
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in insp.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} " \
+                      f"{column.type.compile(engine.dialect)}"
+                default = getattr(column.default, "arg", None)
+                if isinstance(default, bool | int | float | str):
+                    ddl += f" DEFAULT {_sql_literal(default)}"
+                conn.exec_driver_sql(ddl)
+        indexes = {ix["name"] for ix in insp.get_indexes(Job.__tablename__)}
+        if "ix_jobs_one_live_per_study" not in indexes:
+            _merge_duplicate_live_jobs(conn)
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
+
+
+def _sql_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
+
+
+def _merge_duplicate_live_jobs(conn) -> None:  # type: ignore[no-untyped-def]
+    live = conn.execute(select(Job.id, Job.study_id).where(Job.state.in_(LIVE_JOB_STATES))
+                        .order_by(Job.study_id, Job.id.desc())).all()
+    keep: set[int] = set()
+    drop: list[int] = []
+    for job_id, study_id in live:
+        if study_id in keep:
+            drop.append(job_id)
+        else:
+            keep.add(study_id)
+    if drop:
+        conn.execute(update(Job).where(Job.id.in_(drop)).values(
+            state="superseded", error="merged into the study's newest job (schema upgrade)"))
 
 
 def claim(session: Session, model: type[Job] | type[Delivery], row_id: int, from_state: str,

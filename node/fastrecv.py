@@ -15,17 +15,30 @@ While the disk is below the node's free-space limit (:func:`set_space_guard`), a
 bytes are counted and hashed but not written: the handler then answers 0xA700 without anything
 partial having reached the disk (:func:`discarded`).
 
+Read deadlines (:func:`set_read_limits`, acceptor side only): pynetdicom resets its idle timer
+only between complete PDUs and reads a PDU with blocking ``recv`` calls, so a peer that sends the
+first bytes of a PDU and then nothing (or one byte a minute) held its association, and its slot,
+forever. Here every read inside a PDU waits at most ``pdu_timeout`` seconds, and after that grace
+the bytes must keep arriving at ``min_rate`` bytes/s on average; otherwise the connection is shut
+down, the association ends as if the peer had closed it (logged as ``association.stalled``) and
+:func:`discard_partial` removes what its unfinished C-STORE had written.
+
 The digest is only used when the byte count matches the file on disk, so a write that bypassed
 the wrapper falls back to hashing the file. :func:`install` is idempotent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import logging
+import os
+import socket
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +51,9 @@ _installed = False
 _space_ok: Callable[[], bool] | None = None  # False: the disk is below the free-space limit
 _WRITEBACK_STEP = 4 << 20
 _SYNC_FILE_RANGE_WRITE = 2
+# (seconds of silence allowed inside a PDU, minimum bytes/s after that grace); None: no limit.
+_read_limits: tuple[float, float] | None = None
+log = logging.getLogger("node.fastrecv")
 
 
 def _load_sync_file_range() -> Any:
@@ -106,6 +122,33 @@ def discarded(path: Path | str) -> int | None:
     return entry.size
 
 
+def set_read_limits(pdu_timeout: float | None, min_rate_bytes: float = 0.0) -> None:
+    """Deadlines for reads inside a PDU on accepted connections (None: pynetdicom's own)."""
+    global _read_limits
+    _read_limits = None if pdu_timeout is None else (float(pdu_timeout), float(min_rate_bytes))
+
+
+def discard_partial(message: Any) -> str | None:
+    """Close and delete the temp file of a C-STORE that will never complete; its path or None.
+
+    ``message`` is the DIMSE message pynetdicom was still decoding when the association ended
+    (``assoc.dimse.message``); a complete one has been handed to the handler and reset already.
+    """
+    f = getattr(message, "_data_set_file", None)
+    if f is None:
+        return None
+    name = str(getattr(f, "name", ""))
+    with contextlib.suppress(Exception):
+        f.close()
+    with _lock:
+        _pending.pop(str(Path(name)), None)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    message._data_set_file = None
+    message._data_set_path = None
+    return name
+
+
 def take_digest(path: Path | str) -> tuple[int, str] | None:
     """(bytes written, SHA-256 hex) of a received temp file, once; None when unknown."""
     with _lock:
@@ -124,19 +167,100 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv``: read ``nr_bytes`` (fewer on a closed connection).
 
     The buffer starts at most 4 MiB and doubles as it fills, so a peer that declares a 4 GiB PDU
-    and sends nothing costs 4 MiB, not 4 GiB.
+    and sends nothing costs 4 MiB, not 4 GiB. On an accepted connection the read deadlines of
+    :func:`set_read_limits` apply; a peer that misses them is cut off (fewer bytes returned).
     """
+    sock = self.socket
+    acceptor = getattr(getattr(self, "assoc", None), "is_acceptor", False)
+    limits = _read_limits if acceptor else None
+    start = time.monotonic()
     buf = bytearray(min(nr_bytes, _RECV_STEP))
     n = 0
     while n < nr_bytes:
         if n == len(buf):
             buf.extend(bytes(min(nr_bytes - n, len(buf))))
-        with memoryview(buf) as view:
-            got = self.socket.recv_into(view[n:], len(buf) - n)
+        if limits is not None:
+            timeout, rate = limits
+            # After the grace of `timeout` s, the bytes so far must keep up with `rate` bytes/s.
+            owed = start + timeout + (n / rate if rate > 0 else float("inf")) - time.monotonic()
+            if owed <= 0:
+                return _cut_off(self, buf, n, nr_bytes, start, "too slow")
+            sock.settimeout(min(timeout, owed))
+        try:
+            with memoryview(buf) as view:
+                got = sock.recv_into(view[n:], len(buf) - n)
+        except TimeoutError:
+            return _cut_off(self, buf, n, nr_bytes, start, "stalled")
+        except ConnectionError:  # reset by the peer: the same as a close (and no traceback)
+            got = 0
         if not got:  # connection closed: return what was read
             del buf[n:]
             return buf
         n += got
+        self.rx_bytes = getattr(self, "rx_bytes", 0) + got  # for the message watchdog
+        self.rx_last = time.monotonic()
+    if limits is not None:
+        sock.settimeout(limits[0])  # what a send may wait for the peer to read
+    return buf
+
+
+def read_limits() -> tuple[float, float] | None:
+    return _read_limits
+
+
+def message_verdict(assoc_socket: Any, started: float, bytes_at_start: int,
+                    now: float) -> str | None:
+    """For the watchdog (node.security): a DIMSE message in progress since ``started`` must not
+    pause longer than ``pdu_timeout`` between PDUs, and after that grace must keep up with the
+    minimum rate; "stalled", "too slow" or None."""
+    if _read_limits is None:
+        return None
+    timeout, rate = _read_limits
+    last = getattr(assoc_socket, "rx_last", started)
+    if now - max(last, started) > timeout:
+        return "stalled"
+    got = getattr(assoc_socket, "rx_bytes", 0) - bytes_at_start
+    if rate > 0 and now - started > timeout and got < rate * (now - started - timeout):
+        return "too slow"
+    return None
+
+
+def cut_off(assoc_socket: Any, why: str, received: int, seconds: float) -> None:
+    """Log, count and shut the connection of a message that stalled between PDUs."""
+    from node import metrics
+    from node.log import event
+
+    timeout, rate = _read_limits or (0.0, 0.0)
+    requestor = getattr(assoc_socket.assoc, "requestor", None)
+    event(log, "association.stalled", logging.WARNING,
+          peer_aet=getattr(requestor, "ae_title", None) or None,
+          peer=f"{getattr(requestor, 'address', '?')}:{getattr(requestor, 'port', '?')}",
+          reason=why, received=received, seconds=round(seconds, 1), where="between PDUs",
+          limit=f"node.pdu_timeout={timeout:g}s, node.min_receive_rate_kib={rate / 1024:g}")
+    metrics.association_aborted("stalled" if why == "stalled" else "too_slow")
+    sock = getattr(assoc_socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _cut_off(assoc_socket: Any, buf: bytearray, n: int, wanted: int, start: float,
+             why: str) -> bytearray:
+    """Shut a stalled or too slow connection; pynetdicom then sees a short PDU and ends it."""
+    from node import metrics
+    from node.log import event
+
+    timeout, rate = _read_limits or (0.0, 0.0)
+    requestor = getattr(assoc_socket.assoc, "requestor", None)
+    event(log, "association.stalled", logging.WARNING,
+          peer_aet=getattr(requestor, "ae_title", None) or None,
+          peer=f"{getattr(requestor, 'address', '?')}:{getattr(requestor, 'port', '?')}",
+          reason=why, received=n, expected=wanted, seconds=round(time.monotonic() - start, 1),
+          limit=f"node.pdu_timeout={timeout:g}s, node.min_receive_rate_kib={rate / 1024:g}")
+    metrics.association_aborted("stalled" if why == "stalled" else "too_slow")
+    with contextlib.suppress(OSError):
+        assoc_socket.socket.shutdown(socket.SHUT_RDWR)
+    del buf[n:]
     return buf
 
 

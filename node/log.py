@@ -3,6 +3,13 @@
 Events are written as ``<timestamp> <LEVEL> <logger> <event> key=value ...`` so that an admin can
 ``tail -f`` and ``grep`` the log. Only :func:`patient_fields` may put PatientID/PatientName in a
 line, and only when ``[log] patient_identifiers = true``.
+
+Values come from the network (AE titles, UIDs, error comments, exception messages): a control
+character in a calling AE title must not start a forged log line. :func:`_fmt` escapes every
+control and non-printable character (``\n`` -> ``\\n``, others ``\\xNN``), quotes values
+with spaces, quotes or backslashes and escapes those; the formatter does the same for the message
+of every record (pynetdicom's, tracebacks' last lines), and indents traceback lines, so each line
+of the file that starts with a timestamp is one record the node wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +24,16 @@ from typing import Any
 _PATIENT_IDENTIFIERS = False
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, 0x85, 0xFEFF)})
+
+
+def escape(text: str) -> str:
+    """``text`` with every control or line-breaking character written as an escape."""
+    return text.translate(_CONTROL)
+
+
 class _UTCFormatter(logging.Formatter):
     converter = time.gmtime
 
@@ -24,8 +41,33 @@ class _UTCFormatter(logging.Formatter):
         t = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{t}.{int(record.msecs):03d}Z"
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return _indent(super().formatStack(stack_info))
+
+
+def _indent(text: str) -> str:
+    """Traceback lines, each indented and escaped: none can pass for a record of its own."""
+    return "\n".join("    " + escape(line) for line in text.splitlines())
+
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+#: pynetdicom errors the node reports itself, in one event line with the peer and the reason
+#: (node.fastrecv: association.stalled): dropped so that an admin sees one line, not three.
+_REPORTED_BY_NODE = ("The received PDU is shorter than expected",)
+
+
+class _DropReportedByNode(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("pynetdicom") and isinstance(record.msg, str)
+                    and record.msg.startswith(_REPORTED_BY_NODE))
 
 
 def setup_logging(
@@ -45,6 +87,7 @@ def setup_logging(
     formatter = _UTCFormatter(FORMAT)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
+    stream.addFilter(_DropReportedByNode())
     root.addHandler(stream)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -52,19 +95,25 @@ def setup_logging(
             file, maxBytes=int(max_mb * 1024 * 1024), backupCount=backup_count, encoding="utf-8"
         )
         handler.setFormatter(formatter)
+        handler.addFilter(_DropReportedByNode())
         root.addHandler(handler)
     root.setLevel(level.upper())
     # pynetdicom is chatty at INFO (every PDU); keep its own warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
+    # pydicom logs each failing decoder plugin with a traceback; the node logs one line per
+    # image that cannot be decoded, with every plugin's reason, and records it as failed.
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
 
 
 def _fmt(value: Any) -> str:
+    """One value of a ``key=value`` pair: quoted when it has spaces, quotes, ``=``, backslashes
+    or control characters; backslashes and quotes escaped first, then control characters."""
     text = str(value)
-    if not text or any(ch in text for ch in ' "='):
-        return '"' + text.replace('"', "'") + '"'
-    return text
+    if text and text.isprintable() and not any(ch in text for ch in ' "=\\'):
+        return text
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:

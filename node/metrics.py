@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db import Database, Delivery, Job, Study
+from node.db import Database, Delivery, Instance, Job, Study
 from node.output_failures import failed_kind_counts
 
 log = logging.getLogger("node.metrics")
@@ -79,7 +79,22 @@ FINDING_PROBABILITY = Histogram(
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter(
     "mammo_connections_refused", "Connections or associations refused before any C-STORE, by "
-    "reason (peer_ip, tls_handshake, association)", ["reason"], registry=REGISTRY)
+    "reason (peer_ip, tls_handshake, association, pool_full, per_ip, per_ae)", ["reason"],
+    registry=REGISTRY)
+ASSOCIATIONS_ABORTED = Counter(
+    "mammo_associations_aborted", "Associations the node cut off, by reason (stalled: silent "
+    "inside a PDU; too_slow: below node.min_receive_rate_kib; shutdown)", ["reason"],
+    registry=REGISTRY)
+HTTP_CONNECTIONS_CUT = Counter(
+    "mammo_http_connections_cut", "Monitoring-server connections closed by the node, by reason "
+    "(over_limit: http.max_connections; request_timeout; idle_timeout)", ["reason"],
+    registry=REGISTRY)
+PARTIAL_TRANSFERS_REMOVED = Counter(
+    "mammo_partial_transfers_removed", "Unfinished C-STORE temp files removed when their "
+    "association ended", registry=REGISTRY)
+ANALYSIS_SUPERSEDED = Counter(
+    "mammo_analysis_superseded", "Analyses stopped at a safe point because their study changed "
+    "(re-queued with the new content) or the node was stopping", ["reason"], registry=REGISTRY)
 
 INSTANCES_NOT_ANALYSED = Counter(
     "mammo_instances_not_analysed", "Instances acknowledged but not analysed (node.intake), by "
@@ -93,6 +108,8 @@ DELIVERY_KIND_FAILURES = Counter(
     "still delivered), by destination and kind", ["destination", "kind"], registry=REGISTRY)
 
 STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
+#: What became of each stored instance (node.db.Instance.outcome; NULL = still pending).
+INSTANCE_OUTCOMES = ("pending", "analysed", "skipped", "failed")
 WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
 
 
@@ -121,6 +138,22 @@ def delivery_kind_failed(destination: str, kind: str) -> None:
 
 def connection_refused(reason: str) -> None:
     CONNECTIONS_REFUSED.labels(reason=reason).inc()
+
+
+def association_aborted(reason: str) -> None:
+    ASSOCIATIONS_ABORTED.labels(reason=reason).inc()
+
+
+def http_connection_cut(reason: str) -> None:
+    HTTP_CONNECTIONS_CUT.labels(reason=reason).inc()
+
+
+def partial_transfer_removed() -> None:
+    PARTIAL_TRANSFERS_REMOVED.inc()
+
+
+def analysis_superseded(reason: str) -> None:
+    ANALYSIS_SUPERSEDED.labels(reason=reason).inc()
 
 
 def analysis_done(seconds: float, rois: int, stages_ms: dict[str, float] | None = None,
@@ -188,9 +221,18 @@ class StateCollector(Collector):
                 .group_by(Delivery.destination, Delivery.state)).all()
             last_ok = {name: last_success(s, name) for name in self.destinations}
             failed_kinds = failed_kind_counts(s)
+            outcomes = dict(s.execute(select(Instance.outcome, func.count())
+                                      .group_by(Instance.outcome)).all())
         g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
         for state in sorted(set(STUDY_STATES) | set(studies)):
             g.add_metric([state], float(studies.get(state, 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_instances", "Stored instances by outcome: pending (not "
+                              "analysed yet), analysed, skipped (a recorded reason), failed "
+                              "(could not be analysed: a counted failure)", labels=["outcome"])
+        outcomes["pending"] = outcomes.pop(None, 0) + outcomes.get("pending", 0)
+        for outcome in sorted(set(INSTANCE_OUTCOMES) | set(outcomes)):
+            g.add_metric([outcome], float(outcomes.get(outcome, 0)))
         yield g
         g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
         g.add_metric([], float(jobs.get("queued", 0) + jobs.get("running", 0)))
@@ -232,7 +274,36 @@ def last_success(session: Session, destination: str) -> dt.datetime | None:
         .order_by(Delivery.id.desc()).limit(1)).scalar()
 
 
+class AdmissionCollector(Collector):
+    """Connections holding a slot now, from node.admission (trusted: in the reserve)."""
+
+    def __init__(self, open_tickets) -> None:  # type: ignore[no-untyped-def]
+        self.open_tickets = open_tickets
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        tickets = self.open_tickets()
+        g = GaugeMetricFamily("mammo_associations_open", "Connections holding an association "
+                              "slot, by kind (trusted: node.trusted_peers)", labels=["kind"])
+        trusted = sum(1 for t in tickets if t.trusted)
+        g.add_metric(["trusted"], float(trusted))
+        g.add_metric(["other"], float(len(tickets) - trusted))
+        yield g
+
+
 _state: StateCollector | None = None
+_admission: AdmissionCollector | None = None
+
+
+def bind_admission(open_tickets) -> None:  # type: ignore[no-untyped-def]
+    """Report ``open_tickets()`` (node.admission.Admission.snapshot) at each scrape."""
+    global _admission
+    if _admission is not None:
+        REGISTRY.unregister(_admission)
+    _admission = AdmissionCollector(open_tickets)
+    REGISTRY.register(_admission)
 
 
 def bind(db: Database, data_dir: Path, destinations: list[str]) -> None:

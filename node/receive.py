@@ -8,15 +8,22 @@ the spool, so adopting it is a rename), so a 60 MB mammogram is never held in me
 DIMSE statuses answered (also listed in the conformance statement):
 0x0000 stored (or already stored with identical content); 0xA700 out of resources (disk below
 ``node.min_free_mb`` or the database unavailable; nothing kept, the sender should retry);
-0xC001 not a mammogram (a Digital X-Ray whose Modality is not MG); 0xC002 invalid or
-inconsistent UIDs; 0xC003 unreadable dataset; 0xC004 no usable pixel data; 0xC005 SOP Instance
-UID already stored with different content. Every 0xCxxx object is kept in
-``data_dir/quarantine`` with its reason.
+0xC001 not a mammogram (a Digital X-Ray whose Modality is not MG, or a SOP class not accepted);
+0xC002 invalid or inconsistent UIDs; 0xC003 unreadable dataset (truncated, a value length past
+the end or impossible for its VR, a bad VR or value, an undecodable Specific Character Set);
+0xC004 no usable pixel data (missing, short, or over ``[limits]``: declared size, frames, decoded
+bytes, a codestream whose own header declares other dimensions); 0xC005 SOP Instance UID already
+stored with different content. Every 0xCxxx object is kept in ``data_dir/quarantine`` with its
+reason.
 
 Objects a PACS sends with a mammography study that the node does not analyse (tomosynthesis,
 synthesized 2D, vendor Secondary Captures, dose reports, presentation states, other CAD SRs:
 :mod:`node.intake`) are answered 0x0000 and kept in ``other_objects`` or discarded
 (``[study] other_objects``), with one ``instance.not_analysed`` log line each.
+
+Association admission (per-IP / per-AE limits, the trusted-peer reserve: node.admission) is
+decided at the TCP accept and again when the A-ASSOCIATE-RQ names the calling AE title
+(:meth:`Receiver._on_requested`); reads inside a PDU have deadlines (node.fastrecv).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VM
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -42,7 +50,9 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from node import fastrecv, faults, metrics
+from node import decode_limits, fastrecv, faults, metrics
+from node.admission import Admission
+from node.charset import charset_problem
 from node.db import Database, Instance, OtherObject, Series, Study, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.intake import ANALYSE, ANALYSED_SOP_CLASSES, REFUSE, Intake, IntakePolicy, decide
@@ -90,7 +100,6 @@ STATUS_UNREADABLE = 0xC003
 STATUS_NO_PIXELS = 0xC004
 STATUS_CONFLICT = 0xC005
 
-MAX_PIXELS = 30000 * 30000  # larger declared images are refused as absurd
 PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -140,6 +149,11 @@ class Receiver:
         handshake_timeout: float = 10.0,
         intake: IntakePolicy | None = None,
         keep_other_objects: bool = False,
+        admission: Admission | None = None,
+        acse_timeout: float = 30.0,
+        pdu_timeout: float | None = None,
+        min_receive_rate: float = 0.0,
+        limits: decode_limits.ImageLimits | None = None,
     ) -> None:
         self.spool = spool
         self.intake = intake or IntakePolicy()
@@ -152,17 +166,22 @@ class Receiver:
         self._record_lock = threading.Lock()
         self._server = None
         self.ssl_context = ssl_context
+        self.admission = admission or Admission(max_associations=max_associations)
+        self.limits = limits or decode_limits.ImageLimits()
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
         fastrecv.install()  # recv_into + SHA-256 while receiving (see node/fastrecv.py)
         # Disk below the limit when a C-STORE starts: its bytes are not even written to incoming/.
         fastrecv.set_space_guard(lambda: spool.free_mb() >= min_free_mb)
+        # Inside a PDU: at most pdu_timeout s of silence, then at least min_receive_rate B/s.
+        fastrecv.set_read_limits(pdu_timeout, min_receive_rate)
         tempfile.tempdir = str(spool.incoming)
-        ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout)
+        ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout, self.admission)
         ae.maximum_pdu_size = max_pdu_size
-        ae.maximum_associations = max_associations
+        # node.admission enforces the pool (and the reserve); pynetdicom's own count is above it.
+        ae.maximum_associations = self.admission.capacity + 1
         ae.network_timeout = network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = acse_timeout
         ae.dimse_timeout = network_timeout
         ae.require_called_aet = True
         for uid in STORAGE_SOP_CLASSES:
@@ -177,6 +196,7 @@ class Receiver:
     # -- listener ---------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._counted_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -188,6 +208,8 @@ class Receiver:
             (self.host, self.port), block=False, evt_handlers=handlers,
             ssl_context=self.ssl_context,
         )
+        if fastrecv.read_limits() is not None:
+            self._server.start_watchdog()
         event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
               port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any",
               allowed_peer_ips=",".join(map(str, self.ae.networks)) or "any",
@@ -195,11 +217,23 @@ class Receiver:
               self.ssl_context.verify_mode == ssl.CERT_REQUIRED else
               "on" if self.ssl_context is not None else "off")
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-            event(log, "listener.stopped")
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting at once; give associations in progress up to ``grace`` seconds to
+        finish (a C-STORE in flight is answered), then cut the rest off."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.shutdown()  # closes the listening socket: new connections are refused now
+        server.stop_watchdog()
+        deadline = time.monotonic() + grace
+        while server.associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cut = server.cut_all("shutdown")
+        end = time.monotonic() + 2.0
+        while server.associations and time.monotonic() < end:
+            time.sleep(0.02)
+        event(log, "listener.stopped", associations_cut=cut or None)
 
     @property
     def running(self) -> bool:
@@ -219,6 +253,16 @@ class Receiver:
     def _peer(ev: evt.Event) -> dict[str, object]:
         r = ev.assoc.requestor
         return {"peer_aet": r.ae_title, "peer": f"{r.address}:{r.port}"}
+
+    def _on_requested(self, ev: evt.Event) -> None:
+        """The A-ASSOCIATE-RQ is in: per-AE limit, pool and reserve (node.admission)."""
+        assoc = ev.assoc
+        ticket = getattr(assoc, "admission_ticket", None)
+        calling = getattr(assoc.requestor.primitive, "calling_ae_title", "") or ""
+        reason = self.admission.on_request(ticket, str(calling), int(assoc.requestor.port or 0))
+        if reason is not None:
+            assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded
+            assoc.kill()
 
     def _on_accepted(self, ev: evt.Event) -> None:
         event(log, "association.accepted", **self._peer(ev))
@@ -316,6 +360,14 @@ class Receiver:
     def _check_header(self, path: Path, affected_sop: str | None,
                       affected_class: str | None) -> tuple[Dataset, Intake]:
         try:
+            if _transfer_syntax(path) == DEFLATED:  # inflated in memory to be read: cap it
+                decode_limits.check_inflated_size(path, self.limits)
+        except decode_limits.LimitExceeded as exc:
+            raise Refused(STATUS_NO_PIXELS, str(exc)) from None
+        except Exception as exc:
+            raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}") from None
+        try:
             # defer_size keeps bulk values (pixel data, huge private elements) on disk.
             ds = pydicom.dcmread(path, defer_size=4096)
             deflated = ds.file_meta.get("TransferSyntaxUID") == DEFLATED
@@ -327,7 +379,13 @@ class Receiver:
         if problem:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {problem}")
         try:
-            return self._check_attributes(ds, affected_sop, affected_class)
+            problem = charset_problem(ds)
+        except Exception as exc:
+            problem = f"text values unreadable: {type(exc).__name__}: {str(exc)[:160]}"
+        if problem:
+            raise Refused(STATUS_UNREADABLE, problem)
+        try:
+            return self._check_attributes(ds, affected_sop, affected_class, path)
         except Refused:
             raise
         except Exception as exc:  # a value pydicom cannot interpret
@@ -335,7 +393,8 @@ class Receiver:
                                              f"{str(exc)[:200]}") from None
 
     def _check_attributes(self, ds: Dataset, affected_sop: str | None,
-                          affected_class: str | None) -> tuple[Dataset, Intake]:
+                          affected_class: str | None, path: Path | None = None
+                          ) -> tuple[Dataset, Intake]:
         try:
             sop_class = str(ds.SOPClassUID)
             sop_uid = str(ds.SOPInstanceUID)
@@ -368,8 +427,14 @@ class Receiver:
         if rows <= 0 or cols <= 0 or bits not in (8, 16) or frames < 1:
             raise Refused(STATUS_NO_PIXELS, f"bad image geometry {rows}x{cols}, "
                                             f"{bits} bits, {frames} frames")
-        if rows * cols * frames > MAX_PIXELS:
-            raise Refused(STATUS_NO_PIXELS, f"absurd image size {rows}x{cols}x{frames}")
+        g = decode_limits.Geometry(rows, cols, frames, samples, bits)
+        try:
+            decode_limits.check_declared(g, self.limits)
+            if path is not None:
+                decode_limits.check_codestream(str(ds.file_meta.TransferSyntaxUID),
+                                               decode_limits.first_frame_bytes(path, ds), g)
+        except decode_limits.LimitExceeded as exc:
+            raise Refused(STATUS_NO_PIXELS, str(exc)) from None
         if not ds.file_meta.TransferSyntaxUID.is_compressed:
             expected = rows * cols * frames * samples * (bits // 8)
             actual = _element_length(ds)
@@ -522,10 +587,66 @@ def _structure_problem(ds: Dataset, file_size: int | None) -> str | None:
         else:
             last_end = file_size or 0  # undefined length: the reader found its delimiter
         if elem.value is not None:
+            bad = _length_problem(elem)
+            if bad:
+                return bad
             ds[tag]  # noqa: B018 - converts the raw value; raises on a bad VR or length
     if file_size is not None and 0 < file_size - last_end < 8:
         return f"{file_size - last_end} stray bytes at the end (truncated element header)"
     return None
+
+
+#: Binary VRs: bytes per value.
+_BINARY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "UV": 8,
+                "SV": 8}
+#: String VRs whose values may hold no control character (ESC excepted, for ISO 2022).
+_STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "UC"}
+#: Free-text VRs: also CR, LF, FF and TAB.
+_TEXT_VRS = {"LT", "ST", "UT"}
+_TEXT_CONTROLS = {0x09, 0x0A, 0x0C, 0x0D, 0x1B}
+
+
+def _length_problem(elem: RawDataElement) -> str | None:
+    """Why the value length of ``elem`` cannot be right for its VR (None when it can be).
+
+    A value length that is wrong by a few bytes makes the element swallow the next element's
+    header (or leave part of its value to be read as one); the parse may then go on, aligned by
+    chance. The swallowed bytes show: a binary value whose length is not a multiple of its size,
+    or not the count its dictionary VM fixes; a string value with control characters (NULs
+    only as trailing padding). Such a dataset is unreadable (0xC003), not a bad-UID (0xC002) or
+    no-pixel (0xC004) case.
+    """
+    vr, value = str(elem.VR), elem.value
+    if not isinstance(value, bytes | bytearray) or not value:
+        return None
+    size = _BINARY_SIZE.get(vr)
+    if size is not None:
+        if len(value) % size:
+            return (f"element {elem.tag} ({vr}) has value length {len(value)}, not a multiple "
+                    f"of {size}")
+        try:
+            vm = dictionary_VM(elem.tag) if not elem.tag.is_private else ""
+        except KeyError:
+            vm = ""
+        if vm.isdigit() and len(value) != int(vm) * size:
+            return (f"element {elem.tag} ({vr}, VM {vm}) has value length {len(value)}, "
+                    f"not {int(vm) * size}")
+        return None
+    allowed = _TEXT_CONTROLS if vr in _TEXT_VRS else ({0x1B} if vr in _STRING_VRS else None)
+    if allowed is None:
+        return None
+    body = bytes(value).rstrip(b"\x00 ") if vr == "UI" else bytes(value).rstrip(b"\x00")
+    bad = next((b for b in body if (b < 0x20 or b == 0x7F) and b not in allowed), None)
+    if bad is not None:
+        return (f"element {elem.tag} ({vr}) holds byte 0x{bad:02X}: its value length "
+                f"({len(value)}) runs into other data")
+    return None
+
+
+def _transfer_syntax(path: Path) -> str:
+    """The Transfer Syntax UID of a Part 10 file (its File Meta only)."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    return str(meta.get("TransferSyntaxUID", ""))
 
 
 def _element_length(ds: Dataset) -> int | None:
@@ -550,5 +671,6 @@ def _status(code: int, comment: str) -> tuple[int, Dataset] | int:
 
 
 def _unlink(path: Path) -> None:
+    fastrecv.take_digest(path)  # forget its streaming digest too
     with contextlib.suppress(OSError):
         os.unlink(path)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 
 from node import __version__, metrics, model_status
 from node.activemodel import MODEL_POLL_SECONDS, ModelManager
+from node.admission import Admission
 from node.analysis.result import StudyAnalyser
 from node.completion import complete_ready_studies
 from node.config import Settings
@@ -28,7 +32,7 @@ from node.schedule import build_scheduler
 from node.security import client_context, server_context
 from node.shadow import ShadowRunner
 from node.store import Spool
-from node.worker import AnalysisWorker, ReportOptions
+from node.worker import AnalysisWorker, ReportOptions, StudyBounds
 
 log = logging.getLogger("node.service")
 
@@ -52,6 +56,8 @@ def load_analyser(settings: Settings) -> StudyAnalyser:
         detector=(None if settings.detector_operating_point_override is None
                   else DetectorParams(min_score=settings.detector_operating_point_override)),
         max_rois_per_image=a.max_rois_per_image,
+        limits=settings.limits,
+        decode_memory_mb=a.decode_memory_mb,
     )
 
 
@@ -70,6 +76,8 @@ def build_monitoring(node: Node) -> MonitoringServer:
             node.db, ae_title=s.node.ae_title, version=__version__,
             limit=s.http.recent_studies, refresh_seconds=s.http.refresh_seconds,
             models=node.models.describe),
+        request_timeout=s.http.request_timeout, idle_timeout=s.http.idle_timeout,
+        max_connections=s.http.max_connections,
     )
 
 
@@ -100,6 +108,8 @@ class Node:
                 gsps_series_number=settings.output.gsps_series_number,
             ),
             destinations=[d.name for d in settings.destinations],
+            bounds=StudyBounds(max_images=settings.analysis.max_images_per_study,
+                               max_seconds=settings.analysis.max_study_seconds),
         )
         n, tls = settings.node, settings.tls
         self.deliverer = Deliverer(
@@ -119,6 +129,13 @@ class Node:
             intake=IntakePolicy.of(settings.study.other_sop_classes,
                                    settings.analysis.synthesized_2d),
             keep_other_objects=settings.study.other_objects == "keep",
+            admission=Admission(
+                max_associations=n.max_associations, reserved=n.reserved_associations,
+                per_ip=n.max_associations_per_ip, per_ae=n.max_associations_per_ae,
+                trusted_peers=n.trusted_peers),
+            acse_timeout=n.acse_timeout, pdu_timeout=n.pdu_timeout,
+            min_receive_rate=n.min_receive_rate_kib * 1024,
+            limits=settings.limits,
         )
         st = settings.study
         self.scheduler = build_scheduler([
@@ -134,6 +151,7 @@ class Node:
         self._stopped = threading.Event()
         metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
         model_status.bind_metrics(self.db, self.models)
+        metrics.bind_admission(self.receiver.admission.snapshot)
         self.http = build_monitoring(self) if settings.http.enabled else None
         self.stow = None
         if settings.dicomweb.enabled:  # STOW-RS in, through the receiver's checks and store
@@ -186,28 +204,58 @@ class Node:
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
               data_dir=self.settings.node.data_dir)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop within ``timeout`` seconds (``node.shutdown_timeout``): the listener closes at
+        once; C-STOREs in flight get half the time to finish, then their associations are cut
+        off; the analysis stops at its next safe point and its job goes back to the queue
+        (not counted as an attempt); deliveries in flight resume at the next start. True when
+        everything ended in time, False when something was still running at the deadline (the
+        caller then exits anyway: the running job was re-queued, nothing acknowledged is lost).
+        """
+        timeout = self.settings.node.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.receiver.stop(grace=timeout / 2)
         if self.http is not None:
             self.http.stop()
         if self.stow is not None:
             self.stow.stop()
-        self.receiver.stop()
-        self.scheduler.shutdown(wait=True)
-        self.worker.stop()
-        self.shadow.stop()
+        self.scheduler.shutdown(wait=False)
+        self.shadow.stop(max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))  # never sent
+        clean = self.worker.stop(max(0.1, deadline - time.monotonic() - 0.5))
+        if not clean:
+            job = self.worker.requeue_interrupted()
+            event(log, "node.stop_timeout", logging.WARNING, job=job,
+                  reason=f"analysis still running after node.shutdown_timeout = {timeout:g} s; "
+                         "re-queued, it resumes after the restart")
         self.db.dispose()
-        event(log, "node.stopped")
+        event(log, "node.stopped", seconds=round(timeout - (deadline - time.monotonic()), 1))
         self._stopped.set()
+        return clean
 
     def serve_forever(self) -> None:
         self.start()
         stop = threading.Event()
 
         def _signal(signum: int, _frame: object) -> None:
-            event(log, "node.stopping", signal=signal.Signals(signum).name)
+            if stop.is_set():  # a second signal: leave now
+                os._exit(1)
+            event(log, "node.stopping", signal=signal.Signals(signum).name,
+                  within_seconds=self.settings.node.shutdown_timeout)
             stop.set()
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-        stop.wait()
+        # Not a bare stop.wait(): a signal delivered to another thread only sets a flag, and a
+        # main thread blocked in an untimed wait would never run the handler (how SIGTERM used
+        # to go unanswered during an analysis). Waking every 0.2 s runs it within that time.
+        while not stop.wait(0.2):
+            pass
         self.stop()
+        # Everything acknowledged is durable and interrupted work is re-queued (or, for a
+        # delivery in flight, resumes at the next start). Threads still inside a decode, a report
+        # build or a send, and the thread pools that interpreter exit would join, must not hold
+        # the process past node.shutdown_timeout: flush the log and leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

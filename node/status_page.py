@@ -189,6 +189,7 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
                    "<code>mammo-node retry</code> rebuilds or re-sends these.</p>")
     else:
         out.append('<p id="failed-outputs">None.</p>')
+    out.extend(_not_analysed_section(db))
     if live is not None:  # active and shadow models, live performance (issue 17)
         from node.model_status import section
 
@@ -202,9 +203,46 @@ def _failed_outputs(db: Database, limit: int) -> list[dict[str, Any]]:
 
     with db.session() as s:
         return failed_output_kinds(s, limit)
+
+
 def _model_summary(live: dict[str, Any] | None) -> str:
     if live is None:
         return ""
     from node.model_status import summary
 
     return summary(live)
+
+
+def outcome_counts(db: Database) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
+    """(instances per outcome, [(outcome, reason, count)] of skipped and failed instances,
+    most frequent first). Shared with ``mammo-node status``."""
+    from node.db import Instance
+
+    with db.session() as s:
+        counts = dict(s.execute(select(Instance.outcome, func.count())
+                                .group_by(Instance.outcome)).all())
+        reasons = s.execute(
+            select(Instance.outcome, Instance.outcome_reason, func.count())
+            .where(Instance.outcome.in_(("skipped", "failed")))
+            .group_by(Instance.outcome, Instance.outcome_reason)
+            .order_by(func.count().desc()).limit(20)).all()
+    counts["pending"] = counts.pop(None, 0)
+    return counts, [(o, r or "", n) for o, r, n in reasons]
+
+
+def _not_analysed_section(db: Database) -> list[str]:
+    """Every accepted instance is accounted for: analysed, skipped (why) or failed (why)."""
+    counts, reasons = outcome_counts(db)
+    out = ["<h2>Instances by outcome</h2>",
+           '<p id="outcomes">' + ", ".join(
+               f'{_e(k)} <b class="outcome-{_e(k)}">{counts.get(k, 0)}</b>'
+               for k in ("analysed", "skipped", "failed", "pending")) + "</p>"]
+    if reasons:
+        out.append('<table id="not-analysed"><thead><tr><th>Outcome</th><th>Instances</th>'
+                   "<th>Reason</th></tr></thead><tbody>")
+        for outcome, reason, n in reasons:
+            cls = "state-failed" if outcome == "failed" else ""
+            out.append(f'<tr class="not-analysed"><td class="{cls}">{_e(outcome)}</td>'
+                       f"<td class=n>{n}</td><td>{_e(reason)}</td></tr>")
+        out.append("</tbody></table>")
+    return out

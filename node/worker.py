@@ -4,6 +4,23 @@ It runs in its own thread, apart from the association threads, so a slow model n
 C-STORE. A job is claimed with a conditional UPDATE; the result objects are written durably first
 and recorded in the same transaction that finishes the job and queues its deliveries, so a crash
 at any point leaves either no result (the job is re-queued at start-up) or a complete one.
+
+Coalescing (with node.completion): a study has at most one live job. A job is not claimed while
+its study is receiving again, and a running job checks at safe points (before each image, before
+classifying, before building and before recording the reports: :class:`Checkpoint`) whether its
+study was re-opened or its content changed; if so it stops there, goes back to the queue without
+counting an attempt, and keeps the per-image work it had done (decode, ROI finding, crops) for the
+next run of the same study. Only the latest content is recorded and sent. The same safe points
+stop an analysis that runs past ``analysis.max_study_seconds`` (a failure) or when the node
+stops (re-queued, not a failed attempt).
+
+Every instance of the study gets an outcome (``Instance.outcome``): analysed, skipped (with the
+reason: a policy, ``analysis.max_images_per_study``) or failed (undecodable, over the decode
+limits). A study where nothing could be decoded is a failed analysis, never "done" with nothing.
+
+Each output kind is built on its own (:meth:`AnalysisWorker._build_each_kind`): a kind that
+fails is recorded with its reason (``result_kinds``) and the others are still delivered;
+``mammo-node retry`` re-queues the study and the same analysis key rebuilds only what is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from node import faults, metrics
 from node.analysis.result import ImageInput, ModelInfo, StudyAnalyser, StudyAnalysis
+from node.charset import normalise_for_copy
 from node.db import (
     Database,
     Delivery,
@@ -48,6 +66,76 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
 ReportBuilder = Callable[..., list[Dataset]]
+CHECK_EVERY_SECONDS = 0.25  # a safe point asks the database at most this often
+
+
+class Superseded(Exception):
+    """The analysis stopped at a safe point; the job goes back to the queue, no attempt lost."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TooLong(Exception):
+    """The analysis ran past ``analysis.max_study_seconds``: a failure, not retried."""
+
+
+class NothingDecodable(Exception):
+    """No image of the study could be decoded: a failure, not retried (the bytes won't change).
+    ``outcomes`` says why for each instance."""
+
+    def __init__(self, message: str, outcomes: dict[str, tuple[str, str | None]]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
+@dataclass
+class StudyBounds:
+    """Per-study bounds (``[analysis]``): how many images are analysed, for how long."""
+
+    max_images: int = 16
+    max_seconds: float = 600.0
+
+
+class Checkpoint:
+    """Callable at safe points (any thread): raises :class:`Superseded` when the job's study
+    was re-opened or got new content, or the node is stopping; :class:`TooLong` past the
+    deadline. The database is asked at most every :data:`CHECK_EVERY_SECONDS`."""
+
+    def __init__(self, db: Database, job_id: int, input_key: str, deadline: float,
+                 stopping: threading.Event) -> None:
+        self.db, self.job_id, self.input_key = db, job_id, input_key
+        self.deadline, self.stopping = deadline, stopping
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._verdict: Exception | None = None
+
+    def __call__(self) -> None:
+        if self.stopping.is_set():
+            raise Superseded("node stopping")
+        if time.monotonic() > self.deadline:
+            raise TooLong("analysis took longer than analysis.max_study_seconds")
+        with self._lock:
+            if self._verdict is None and time.monotonic() >= self._next:
+                self._next = time.monotonic() + CHECK_EVERY_SECONDS
+                self._verdict = self._ask()
+            verdict = self._verdict
+        if verdict is not None:
+            raise verdict
+
+    def _ask(self) -> Exception | None:
+        with self.db.session() as s:
+            row = s.execute(select(Job.input_key, Study.state).join(Study, Study.id == Job.study_id)
+                            .where(Job.id == self.job_id)).first()
+        if row is None:
+            return Superseded("job gone")
+        key, study_state = row
+        if study_state == "receiving":
+            return Superseded("study re-opened by a new instance")
+        if key != self.input_key:
+            return Superseded("study content changed")
+        return None
 
 
 @dataclass(frozen=True)
@@ -73,6 +161,7 @@ class AnalysisWorker:
         build_reports: ReportBuilder,
         options: ReportOptions,
         destinations: Sequence[str],
+        bounds: StudyBounds | None = None,
     ) -> None:
         self.db = db
         self.spool = spool
@@ -87,8 +176,13 @@ class AnalysisWorker:
         # Called (in the worker thread) after a result was recorded, with (job id, study UID,
         # the inputs, the analysis): the model lifecycle's scores and shadow run (node.shadow).
         self.on_analysed: Callable[[int, str, list[ImageInput], StudyAnalysis], None] | None = None
+        self.bounds = bounds or StudyBounds()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.current_job: int | None = None  # the job being processed (for a forced stop)
+        # Per-image work of the last studies analysed, reused when a superseded job runs again:
+        # {study_uid|model: {file path: prepared image}}, at most two studies.
+        self._image_cache: dict[str, dict[str, object]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -105,11 +199,24 @@ class AnalysisWorker:
         self._thread = threading.Thread(target=self._loop, name="analysis-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop at the next safe point (the running job is re-queued); True when the thread
+        ended within ``timeout``."""
         self._stop.set()
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def requeue_interrupted(self) -> int | None:
+        """After a stop that did not reach a safe point in time: put the running job back in
+        the queue without counting the attempt (the process is about to exit)."""
+        job_id = self.current_job
+        if job_id is None:
+            return None
+        self._requeue(job_id, "node stopping")
+        return job_id
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,10 +231,15 @@ class AnalysisWorker:
 
     # -- one job ---------------------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Claim and process the oldest queued job; False when there was none."""
+        """Claim and process the oldest queued job whose study is not receiving again (such a
+        job waits: completion absorbs the new instances into it); False when there was none."""
+        if self._stop.is_set():
+            return False
         with self.db.session() as s:
             job_ids = s.execute(
-                select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(5)
+                select(Job.id).join(Study, Study.id == Job.study_id)
+                .where(Job.state == "queued", Study.state != "receiving")
+                .order_by(Job.id).limit(5)
             ).scalars().all()
             job_id = None
             for candidate in job_ids:
@@ -137,9 +249,11 @@ class AnalysisWorker:
                     break
         if job_id is None:
             return False
+        self.current_job = job_id
         try:
             self._process(job_id)
         finally:
+            self.current_job = None
             release_free_memory()  # keeps the RSS flat study after study (node/memory.py)
         return True
 
@@ -148,40 +262,74 @@ class AnalysisWorker:
         with self.db.session() as s:
             job = s.get(Job, job_id)
             study = s.get(Study, job.study_id)
-            study_uid, attempts = study.study_uid, job.attempts
+            study_uid, attempts, input_key = study.study_uid, job.attempts, job.input_key
             if study.state == "complete":
                 study.state = "analysing"
             instances = list(s.execute(
                 select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
             ).scalars())
-        event(log, "analysis.started", study=study_uid, job=job_id, images=len(instances),
-              attempt=attempts)
+        chosen, over = select_for_analysis(instances, self.bounds.max_images)
+        event(log, "analysis.started", study=study_uid, job=job_id, images=len(chosen),
+              not_analysed=len(over) or None, attempt=attempts)
+        check = Checkpoint(self.db, job_id, input_key, time.monotonic() + self.bounds.max_seconds,
+                           self._stop)
+        written: list[tuple[Dataset, str]] = []
         try:
             inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
-                      for i in instances]
+                      for i in chosen]
             faults.hit("analysis.running")
-            analysis = self.analyser.analyse(study_uid, inputs)
+            cache_key = self._cache_key(study_uid)
+            analysis = self.analyser.analyse(study_uid, inputs, checkpoint=check,
+                                             cache=self._cache_for(cache_key))
+            check()
             # Keyed and reported on the model that ran (a switch may happen at any time).
-            key = self._analysis_key(job_id, analysis.model)
-            sources = {i.sop_uid: pydicom.dcmread(self.spool.path(i.relpath),
-                                                  stop_before_pixels=True) for i in instances}
+            key = self._analysis_key(job_id, input_key, analysis.model)
+            sources = {i.sop_uid: normalise_for_copy(pydicom.dcmread(
+                self.spool.path(i.relpath), stop_before_pixels=True)) for i in chosen}
+            outcomes = self._outcomes(analysis, over)
             if not any(image.analysed for image in analysis.images):
-                # Nothing analysable (e.g. For Processing only, with for_processing = "skip"):
-                # a finished job without result objects, said so in the log.
+                undecodable = [i for i in analysis.images if i.failed]
+                if undecodable:  # nothing could be decoded: a counted failure, not "done"
+                    raise NothingDecodable(
+                        f"no image could be decoded ({len(undecodable)} of "
+                        f"{len(analysis.images)}): "
+                        + "; ".join(sorted({i.skipped_reason or "" for i in undecodable}))[:1500],
+                        outcomes)
+                # Nothing analysable by policy (e.g. For Processing only, with for_processing =
+                # "skip"): a finished job without result objects, each skip recorded.
                 event(log, "analysis.nothing_to_report", logging.WARNING, study=study_uid,
                       reasons=";".join(sorted({i.skipped_reason or "" for i in
                                                analysis.images})))
-                self._record(job_id, key, analysis, [], (time.perf_counter() - t0) * 1000)
+                self._record(job_id, key, analysis, [], (time.perf_counter() - t0) * 1000,
+                             outcomes, input_key)
                 return
+            check()
             previous = self._current_srs(study_uid, key)
             kinds = self._kinds_to_build(key)
-            written, failed = self._build_each_kind(kinds, analysis, sources, key, previous)
+            written, failed = self._build_each_kind(kinds, analysis, sources, key, previous,
+                                                    check)
+            check()
+        except Superseded as sup:
+            for _, relpath in written:  # built before the study changed: never recorded
+                self.spool.remove(relpath)
+            self._requeue(job_id, sup.reason)
+            return
+        except (TooLong, NothingDecodable) as exc:
+            for _, relpath in written:
+                self.spool.remove(relpath)
+            self._fail(job_id, study_uid, attempts, exc, final=True,
+                       outcomes=getattr(exc, "outcomes", None))
+            return
         except Exception as exc:
+            for _, relpath in written:
+                self.spool.remove(relpath)
             self._fail(job_id, study_uid, attempts, exc)
             return
         ms = (time.perf_counter() - t0) * 1000
         faults.hit("analysis.before_record")
-        self._record(job_id, key, analysis, written, ms, failed)
+        if not self._record(job_id, key, analysis, written, ms, outcomes, input_key, failed):
+            return
+        self._image_cache.pop(cache_key, None)  # recorded: the per-image work is not needed
         if written and self.destinations and self.on_result is not None:
             self.on_result()
         if self.on_analysed is not None:  # model lifecycle (issue 17); never raises
@@ -202,15 +350,25 @@ class AnalysisWorker:
         return tuple(k for k in self.options.kinds if k not in built)
 
     def _build_each_kind(self, kinds: Sequence[str], analysis: StudyAnalysis,
-                         sources: dict[str, Dataset], key: str, previous: list[Dataset]
+                         sources: dict[str, Dataset], key: str, previous: list[Dataset],
+                         check: Callable[[], None] | None = None
                          ) -> tuple[list[tuple[Dataset, str]], dict[str, str]]:
         """Build and write each output kind on its own: one that fails (a builder bug, a legal
         value a library refuses) is logged and recorded with its reason, and the others still
-        go out. Returns (objects written with their spool paths, error per failed kind)."""
+        go out. Returns (objects written with their spool paths, error per failed kind).
+        ``check`` (a :class:`Checkpoint`) runs before each kind: a study that changed stops the
+        building; the objects written so far are in the exception's way out (the caller)."""
         o = self.options
         written: list[tuple[Dataset, str]] = []
         failed: dict[str, str] = {}
         for kind in kinds:
+            if check is not None:
+                try:
+                    check()
+                except Exception:  # superseded, too long, stopping: nothing of it is kept
+                    for _, relpath in written:
+                        self.spool.remove(relpath)
+                    raise
             try:
                 faults.fail(f"build.{kind}")
                 datasets = self.build_reports(
@@ -237,6 +395,57 @@ class AnalysisWorker:
             written += list(zip(datasets, paths, strict=True))
         return written, failed
 
+    # -- coalescing, bounds, outcomes ----------------------------------------------------------
+    def _cache_key(self, study_uid: str) -> str:
+        """The per-image work (crops cut at the card's ROI size) belongs to one model: a model
+        switched in between (node.activemodel) starts afresh."""
+        model = self.analyser.model
+        return f"{study_uid}|{model.name}|{model.version}"
+
+    def _cache_for(self, cache_key: str) -> dict[str, object]:
+        cache = self._image_cache.pop(cache_key, None) or {}
+        self._image_cache[cache_key] = cache  # most recent last
+        while len(self._image_cache) > 2:
+            self._image_cache.pop(next(iter(self._image_cache)))
+        return cache
+
+    def _requeue(self, job_id: int, reason: str) -> None:
+        """Back to the queue without counting the attempt (superseded or interrupted)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != "running":
+                return
+            job.state = "queued"
+            job.attempts = max(0, job.attempts - 1)
+            job.started_at = None
+            study = s.get(Study, job.study_id)
+            if study.state == "analysing":
+                study.state = "complete"
+            study_uid = study.study_uid
+        metrics.analysis_superseded("stopping" if reason == "node stopping" else "changed")
+        event(log, "analysis.superseded", study=study_uid, job=job_id, reason=reason,
+              next="waits for the study to be complete" if "re-opened" in reason else
+              "runs again with the latest content" if "changed" in reason else
+              "resumes after the restart")
+
+    @staticmethod
+    def _outcomes(analysis: StudyAnalysis, over: list[Instance]
+                  ) -> dict[str, tuple[str, str | None]]:
+        """SOP Instance UID -> (outcome, reason) for every instance of the study."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for image in analysis.images:
+            if image.analysed:
+                out[image.sop_instance_uid] = ("analysed", None)
+            else:
+                out[image.sop_instance_uid] = ("failed" if image.failed else "skipped",
+                                               image.skipped_reason)
+        n = len(over) + len(analysis.images)
+        for inst in over:
+            out[inst.sop_uid] = ("skipped", f"not analysed: the study has {n} images, "
+                                            "analysis.max_images_per_study = "
+                                            f"{len(analysis.images)}")
+        return out
+
     def _current_srs(self, study_uid: str, key: str = "") -> list[Dataset]:
         """Headers of the SRs of the study's current result: the new SR supersedes them (not
         when the current result is this very analysis, rebuilding a kind that failed)."""
@@ -252,14 +461,17 @@ class AnalysisWorker:
         return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
                 if self.spool.path(r).exists()]
 
-    def _analysis_key(self, job_id: int, model: ModelInfo | None = None) -> str:
-        """Digest of the inputs, the model that ran (name, version, architecture, threshold)
-        and the output options: the same inputs and model give the same result UIDs."""
+    def _analysis_key(self, job_id: int, input_key: str | None = None,
+                      model: ModelInfo | None = None) -> str:
+        """Digest of what the result objects depend on: the content analysed (the job's input
+        key when the analysis started), the model that ran (name, version, architecture,
+        threshold), the output options: the same inputs and model give the same result UIDs."""
         model = model or self.analyser.model
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            text = "|".join([job.input_key, model.name, model.version, model.architecture,
-                             f"{model.threshold:.6f}", *self._outputs_key()])
+            text = "|".join([input_key or job.input_key, model.name, model.version,
+                             model.architecture, f"{model.threshold:.6f}",
+                             *self._outputs_key()])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _outputs_key(self) -> list[str]:
@@ -274,7 +486,10 @@ class AnalysisWorker:
 
     def _record(self, job_id: int, key: str, analysis: StudyAnalysis,
                 written: list[tuple[Dataset, str]], ms: float,
-                failed: dict[str, str] | None = None) -> None:
+                outcomes: dict[str, tuple[str, str | None]] | None = None,
+                input_key: str | None = None, failed: dict[str, str] | None = None) -> bool:
+        """Record the result and finish the job, in one transaction, unless the study changed
+        meanwhile (then nothing is recorded, the files go and the job is re-queued): False."""
         findings = analysis.findings
         max_p = max((f.probability for f in findings), default=None)
         summary = {
@@ -285,44 +500,60 @@ class AnalysisWorker:
                        for i in analysis.images],
             "model": {"name": analysis.model.name, "version": analysis.model.version},
         }
-        with self.db.session() as s:
-            job = s.get(Job, job_id)
-            study = s.get(Study, job.study_id)
-            existing = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
-            if existing is None:
-                old_ids = s.execute(select(Result.id).where(
-                    Result.study_id == study.id, Result.current.is_(True))).scalars().all()
-                if old_ids:
-                    s.execute(update(Result).where(Result.id.in_(old_ids)).values(current=False))
-                    s.execute(update(Delivery).where(
-                        Delivery.result_id.in_(old_ids),
-                        Delivery.state == "pending").values(state="superseded"))
-                result = Result(study_id=study.id, job_id=job.id, analysis_key=key,
-                                current=True, roi_count=len(findings), max_probability=max_p,
-                                analysis_ms=ms, summary=json.dumps(summary))
-                s.add(result)
-                s.flush()
-                added = written
-            else:  # same analysis again (a retry rebuilding a failed kind): add what is new
-                result = existing
-                have = set(s.execute(select(ResultObject.sop_uid).where(
-                    ResultObject.result_id == result.id)).scalars())
-                added = [(ds, p) for ds, p in written if str(ds.SOPInstanceUID) not in have]
-                for ds, relpath in written:
-                    if str(ds.SOPInstanceUID) in have:
-                        self.spool.remove(relpath)
-            for ds, relpath in added:
-                s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
-                                   sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
-            _record_kinds(s, result.id, {kind_of(str(ds.SOPClassUID)) for ds, _ in added},
-                          failed or {})
-            if added:
-                _queue_deliveries(s, result.id, self.destinations)
-            job.state = "done"
-            job.finished_at = utcnow()
-            job.error = None
-            if study.generation == job.generation and study.state in ("complete", "analysing"):
-                study.state = "done"
+        try:
+            with self.db.session() as s:
+                # The first write, and conditional: a study re-opened or changed since the
+                # analysis started is not recorded (nothing of this transaction is kept).
+                finished = s.execute(
+                    update(Job).where(Job.id == job_id, Job.state == "running",
+                                      *([Job.input_key == input_key] if input_key else []),
+                                      Job.study_id.in_(select(Study.id)
+                                                       .where(Study.state != "receiving")))
+                    .values(state="done", finished_at=utcnow(), error=None)).rowcount
+                if finished != 1:
+                    raise _Stale()
+                job = s.get(Job, job_id)
+                study = s.get(Study, job.study_id)
+                _record_outcomes(s, study.id, outcomes or {})
+                existing = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
+                if existing is None:
+                    old_ids = s.execute(select(Result.id).where(
+                        Result.study_id == study.id, Result.current.is_(True))).scalars().all()
+                    if old_ids:
+                        s.execute(update(Result).where(Result.id.in_(old_ids))
+                                  .values(current=False))
+                        s.execute(update(Delivery).where(
+                            Delivery.result_id.in_(old_ids),
+                            Delivery.state == "pending").values(state="superseded"))
+                    result = Result(study_id=study.id, job_id=job.id, analysis_key=key,
+                                    current=True, roi_count=len(findings),
+                                    max_probability=max_p, analysis_ms=ms,
+                                    summary=json.dumps(summary))
+                    s.add(result)
+                    s.flush()
+                    added = written
+                else:  # same analysis again (a retry rebuilding a failed kind): what is new
+                    result = existing
+                    have = set(s.execute(select(ResultObject.sop_uid).where(
+                        ResultObject.result_id == result.id)).scalars())
+                    added = [(ds, p) for ds, p in written if str(ds.SOPInstanceUID) not in have]
+                    for ds, relpath in written:
+                        if str(ds.SOPInstanceUID) in have:
+                            self.spool.remove(relpath)
+                for ds, relpath in added:
+                    s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
+                                       sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
+                _record_kinds(s, result.id, {kind_of(str(ds.SOPClassUID)) for ds, _ in added},
+                              failed or {})
+                if added:
+                    _queue_deliveries(s, result.id, self.destinations)
+                if study.state in ("complete", "analysing"):
+                    study.state = "done"
+        except _Stale:
+            for _, relpath in written:
+                self.spool.remove(relpath)
+            self._requeue(job_id, self._why_stale(job_id))
+            return False
         metrics.analysis_done(ms / 1000, len(findings), analysis.timings_ms,
                               [f.probability for f in findings])
         event(log, "analysis.done", study=study.study_uid, job=job_id, rois=len(findings),
@@ -332,11 +563,26 @@ class AnalysisWorker:
               objects=len(written), failed_kinds=",".join(sorted(failed or {})) or None,
               ms=round(ms, 1),
               stages=",".join(f"{k}:{v:.0f}" for k, v in analysis.timings_ms.items()))
+        bad = [(uid, why) for uid, (o, why) in (outcomes or {}).items() if o == "failed"]
+        if bad:
+            event(log, "analysis.images_failed", logging.WARNING, study=study.study_uid,
+                  job=job_id, images=len(bad), reason=bad[0][1])
+        return True
 
-    def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception) -> None:
-        final = attempts >= MAX_JOB_ATTEMPTS
+    def _why_stale(self, job_id: int) -> str:
+        with self.db.session() as s:
+            row = s.execute(select(Study.state).join(Job, Job.study_id == Study.id)
+                            .where(Job.id == job_id)).first()
+        return "study re-opened by a new instance" if row and row[0] == "receiving" else \
+            "study content changed"
+
+    def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception,
+              final: bool = False,
+              outcomes: dict[str, tuple[str, str | None]] | None = None) -> None:
+        final = final or attempts >= MAX_JOB_ATTEMPTS
         message = f"{type(exc).__name__}: {exc}"[:2000]
-        log.exception("analysis.error study=%s job=%s", study_uid, job_id)
+        if not isinstance(exc, NothingDecodable | TooLong):  # those say all in their message
+            log.exception("analysis.error study=%s job=%s", study_uid, job_id)
         metrics.analysis_failed()
         with self.db.session() as s:
             job = s.get(Job, job_id)
@@ -345,8 +591,15 @@ class AnalysisWorker:
             job.finished_at = utcnow()
             if final:
                 study = s.get(Study, job.study_id)
-                if study.generation == job.generation:
+                if study.state != "receiving":
                     study.state = "failed"
+                if outcomes:  # each image's own reason
+                    _record_outcomes(s, job.study_id, outcomes)
+                else:  # the study's analysis failed as a whole: its images with it
+                    s.execute(update(Instance).where(
+                        Instance.study_id == job.study_id,
+                        Instance.outcome.is_(None) | (Instance.outcome != "skipped"))
+                        .values(outcome="failed", outcome_reason=message[:1000]))
         event(log, "analysis.failed", logging.ERROR, study=study_uid, job=job_id,
               attempt=attempts, final=final, error=message[:300])
 
@@ -385,3 +638,46 @@ def _queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -
                            next_attempt_at=utcnow()))
         elif d.state != "superseded":
             d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
+
+
+class _Stale(Exception):
+    """Raised inside the recording transaction to roll it back (the study changed)."""
+
+
+def _record_outcomes(s: Session, study_id: int, outcomes: dict[str, tuple[str, str | None]]
+                     ) -> None:
+    """Write each instance's outcome; the study's other instances (none, normally) stay."""
+    by_outcome: dict[tuple[str, str | None], list[str]] = {}
+    for uid, value in outcomes.items():
+        by_outcome.setdefault(value, []).append(uid)
+    for (outcome, reason), uids in by_outcome.items():
+        for i in range(0, len(uids), 500):
+            s.execute(update(Instance).where(Instance.study_id == study_id,
+                                             Instance.sop_uid.in_(uids[i:i + 500]))
+                      .values(outcome=outcome, outcome_reason=(reason or None) and reason[:1000]))
+
+
+def select_for_analysis(instances: list[Instance], limit: int
+                        ) -> tuple[list[Instance], list[Instance]]:
+    """(to analyse, not analysed) under ``analysis.max_images_per_study``.
+
+    First the newest instance of each (laterality, view, For Processing) group, so that a study
+    with many images still has each screening view analysed, then the rest, newest first; the
+    chosen ones keep their received order.
+    """
+    if len(instances) <= limit:
+        return list(instances), []
+    newest_first = sorted(instances, key=lambda i: i.id, reverse=True)
+    chosen: list[Instance] = []
+    seen: set[tuple[str, str, bool]] = set()
+    for inst in newest_first:
+        group = (inst.laterality or "", inst.view or "", bool(inst.for_processing))
+        if group not in seen and len(chosen) < limit:
+            seen.add(group)
+            chosen.append(inst)
+    keep = {i.id for i in chosen}
+    for inst in newest_first:
+        if len(keep) >= limit:
+            break
+        keep.add(inst.id)
+    return ([i for i in instances if i.id in keep], [i for i in instances if i.id not in keep])

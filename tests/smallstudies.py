@@ -51,3 +51,25 @@ def small_study(out_dir: Path, index: int, views: int = 4, tag: str = "small") -
 
 def sop_uids(paths: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def big_study(out_dir: Path, instances: int = 500, size: int = 128, tag: str = "big"
+              ) -> list[Path]:
+    """One study of ``instances`` small MG images: the four screening views first, then the
+    same views again and again (as a re-sent archive or a long series would arrive), each a
+    distinct instance. Sent in this order, the four-view rule fires on the 4th instance."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = uid_from(tag, "study")
+    paths = []
+    for n in range(instances):
+        lat, view = _VIEWS[n % 4]
+        ref = _REFS[lat][n % len(_REFS[lat])]
+        px = _crop(ref, n)[:size, :size]
+        ds = mg_dataset(np.ascontiguousarray(px), patient_id=tag.upper(), study_uid=study_uid,
+                        sop_uid=uid_from(tag, "sop", str(n)), laterality=lat, view=view,
+                        spacing_mm=MIAS_SPACING_MM, bits_stored=12, instance_number=n + 1,
+                        series_uid=uid_from(tag, "series", str(n // 100)))
+        path = out_dir / f"{tag}_{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

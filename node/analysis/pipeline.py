@@ -15,15 +15,19 @@ report kind uses that number.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import pydicom
 
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
@@ -42,6 +46,14 @@ from node.analysis.rois import (
     DetectorParams,
     find_clusters,
     load_detector,
+)
+from node.decode_limits import (
+    DecodeBudget,
+    ImageLimits,
+    LimitExceeded,
+    check_declared,
+    geometry,
+    working_set_bytes,
 )
 
 log = logging.getLogger("node.analysis.pipeline")
@@ -65,6 +77,8 @@ class AnalysisPipeline:
     * ``max_rois_per_image``: strongest clusters kept per image.
     * ``precision``: "auto", "fp32", "bf16", "fp16" (see :func:`classify.resolve_precision`).
     * ``max_workers``: images of a study decoded and searched in parallel (default min(4, CPUs)).
+    * ``limits``: declared sizes refused before decoding (node.decode_limits);
+      ``decode_memory_mb``: memory all concurrent decodes together may take.
 
     Raises ``RuntimeError`` with a clear message when the card or weights are unusable.
     """
@@ -84,6 +98,8 @@ class AnalysisPipeline:
         max_rois_per_image: int = 20,
         precision: str = "auto",
         max_workers: int | None = None,
+        limits: ImageLimits | None = None,
+        decode_memory_mb: int = 2048,
     ) -> None:
         if for_processing not in ("analyse", "skip"):
             raise RuntimeError(
@@ -119,20 +135,34 @@ class AnalysisPipeline:
         self.max_rois_per_image = int(max_rois_per_image)
         # Images of a study prepared in parallel: at most 4 (a four-view study), at most the CPUs.
         self.max_workers = int(max_workers or min(4, os.cpu_count() or 1))
+        self.limits = limits or ImageLimits()
+        self.decode_budget = DecodeBudget(int(decode_memory_mb) << 20)
 
     # ------------------------------------------------------------------------------ public
 
-    def analyse(self, study_instance_uid: str, images: list[ImageInput]) -> StudyAnalysis:
+    def analyse(self, study_instance_uid: str, images: list[ImageInput], *,
+                checkpoint: Callable[[], None] | None = None,
+                cache: dict[str, Any] | None = None) -> StudyAnalysis:
+        """``checkpoint`` is called at safe points (before each image, before classifying) and
+        may raise to stop a superseded analysis; ``cache`` keeps the per-image work (decode,
+        ROI finding, crops) of this study for a later run of the same files."""
         timings = {"decode": 0.0, "rois": 0.0, "classify": 0.0, "gradcam": 0.0}
         t_start = time.perf_counter()
+        check = checkpoint or (lambda: None)
+
+        def one(item: ImageInput) -> tuple:  # type: ignore[type-arg]
+            check()  # a safe point before each image: a superseded analysis stops here
+            return self._prepare_cached(item, cache)
+
         # Decode + ROI finding of the images of a study run side by side (OpenCV, numpy and the
         # JPEG 2000 decoder release the GIL); the classifier then sees every ROI of the study.
         workers = max(1, min(self.max_workers, len(images)))
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
-                done = list(pool.map(self._prepare_image, images))
+                done = list(pool.map(one, images))
         else:
-            done = [self._prepare_image(item) for item in images]
+            done = [one(item) for item in images]
+        check()
         wall = time.perf_counter() - t_start
         busy = sum(d[3] + d[4] for d in done) or 1.0
         # Per-stage shares of the parallel phase's wall time (so the stages add up to the total).
@@ -147,6 +177,7 @@ class AnalysisPipeline:
 
         crops = [crop for _, image_crops, _, _ in work for crop in image_crops]
         clusters_all = [c for _, _, image_clusters, _ in work for c in image_clusters]
+        check()  # before classifying
         card = self.classifier.card
         cnn = self.classifier.head_kind == "cnn"
         if cnn:  # the CNN makes the call: its forward gives P(malignant) and the Grad-CAM
@@ -230,26 +261,66 @@ class AnalysisPipeline:
         return np.array([[c.features[i] for i in idx] for c in clusters],
                         dtype=np.float64).reshape(len(clusters), len(idx))
 
+    def _prepare_cached(self, item: ImageInput, cache: dict[str, Any] | None) -> tuple:  # type: ignore[type-arg]
+        """:meth:`_prepare_image`, reusing what an earlier (superseded) analysis of the same
+        file already computed: decode, ROI finding and crops are per image; the findings and
+        the heat map are rebuilt, since classification runs per study."""
+        key = str(item.path)
+        hit = cache.get(key) if cache is not None else None
+        if hit is None:
+            hit = self._prepare_image(item)
+            if cache is not None:
+                cache[key] = hit
+        ia, crops, clusters, t_decode, t_rois, breast = hit
+        fresh = dataclasses.replace(
+            ia, findings=[], display=None if ia.display is None else ia.display.copy(),
+            cam=None if ia.cam is None else np.zeros_like(ia.cam))
+        return fresh, crops, clusters, t_decode, t_rois, breast
+
     def _prepare_image(
         self, item: ImageInput
     ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
                np.ndarray | None]:
         """Decode, prepare, find the clusters of one image and crop them; (analysis, crops,
         clusters, decode seconds, ROI seconds, display-size breast mask). A skipped image comes
-        back with ``crops`` None."""
+        back with ``crops`` None. Declared sizes over ``limits`` are refused before decoding,
+        and the image's decode working set is reserved from the decode budget."""
         t0 = time.perf_counter()
+        try:
+            header = pydicom.dcmread(item.path, stop_before_pixels=True)
+            g = geometry(header)
+            check_declared(g, self.limits)
+        except LimitExceeded as exc:
+            log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
+            return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
+                    time.perf_counter() - t0, 0.0, None)
+        except Exception:
+            g = None  # prepare() says what is wrong with it
+        # The whole working set of this image (decoded, float copies, mask) is reserved until
+        # its crops are made; concurrent decodes wait while the budget is spent.
+        with self.decode_budget.reserve(working_set_bytes(g) if g is not None else 0):
+            return self._prepare_within_budget(item, t0)
+
+    def _prepare_within_budget(
+        self, item: ImageInput, t0: float
+    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
+               np.ndarray | None]:
         try:
             prepared = prepare(
                 item.path, for_processing=self.for_processing,
-                fallback_spacing_mm=self.fallback_spacing_mm,
+                fallback_spacing_mm=self.fallback_spacing_mm, limits=self.limits,
             )
         except SkipImage as exc:
             log.info("image %s skipped: %s", item.sop_instance_uid, exc)
             return self._skipped(item, str(exc)), None, [], time.perf_counter() - t0, 0.0, None
+        except LimitExceeded as exc:
+            log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
+            return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
+                    time.perf_counter() - t0, 0.0, None)
         except Exception as exc:  # undecodable pixel data must not stop the study
             log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
-            return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}"), None, [],
-                    time.perf_counter() - t0, 0.0, None)
+            return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}",
+                                  failed=True), None, [], time.perf_counter() - t0, 0.0, None)
         t1 = time.perf_counter()
         clusters = find_clusters(
             prepared.image01, prepared.breast_mask, prepared.pixel_spacing_mm, self.detector,
@@ -279,7 +350,7 @@ class AnalysisPipeline:
             if self.classifier.head_kind == "cnn" else []  # a morphology head needs no crops
         return ia, crops, clusters, t1 - t0, time.perf_counter() - t1, breast
 
-    def _skipped(self, item: ImageInput, reason: str) -> ImageAnalysis:
+    def _skipped(self, item: ImageInput, reason: str, failed: bool = False) -> ImageAnalysis:
         return ImageAnalysis(
             sop_instance_uid=item.sop_instance_uid,
             sop_class_uid=item.sop_class_uid,
@@ -291,4 +362,5 @@ class AnalysisPipeline:
             spacing_source="",
             for_presentation=True,
             skipped_reason=reason,
+            failed=failed,
         )

@@ -22,6 +22,13 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models.detector.anatomy import breast_mask  # noqa: F401  (re-exported)
+from node.decode_limits import (
+    ImageLimits,
+    check_codestream,
+    check_declared,
+    first_frame_of_value,
+    geometry,
+)
 from node.dicom_header import (  # noqa: F401  (re-exported)
     FOR_PROCESSING_SOP_CLASSES,
     is_for_processing,
@@ -69,8 +76,10 @@ def prepare(
     for_processing: str = "analyse",
     fallback_spacing_mm: float = 0.1,
     ds: Dataset | None = None,
+    limits: ImageLimits | None = None,
 ) -> PreparedImage:
-    """Decode and prepare one image. Raises :class:`SkipImage` for images not to analyse."""
+    """Decode and prepare one image. Raises :class:`SkipImage` for images not to analyse and
+    :class:`node.decode_limits.LimitExceeded` for images that are not decoded at all."""
     if for_processing not in ("analyse", "skip"):
         raise ValueError(f"for_processing must be 'analyse' or 'skip', not {for_processing!r}")
     ds = ds if ds is not None else read_dataset(Path(path))
@@ -82,6 +91,7 @@ def prepare(
         raise SkipImage("not a greyscale image (SamplesPerPixel != 1)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise SkipImage("multi-frame images (tomosynthesis) are not analysed")
+    check_before_decoding(ds, limits or ImageLimits())
     raw = ds.pixel_array
     image01 = to_unit_range(raw, ds, for_presentation=presentation)
     spacing, source = pixel_spacing(ds, fallback_spacing_mm)
@@ -103,6 +113,16 @@ def prepare(
         for_presentation=presentation,
         breast_mask=mask,
     )
+
+
+def check_before_decoding(ds: Dataset, limits: ImageLimits) -> None:
+    """The decode entry's guard: declared geometry within ``limits`` and, for a compressed
+    frame, its codestream header agreeing with the DICOM header (node.decode_limits)."""
+    g = geometry(ds)
+    check_declared(g, limits)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed and syntax != "1.2.840.10008.1.2.1.99" and "PixelData" in ds:
+        check_codestream(str(syntax), first_frame_of_value(ds.PixelData), g)
 
 
 # --------------------------------------------------------------------------------- grey levels

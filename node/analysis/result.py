@@ -13,9 +13,10 @@ image*, with (0.0, 0.0) the top-left corner of the top-left pixel, so the centre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -85,6 +86,9 @@ class ImageAnalysis:
     # call comes from a morphology head (the SC says which)
     cam_source: str = "Grad-CAM"
     skipped_reason: str | None = None  # set when the image was not analysed
+    # True when it could not be analysed (undecodable, over the decode limits): a counted
+    # failure; False for a deliberate skip (policy, tomosynthesis, ...). Only with a reason.
+    failed: bool = False
 
     @property
     def analysed(self) -> bool:
@@ -122,4 +126,10 @@ class StudyAnalyser(Protocol):
 
     model: ModelInfo
 
-    def analyse(self, study_instance_uid: str, images: list[ImageInput]) -> StudyAnalysis: ...
+    def analyse(self, study_instance_uid: str, images: list[ImageInput], *,
+                checkpoint: Callable[[], None] | None = None,
+                cache: dict[str, Any] | None = None) -> StudyAnalysis:
+        """``checkpoint`` is called at safe points (between images, before classifying) and
+        raises to stop the analysis cheaply (its study changed, the node is stopping);
+        ``cache`` keeps per-image work of this study between calls (keyed by file path)."""
+        ...
