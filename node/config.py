@@ -80,6 +80,9 @@ class AnalysisSettings:
     max_images_per_study: int = 16
     max_study_seconds: float = 600
     decode_memory_mb: int = 2048
+    # Per-instance pre-analysis (node.preanalysis): threads, and images queued at most.
+    preanalysis_workers: int = 2
+    preanalysis_queue: int = 32
 
 
 @dataclass(frozen=True)
@@ -491,6 +494,10 @@ def _validate(s: Settings) -> None:
     _check(s.analysis.max_study_seconds > 0, "analysis.max_study_seconds", "must be positive")
     _check(s.analysis.decode_memory_mb >= 64, "analysis.decode_memory_mb",
            "must be at least 64")
+    _check(0 <= s.analysis.preanalysis_workers <= 64, "analysis.preanalysis_workers",
+           "must be between 0 (off) and 64")
+    _check(1 <= s.analysis.preanalysis_queue <= 10000, "analysis.preanalysis_queue",
+           "must be between 1 and 10000")
     lim = s.limits
     for key, value in (("max_rows", lim.max_rows), ("max_columns", lim.max_columns)):
         _check(1 <= value <= 65535, f"limits.{key}", "must be between 1 and 65535")

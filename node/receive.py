@@ -113,6 +113,8 @@ class StoredInstance:
     sop_uid: str
     laterality: str
     view: str
+    relpath: str = ""  # the stored file, relative to data_dir (node.preanalysis reads it)
+    sop_class_uid: str = ""
 
 
 class Refused(Exception):
@@ -550,7 +552,8 @@ class Receiver:
         except Exception:
             self.spool.remove(relpath)  # not recorded: do not leave an orphan behind
             raise
-        return StoredInstance(study_uid, sop_uid, laterality, view)
+        return StoredInstance(study_uid, sop_uid, laterality, view, relpath,
+                              str(ds.SOPClassUID))
 
     def _duplicate(self, tmp: Path, existing: Instance) -> None:
         import hashlib

@@ -26,6 +26,7 @@ from node.httpd import MonitoringServer
 from node.intake import IntakePolicy
 from node.log import event
 from node.orphans import sweep_orphans
+from node.preanalysis import PreAnalysis
 from node.receive import Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
@@ -146,6 +147,14 @@ class Node:
             ("models", self.models.refresh, MODEL_POLL_SECONDS),
         ])
         self.worker.on_result = self._on_result
+        self.preanalysis = None
+        if settings.analysis.preanalysis_workers > 0 and PreAnalysis.supported(self.analyser):
+            self.preanalysis = PreAnalysis(
+                self.db, self.spool, self.analyser,
+                workers=settings.analysis.preanalysis_workers,
+                max_pending=settings.analysis.preanalysis_queue,
+                max_images_per_study=settings.analysis.max_images_per_study)
+            self.worker.preanalysis = self.preanalysis
         self.shadow = ShadowRunner(self.db, self.spool, self.models)
         self.worker.on_analysed = self.shadow.on_analysed
         self._stopped = threading.Event()
@@ -162,6 +171,11 @@ class Node:
                 tls.certificate, tls.private_key) if w.tls else None)
 
     def _on_stored(self, stored: StoredInstance) -> None:
+        # Durable and committed: its per-image work may start (only queued here, never waited
+        # for: the C-STORE answer goes out at once).
+        if self.preanalysis is not None and stored.relpath:
+            self.preanalysis.submit(stored.study_uid, stored.relpath, stored.sop_uid,
+                                    stored.sop_class_uid)
         # Four views may be there now: run the completion check at once, in the scheduler's
         # thread (not in this association thread), rather than at the next tick.
         if self.settings.study.complete_on_four_views and stored.view in ("CC", "MLO"):
@@ -187,6 +201,8 @@ class Node:
                                                            "before the restart")
         sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
         self.worker.recover()
+        if self.preanalysis is not None:
+            self.preanalysis.start()
         self.shadow.recover()
         self.deliverer.recover()
         self.receiver.start()
@@ -221,6 +237,8 @@ class Node:
             self.stow.stop()
         self.scheduler.shutdown(wait=False)
         self.shadow.stop(max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))  # never sent
+        if self.preanalysis is not None:
+            self.preanalysis.stop()
         clean = self.worker.stop(max(0.1, deadline - time.monotonic() - 0.5))
         if not clean:
             job = self.worker.requeue_interrupted()

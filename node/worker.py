@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -58,6 +59,9 @@ from node.log import event
 from node.memory import release_free_memory
 from node.reports.kinds import kind_of
 from node.store import Spool
+
+if TYPE_CHECKING:
+    from node.preanalysis import PreAnalysis
 
 log = logging.getLogger("node.worker")
 
@@ -183,6 +187,9 @@ class AnalysisWorker:
         # Per-image work of the last studies analysed, reused when a superseded job runs again:
         # {study_uid|model: {file path: prepared image}}, at most two studies.
         self._image_cache: dict[str, dict[str, object]] = {}
+        # Per-instance pre-analysis (node.preanalysis): when set, the per-image work comes from
+        # it (done while the study was arriving) instead of the in-memory cache above.
+        self.preanalysis: PreAnalysis | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -279,8 +286,10 @@ class AnalysisWorker:
                       for i in chosen]
             faults.hit("analysis.running")
             cache_key = self._cache_key(study_uid)
+            cache = (self.preanalysis.images_of(study_uid) if self.preanalysis is not None
+                     else self._cache_for(cache_key))
             analysis = self.analyser.analyse(study_uid, inputs, checkpoint=check,
-                                             cache=self._cache_for(cache_key))
+                                             cache=cache)  # type: ignore[arg-type]
             check()
             # Keyed and reported on the model that ran (a switch may happen at any time).
             key = self._analysis_key(job_id, input_key, analysis.model)
@@ -300,8 +309,9 @@ class AnalysisWorker:
                 event(log, "analysis.nothing_to_report", logging.WARNING, study=study_uid,
                       reasons=";".join(sorted({i.skipped_reason or "" for i in
                                                analysis.images})))
-                self._record(job_id, key, analysis, [], (time.perf_counter() - t0) * 1000,
-                             outcomes, input_key)
+                if self._record(job_id, key, analysis, [], (time.perf_counter() - t0) * 1000,
+                                outcomes, input_key) and self.preanalysis is not None:
+                    self.preanalysis.drop_study(study_uid)
                 return
             check()
             previous = self._current_srs(study_uid, key)
@@ -330,6 +340,8 @@ class AnalysisWorker:
         if not self._record(job_id, key, analysis, written, ms, outcomes, input_key, failed):
             return
         self._image_cache.pop(cache_key, None)  # recorded: the per-image work is not needed
+        if self.preanalysis is not None:
+            self.preanalysis.drop_study(study_uid)
         if written and self.destinations and self.on_result is not None:
             self.on_result()
         if self.on_analysed is not None:  # model lifecycle (issue 17); never raises
@@ -602,6 +614,8 @@ class AnalysisWorker:
                         .values(outcome="failed", outcome_reason=message[:1000]))
         event(log, "analysis.failed", logging.ERROR, study=study_uid, job=job_id,
               attempt=attempts, final=final, error=message[:300])
+        if final and self.preanalysis is not None:
+            self.preanalysis.drop_study(study_uid)
 
 
 def _record_kinds(s: Session, result_id: int, built: set[str | None],

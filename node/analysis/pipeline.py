@@ -16,6 +16,7 @@ report kind uses that number.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -247,6 +248,26 @@ class AnalysisPipeline:
             out.timings_ms,
         )
         return out
+
+    @property
+    def preparation_key(self) -> str:
+        """Digest of everything the per-image work depends on (model, ROI size and input size
+        of the crops, detector file and operating point, display size, image policy): a
+        pre-analysed image is reused only under the same key (node.preanalysis)."""
+        card = self.classifier.card
+        model = self.model
+        text = "|".join(str(v) for v in (
+            model.name, model.version, model.architecture, card.roi_size_mm, card.input_size,
+            self.classifier.head_kind, self.detector.path, self.detector_model.version,
+            self.detector_operating_point, self.max_rois_per_image, self.sc_max_side,
+            self.for_processing, self.fallback_spacing_mm))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def prepare_one(self, item: ImageInput) -> tuple:  # type: ignore[type-arg]
+        """The per-image work of :meth:`analyse` (decode, preparation, ROI finding, crops) for
+        one image, in the form its ``cache`` holds: node.preanalysis runs it as soon as the
+        instance is stored. Never raises for a bad image (it comes back failed/skipped)."""
+        return self._prepare_image(item)
 
     # ------------------------------------------------------------------------------ helpers
 
