@@ -46,13 +46,15 @@ class Harness:
     """storescp destination + node process; send studies, read back timings."""
 
     def __init__(self, work: Path, *, sc_max_side: int | None = None, precision: str = "auto",
-                 shadow_card: Path | None = None) -> None:
+                 shadow_card: Path | None = None, repo: Path | None = None,
+                 analysis_extra: dict[str, object] | None = None) -> None:
         self.work = work
         self.dest = StoreSCP(work / "dest", ae_title="PACS")
         self.dest.start()
         analysis: dict[str, object] = {}
         if sc_max_side:
             analysis["sc_max_side"] = sc_max_side
+        analysis.update(analysis_extra or {})
         # A long quiet timer: only the four-view rule completes a study (the quiet timer is
         # excluded from the turnaround by construction).
         self.node = NodeProcess(
@@ -62,6 +64,8 @@ class Harness:
             analysis=analysis, model={"precision": precision},
             log={"level": "INFO"},
         )
+        if repo is not None:  # another source tree (a baseline commit's worktree)
+            self.node.repo = repo
         try:
             if shadow_card is not None:  # installed and run in shadow mode (bench/shadow.py)
                 self._shadow(shadow_card)

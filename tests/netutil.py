@@ -96,13 +96,14 @@ class NodeProcess:
         self.config = write_config(workdir / "node.toml", cfg, list(destinations))
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "node.log"
+        self.repo = REPO  # the source tree it runs (bench/preanalysis.py: a baseline's worktree)
 
     def start(self, timeout: float = 120) -> NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.stderr = open(self.workdir / "node.stderr", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "serve", "--config", str(self.config)],
-            cwd=REPO, env=env, stdout=self.stderr, stderr=subprocess.STDOUT,
+            cwd=self.repo, env=env, stdout=self.stderr, stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port, timeout, self.proc)
         return self

@@ -1,0 +1,152 @@
+"""Study turnaround of this tree against a baseline, measured in one run, alternating.
+
+    .venv/bin/python -m bench.turnaround_baseline [--baseline integrate] [--studies 8]
+        [--formats big-raw,big-j2k] [--out bench/results/FILE.md]
+
+Two nodes run side by side (each a real process with the shipped model, storescp as the PACS,
+the four-view rule completing studies): this tree, and the baseline, either a git revision
+(checked out in a temporary ``git worktree``: today's code) or ``off`` (this tree with
+``analysis.preanalysis_workers = 0``: the same code without per-instance pre-analysis). Study
+``i`` goes to both, one after the other, in an order that alternates with ``i``, so load on the
+machine hits both alike. Turnaround = last instance stored -> the PACS acknowledged every
+result; stages as in bench/turnaround.py (decode and ROI finding are what remained at study
+completion: with pre-analysis they ran while the study arrived). The load average before and
+after is printed: on a shared machine the figures are noisy, the ratio much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.harness import STAGES, Harness, StudyTiming  # noqa: E402
+from bench.proc import peak_rss_mib  # noqa: E402
+from bench.studies import StudyFactory  # noqa: E402
+from bench.turnaround import TurnaroundResult  # noqa: E402
+
+
+@contextmanager
+def baseline_tree(rev: str, work: Path):  # type: ignore[no-untyped-def]
+    """A detached ``git worktree`` of ``rev``, removed afterwards."""
+    path = work / f"baseline-{rev.replace('/', '_')}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(path), rev],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)],
+                       capture_output=True)
+
+
+def _rev(rev: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or rev
+
+
+def compare(fmt: str, syntax: str, studies: int, baseline: str, work: Path,
+            warmup: int = 1) -> tuple[TurnaroundResult, TurnaroundResult]:
+    factory = StudyFactory(fmt, syntax, tag=f"tab-{fmt}-{syntax}")
+    factory.warm()
+    with tempfile.TemporaryDirectory(prefix="mammo-bench-tab-", dir=work) as tmp:
+        root = Path(tmp)
+        with (baseline_tree(baseline, root) if baseline != "off" else _none()) as base_repo:
+            base = Harness(root / "base", repo=base_repo,
+                           analysis_extra={"preanalysis_workers": 0} if baseline == "off"
+                           else None)
+            try:
+                new = Harness(root / "new")
+            except Exception:
+                base.close()
+                raise
+            timings: dict[str, list[StudyTiming]] = {"base": [], "new": []}
+            try:
+                for i in range(warmup + studies):
+                    files = factory.write_study(i, root / "send")
+                    study_uid = factory.study_uid(i)
+                    order = [("base", base), ("new", new)]
+                    if i % 2:
+                        order.reverse()
+                    for name, h in order:
+                        h.send(files)
+                        h.wait_delivered(study_uid)
+                        if i >= warmup:
+                            timings[name].append(h.timing(study_uid))
+                        h.clear_destination()
+                    for f in files:
+                        f.unlink()
+                rss = {"base": peak_rss_mib(base.pid), "new": peak_rss_mib(new.pid)}
+            finally:
+                base.close()
+                new.close()
+    label = f"{fmt} {syntax}"
+    return (TurnaroundResult(f"{label}, baseline", timings["base"], rss["base"]),
+            TurnaroundResult(f"{label}, this tree", timings["new"], rss["new"]))
+
+
+@contextmanager
+def _none():  # type: ignore[no-untyped-def]
+    yield None
+
+
+def table(pairs: list[tuple[TurnaroundResult, TurnaroundResult]]) -> list[str]:
+    head = ("| study | n | ROIs/study | p50 s | p95 s | "
+            + " | ".join(f"{s} p50" for s in STAGES) + " | node peak RSS MiB | p50 ratio |")
+    rows = [head, "|" + "---|" * (7 + len(STAGES))]
+    for base, new in pairs:
+        for r in (base, new):
+            ratio = "1.00" if r is base else f"**{new.pct(50) / base.pct(50):.2f}**"
+            rows.append(
+                f"| {r.label} | {len(r.timings)} | {r.rois:.0f} | {r.pct(50):.2f} | "
+                f"{r.pct(95):.2f} | " + " | ".join(f"{r.pct(50, s):.2f}" for s in STAGES)
+                + f" | {r.node_peak_rss_mib:.0f} | {ratio} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.turnaround_baseline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default="integrate",
+                    help="git revision to compare against, or 'off' (pre-analysis disabled)")
+    ap.add_argument("--studies", type=int, default=8)
+    ap.add_argument("--formats", default="big-raw,big-j2k",
+                    help="comma-separated FORMAT-SYNTAX (big/small/tiny, raw/j2k)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    load0 = os.getloadavg()
+    pairs = []
+    for spec in args.formats.split(","):
+        fmt, syntax = spec.strip().split("-")
+        pairs.append(compare(fmt, syntax, args.studies, args.baseline, args.workdir))
+    load1 = os.getloadavg()
+    base = "pre-analysis off (this tree)" if args.baseline == "off" else \
+        f"{args.baseline} ({_rev(args.baseline)})"
+    out = ["## Study turnaround, this tree vs baseline (alternating, same run)", "",
+           f"- this tree: {_rev('HEAD')}; baseline: {base}; {os.cpu_count()} CPUs",
+           f"- load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+           f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}",
+           f"- command: `python -m bench.turnaround_baseline "
+           f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+           *table(pairs), "", f"({time.monotonic() - t0:.0f} s)", ""]
+    print("\n".join(out), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
