@@ -78,6 +78,11 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
     "1.2.840.10008.1.2.4.90": "JPEG 2000 Image Compression (Lossless Only)",
     "1.2.840.10008.1.2.4.91": "JPEG 2000 Image Compression",
+    # decoded by imagecodecs (OpenJPH; node.analysis.jpeg2000)
+    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 Image Compression (Lossless Only)",
+    "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 with RPCL Options Image Compression "
+                               "(Lossless Only)",
+    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000 Image Compression",
 }
 #: Transfer syntaxes accepted for the SOP classes that are never analysed: never decoded, so
 #: also those the analysis has no decoder for.
@@ -86,10 +91,6 @@ OTHER_TRANSFER_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2.2": "Explicit VR Big Endian (retired)",
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
     "1.2.840.10008.1.2.4.51": "JPEG Extended (Process 2 & 4)",
-    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 Image Compression (Lossless Only)",
-    "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 with RPCL Options Image Compression "
-                               "(Lossless Only)",
-    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000 Image Compression",
 }
 
 STATUS_SUCCESS = 0x0000

@@ -138,3 +138,60 @@ def test_breast_mask_excludes_film_label_and_background() -> None:
     assert not im.breast_mask[27:155, 192:280].any()
     assert im.breast_mask[521, 647]  # the malignant cluster's centre is breast
     assert not im.breast_mask[:, :40].any()  # background side
+
+
+def test_imagecodecs_decodes_jpeg2000_like_pydicom_on_the_wg04_mammogram() -> None:
+    """The analysis decodes JPEG 2000 through imagecodecs (threaded, GIL released): the same
+    pixels as pydicom's own plugin on a real lossy mammogram written by someone else."""
+    from node.analysis.jpeg2000 import decode_pixels
+
+    ds = pydicom.dcmread(require_shared("wg04/MG1_J2KI.dcm"))
+    np.testing.assert_array_equal(decode_pixels(ds, threads=2), ds.pixel_array)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_htj2k_is_decoded_and_prepared(tmp_path: Path, reversible: bool) -> None:
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2K, HTJ2KLossless
+
+    from node.analysis.jpeg2000 import decode_pixels
+
+    ref = _crop_ds()
+    ds = _crop_ds()
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(ref.pixel_array,
+                                                         reversible=reversible)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless if reversible else HTJ2K
+    path = tmp_path / "ht.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    pixels = decode_pixels(back)
+    # OpenJPH here, OpenJPEG in pydicom's plugin: the same lossless pixels; lossy ones may
+    # round the irreversible wavelet differently (by one level at most)
+    assert np.abs(pixels.astype(int) - back.pixel_array.astype(int)).max() <= (0 if reversible
+                                                                                else 1)
+    if reversible:
+        np.testing.assert_array_equal(pixels, ref.pixel_array)
+        np.testing.assert_array_equal(prepare(path).image01, prepare(None, ds=ref).image01)
+    else:
+        assert np.abs(pixels.astype(int) - ref.pixel_array.astype(int)).mean() < 8
+
+
+def test_a_codestream_that_contradicts_the_header_goes_back_to_pydicom(tmp_path: Path) -> None:
+    """imagecodecs' result is used only when it has the header's geometry; otherwise pydicom
+    (and its own checks) decide."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    from node.analysis.jpeg2000 import decode_pixels
+
+    ds = _crop_ds()
+    small = ds.pixel_array[:128, :160].copy()
+    ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(small, level=0)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    with pytest.raises(Exception):  # noqa: B017 - pydicom's own error, whichever it is
+        decode_pixels(ds)

@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models.detector.anatomy import breast_mask  # noqa: F401  (re-exported)
+from node.analysis.jpeg2000 import decode_pixels
 from node.decode_limits import (
     ImageLimits,
     check_codestream,
@@ -92,7 +93,7 @@ def prepare(
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise SkipImage("multi-frame images (tomosynthesis) are not analysed")
     check_before_decoding(ds, limits or ImageLimits())
-    raw = ds.pixel_array
+    raw = decode_pixels(ds)  # JPEG 2000/HTJ2K: imagecodecs, threaded, GIL released
     image01 = to_unit_range(raw, ds, for_presentation=presentation)
     spacing, source = pixel_spacing(ds, fallback_spacing_mm)
     laterality, view = laterality_and_view(ds)
