@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Protocol
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, Association, _config
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -43,6 +45,10 @@ from node.store import Spool
 log = logging.getLogger("node.deliver")
 
 OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+# A file path given to send_c_store is streamed from the file as it is (no decode, no
+# re-encode: a 12 MB Secondary Capture costs a read, not a dcmread + encode); the node passes a
+# path only when the accepted context has the file's own transfer syntax (_as_built).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -196,12 +202,17 @@ class CStoreTransport:
         self.tls_context = tls_context
 
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
-        """One association, every object; stops at the first failure."""
-        datasets = [pydicom.dcmread(p) for p in paths]
+        """One association, every object; stops at the first failure.
+
+        Each object goes as it was built and written: the file's bytes after its meta header,
+        streamed by pynetdicom, when the destination accepted the file's own transfer syntax
+        (Explicit VR Little Endian, as the node writes them); read and converted only for a
+        destination that accepted Implicit VR alone."""
+        metas = [read_file_meta_info(p) for p in paths]
         ae = AE(ae_title=self.calling_aet)
         ae.maximum_pdu_size = self.max_pdu_size
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        for sop_class in sorted({str(m.MediaStorageSOPClassUID) for m in metas}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         try:
             tls_args = None
@@ -221,14 +232,15 @@ class CStoreTransport:
                                                  f"({dest.ae_title})")
         try:
             last = "0x0000"
-            for n, ds in enumerate(datasets):
-                if n == 1 or len(datasets) == 1:
+            for n, (path, meta) in enumerate(zip(paths, metas, strict=True)):
+                if n == 1 or len(paths) == 1:
                     faults.hit("deliver.mid_send")
+                sop_class = str(meta.MediaStorageSOPClassUID)
                 try:
-                    status = assoc.send_c_store(ds)
+                    status = assoc.send_c_store(_as_built(assoc, path, meta))
                 except ValueError as exc:  # the destination refused this SOP class's context
                     return SendOutcome(False, True, "", f"{dest.ae_title} did not accept "
-                                                        f"{ds.SOPClassUID} at negotiation: {exc}"
+                                                        f"{sop_class} at negotiation: {exc}"
                                                         [:300])
                 if not status or "Status" not in status:
                     return SendOutcome(False, False, "", "no response to C-STORE (connection "
@@ -243,6 +255,17 @@ class CStoreTransport:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _as_built(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:
+    """What to hand ``send_c_store``: the file itself (its bytes go out unchanged, see
+    ``STORE_SEND_CHUNKED_DATASET`` above) when a context of its SOP class was accepted with
+    its own transfer syntax; else the decoded dataset, which pynetdicom converts."""
+    sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+    if any(str(cx.abstract_syntax) == sop_class and str(cx.transfer_syntax[0]) == syntax
+           for cx in assoc.accepted_contexts):
+        return path
+    return pydicom.dcmread(path)
 
 
 def _record_kinds(s: Session, delivery_id: int, outcomes: dict[str, SendOutcome]) -> None:
