@@ -1,7 +1,7 @@
 """Study turnaround of this tree against a baseline, measured in one run, alternating.
 
     .venv/bin/python -m bench.turnaround_baseline [--baseline integrate] [--studies 8]
-        [--formats big-raw,big-j2k] [--out bench/results/FILE.md]
+        [--formats big-raw,big-j2k] [--gaps 0,2] [--out bench/results/FILE.md]
 
 Two nodes run side by side (each a real process with the shipped model, storescp as the PACS,
 the four-view rule completing studies): this tree, and the baseline, either a git revision
@@ -9,7 +9,9 @@ the four-view rule completing studies): this tree, and the baseline, either a gi
 ``analysis.preanalysis_workers = 0``: the same code without per-instance pre-analysis). Study
 ``i`` goes to both, one after the other, in an order that alternates with ``i``, so load on the
 machine hits both alike. Turnaround = last instance stored -> the PACS acknowledged every
-result; stages as in bench/turnaround.py (decode and ROI finding are what remained at study
+result (each image of a study sent in its own association ``gap`` seconds after the previous one,
+as a modality sends views as they are acquired, or all back to back: ``--gaps``); stages as in
+bench/turnaround.py (decode and ROI finding are what remained at study
 completion: with pre-analysis they ran while the study arrived). The load average before and
 after is printed: on a shared machine the figures are noisy, the ratio much less.
 """
@@ -54,8 +56,20 @@ def _rev(rev: str) -> str:
     return out.stdout.strip() or rev
 
 
-def compare(fmt: str, syntax: str, studies: int, baseline: str, work: Path,
-            warmup: int = 1) -> tuple[TurnaroundResult, TurnaroundResult]:
+def _send(h: Harness, files: list[Path], gap: float) -> None:
+    """The study in one association (gap 0), or one association per image, ``gap`` seconds
+    apart (a modality sending each view as it is acquired)."""
+    if gap <= 0:
+        h.send(files)
+        return
+    for n, f in enumerate(files):
+        if n:
+            time.sleep(gap)
+        h.send([f])
+
+
+def compare(fmt: str, syntax: str, studies: int, baseline: str, work: Path | None,
+            warmup: int = 1, gap: float = 0.0) -> tuple[TurnaroundResult, TurnaroundResult]:
     factory = StudyFactory(fmt, syntax, tag=f"tab-{fmt}-{syntax}")
     factory.warm()
     with tempfile.TemporaryDirectory(prefix="mammo-bench-tab-", dir=work) as tmp:
@@ -78,7 +92,7 @@ def compare(fmt: str, syntax: str, studies: int, baseline: str, work: Path,
                     if i % 2:
                         order.reverse()
                     for name, h in order:
-                        h.send(files)
+                        _send(h, files, gap)
                         h.wait_delivered(study_uid)
                         if i >= warmup:
                             timings[name].append(h.timing(study_uid))
@@ -89,7 +103,8 @@ def compare(fmt: str, syntax: str, studies: int, baseline: str, work: Path,
             finally:
                 base.close()
                 new.close()
-    label = f"{fmt} {syntax}"
+    label = f"{fmt} {syntax}" + (f", images {gap:g} s apart" if gap > 0 else
+                                 ", back to back")
     return (TurnaroundResult(f"{label}, baseline", timings["base"], rss["base"]),
             TurnaroundResult(f"{label}, this tree", timings["new"], rss["new"]))
 
@@ -121,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=8)
     ap.add_argument("--formats", default="big-raw,big-j2k",
                     help="comma-separated FORMAT-SYNTAX (big/small/tiny, raw/j2k)")
+    ap.add_argument("--gaps", default="0,2",
+                    help="comma-separated seconds between the images of a study (0: the whole "
+                         "study in one association, back to back)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -129,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = []
     for spec in args.formats.split(","):
         fmt, syntax = spec.strip().split("-")
-        pairs.append(compare(fmt, syntax, args.studies, args.baseline, args.workdir))
+        for gap in (float(g) for g in args.gaps.split(",")):
+            pairs.append(compare(fmt, syntax, args.studies, args.baseline, args.workdir,
+                                 gap=gap))
     load1 = os.getloadavg()
     base = "pre-analysis off (this tree)" if args.baseline == "off" else \
         f"{args.baseline} ({_rev(args.baseline)})"

@@ -76,10 +76,14 @@ class PreparedImages:
 
     def __init__(self, owner: PreAnalysis, study_uid: str, key: str) -> None:
         self.owner, self.study_uid, self.key = owner, study_uid, key
+        self.hits = 0  # images found prepared (the analysis did not compute them)
 
     def get(self, path: str, default: Any = None) -> Any:
         hit = self.owner.lookup(self.study_uid, self.key, path)
-        return default if hit is None else hit
+        if hit is None:
+            return default
+        self.hits += 1
+        return hit
 
     def __setitem__(self, path: str, value: Any) -> None:
         self.owner.remember(self.study_uid, self.key, path, value)

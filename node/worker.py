@@ -290,6 +290,9 @@ class AnalysisWorker:
                      else self._cache_for(cache_key))
             analysis = self.analyser.analyse(study_uid, inputs, checkpoint=check,
                                              cache=cache)  # type: ignore[arg-type]
+            if self.preanalysis is not None:
+                event(log, "analysis.prepared_ahead", study=study_uid, job=job_id,
+                      images=getattr(cache, "hits", 0), of=len(inputs))
             check()
             # Keyed and reported on the model that ran (a switch may happen at any time).
             key = self._analysis_key(job_id, input_key, analysis.model)
