@@ -7,7 +7,10 @@ Alternates runs of ``storescu -> storescp`` and ``storescu -> node receiver`` (a
 running exactly the node's Receiver: chunked receive, header checks, fsync + rename, SQLite WAL
 commit before the 0x0000). Reports median seconds, MB/s, images/s, the node/dcmtk throughput
 ratio and the peak RSS (VmHWM) of each receiving process. storescp writes without fsync; the node
-fsyncs every instance and its directory before acknowledging. TCP_NODELAY=1 is set for dcmtk (it
+fsyncs every instance and its directory before acknowledging. The native durable ceiling is
+``storescp+fsync``: the same storescp with bench/native/fsync_on_close.c preloaded (each file it
+saves is fsynced, and its directory, before the C-STORE answer), built with ``cc`` when one is
+installed (else that column is left out). TCP_NODELAY=1 is set for dcmtk (it
 otherwise leaves Nagle on and stalls ~40 ms per C-STORE).
 """
 
@@ -65,27 +68,62 @@ class IngestResult:
     seconds: dict[str, float]  # median per server
     peak_rss_mib: dict[str, float]
     ratio: float  # node/dcmtk throughput, median of per-pair ratios (>1 = node faster)
+    durable_ratio: float | None = None  # node / (storescp + fsync per file), likewise
 
     def rate(self, server: str) -> tuple[float, float]:
         s = self.seconds[server]
         return self.mb / s, self.images / s
 
 
-def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU) -> tuple[float, float]:
-    """One storescu association with every file; (seconds, server peak RSS MiB)."""
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"  # installed in the venv
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def fsync_shim(work: Path) -> Path | None:
+    """bench/native/fsync_on_close.c built into ``work`` (None without a C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = work / "fsync_on_close.so"
+    if not out.exists():
+        res = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out),
+                              str(REPO / "bench/native/fsync_on_close.c"), "-ldl"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            return None
+    return out
+
+
+def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
+             profile: Path | None = None) -> tuple[float, float]:
+    """One storescu association with every file; (seconds, server peak RSS MiB). ``profile``:
+    py-spy samples the node's receiver during the transfer (collapsed stacks written there)."""
     port = free_port()
     out = work / f"{kind}-{port}"
     env = dict(os.environ, TCP_NODELAY="1")
-    if kind == "storescp":
+    if kind.startswith("storescp"):
         out.mkdir(parents=True)
+        server_env = dict(env)
+        if kind == "storescp+fsync":
+            shim = fsync_shim(work)
+            assert shim is not None
+            server_env["LD_PRELOAD"] = str(shim)
         server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out), "+xa",
-                                   "-pdu", str(PDU), str(port)], env=env,
+                                   "-pdu", str(PDU), str(port)], env=server_env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         server = subprocess.Popen([sys.executable, "-c", RECEIVER, str(out), str(port), str(pdu)],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = None
     try:
         wait_for_port(port, 60, server)
+        if profile is not None and kind == "node":
+            spy = subprocess.Popen([_py_spy() or "py-spy", "record", "-p",
+                                    str(server.pid), "-f", "raw", "-r", "250", "--threads",
+                                    "--native", "-o", str(profile)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
         t0 = time.perf_counter()
         subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU),
                         *storescu_args(files), "127.0.0.1",
@@ -93,6 +131,11 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU) -> tuple[
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
         rss = peak_rss_mib(server.pid)
+        if spy is not None:
+            import signal
+
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(60)
     finally:
         server.terminate()
         server.wait(30)
@@ -107,18 +150,56 @@ def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = 
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
     mb = sum(f.stat().st_size for f in files) / 1e6
-    runs: dict[str, list[tuple[float, float]]] = {"storescp": [], "node": []}
+    kinds = ["storescp", "node"] + (["storescp+fsync"] if fsync_shim(work) else [])
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     run_once("node", files[:1], work, pdu)  # warm-up (imports, page cache)
-    for _ in range(repeats):
-        for kind in ("storescp", "node"):
+    for i in range(repeats):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
             runs[kind].append(run_once(kind, files, work, pdu))
     ratios = [d[0] / n[0] for n, d in zip(runs["node"], runs["storescp"], strict=True)]
+    durable = [d[0] / n[0] for n, d in zip(runs["node"], runs.get("storescp+fsync", []),
+                                           strict=False)]
     return IngestResult(
         label=label, images=len(files), mb=mb,
         seconds={k: statistics.median(r[0] for r in v) for k, v in runs.items()},
         peak_rss_mib={k: max(r[1] for r in v) for k, v in runs.items()},
         ratio=statistics.median(ratios),
+        durable_ratio=statistics.median(durable) if durable else None,
     )
+
+
+def profile_table(collapsed: Path, top: int = 18) -> list[str]:
+    """Where the receiver's threads spend the transfer, from py-spy's collapsed stacks:
+    inclusive and self share of the samples of the threads that did any work (idle waits in
+    ``select``/``accept``/``wait`` of idle threads dominate otherwise and are left out)."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    idle = ("select", "accept", "wait (threading.py", "_wait_for_tstate_lock", "poll",
+            "epoll_wait", "sleep")
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if not f.startswith("thread (")]
+        if not frames or any(k in frames[-1] for k in idle):
+            continue
+        n = int(count)
+        total += n
+        names = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"
+                 if " (" in f else f for f in frames]
+        for name in set(names):
+            inclusive[name] = inclusive.get(name, 0) + n
+        own[names[-1]] = own.get(names[-1], 0) + n
+    rows = [f"busy samples: {total}", "", "| function (file) | inclusive % | self % |",
+            "|---|---|---|"]
+    for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| `{name}` | {100 * n / max(1, total):.1f} | "
+                    f"{100 * own.get(name, 0) / max(1, total):.1f} |")
+    rows += ["", "| self-time leaders | self % |", "|---|---|"]
+    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| `{name}` | {100 * n / max(1, total):.1f} |")
+    return rows
 
 
 def build_files(work: Path, fmt: str, syntax: str, studies: int) -> list[Path]:
@@ -136,16 +217,31 @@ def main() -> None:
     ap.add_argument("--syntax", default="raw", choices=["raw", "j2k"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pdu", type=int, default=PDU, help="the node's max PDU size")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the comparison, one more node run sampled by py-spy: where "
+                         "the receiver's time goes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mammo-bench-") as tmp:
         files = build_files(Path(tmp), args.format, args.syntax, args.studies)
         r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu)
+        prof = None
+        if args.profile:
+            if _py_spy() is None:
+                raise SystemExit("--profile needs py-spy (pip install py-spy)")
+            collapsed = Path(tmp) / "ingest.collapsed"
+            run_once("node", files, Path(tmp), args.pdu, profile=collapsed)
+            prof = profile_table(collapsed)
     print(f"ingest {r.label}: {r.images} images, {r.mb:.1f} MB, {args.repeats} alternating runs")
-    for kind in ("storescp", "node"):
+    for kind in r.seconds:
         mbs, ips = r.rate(kind)
         print(f"{kind:<10} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
               f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB")
     print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
+    if r.durable_ratio is not None:
+        print(f"node/(dcmtk + fsync per file) throughput ratio: {r.durable_ratio:.2f}")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    if prof:
+        print("\n".join(["", "Node receiver profile (py-spy, one more run):", *prof]))
 
 
 if __name__ == "__main__":
