@@ -24,6 +24,7 @@ pickle is safe there. No database writes: nothing here changes a state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import pickle
@@ -65,6 +66,15 @@ class _Task:
     study_uid: str
     key: str  # preparation key
     item: ImageInput
+
+
+def _without_canvas(hit: Any) -> Any:
+    """The prepared tuple without its all-zero heat-map canvas (4 bytes a display pixel, ~14
+    MB for a 2048-pixel display): the analysis makes a fresh one for each run anyway."""
+    ia = hit[0]
+    if getattr(ia, "cam", None) is None:
+        return hit
+    return (dataclasses.replace(ia, cam=None), *hit[1:])
 
 
 class PreparedImages:
@@ -181,7 +191,7 @@ class PreAnalysis:
                 analyser = getattr(self.analyser, "current", self.analyser)
                 if hit is None and task.key == analyser.preparation_key:
                     t0 = time.perf_counter()
-                    hit = analyser.prepare_one(task.item)
+                    hit = _without_canvas(analyser.prepare_one(task.item))
                     seconds = time.perf_counter() - t0
                     self.stats["seconds"] += seconds
                     self.stats["done"] += 1

@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -371,62 +370,44 @@ class AnalysisWorker:
                          ) -> tuple[list[tuple[Dataset, str]], dict[str, str]]:
         """Build and write each output kind on its own: one that fails (a builder bug, a legal
         value a library refuses) is logged and recorded with its reason, and the others still
-        go out. Returns (objects written with their spool paths, error per failed kind), in
-        the order of ``kinds``. The kinds are built side by side (the SR is pure Python, the
-        SC's rendering and the durable writes release the GIL: together they take about as long
-        as the slowest one). ``check`` (a :class:`Checkpoint`) runs before the building and
-        after it: a study that changed stops it, and nothing written is kept."""
+        go out. Returns (objects written with their spool paths, error per failed kind).
+        ``check`` (a :class:`Checkpoint`) runs before each kind: a study that changed stops the
+        building; the objects written so far are in the exception's way out (the caller)."""
         o = self.options
-
-        def build(kind: str) -> list[tuple[Dataset, str]]:
-            faults.fail(f"build.{kind}")
-            datasets = self.build_reports(
-                analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
-                manufacturer=o.manufacturer, sr_series_number=o.sr_series_number,
-                sc_series_number=o.sc_series_number,
-                threshold=analysis.model.threshold,  # the model that ran
-                software_version=o.software_version, previous_srs=previous,
-                kinds=(kind,), cad_operating_point=o.cad_operating_point,
-                cad_sr_series_number=o.cad_sr_series_number,
-                gsps_series_number=o.gsps_series_number,
-            )
-            out: list[tuple[Dataset, str]] = []
-            try:
-                for ds in datasets:
-                    out.append((ds, self.spool.write_dataset(ds)))
-            except Exception:
-                for _, relpath in out:
-                    self.spool.remove(relpath)
-                raise
-            return out
-
-        if check is not None:
-            check()  # superseded, too long, stopping: nothing is built
         written: list[tuple[Dataset, str]] = []
         failed: dict[str, str] = {}
-        workers = max(1, min(len(kinds), 4))
-        with ThreadPoolExecutor(workers, thread_name_prefix="build") as pool:
-            futures = [(kind, pool.submit(build, kind)) for kind in kinds]
-            for kind, future in futures:
+        for kind in kinds:
+            if check is not None:
                 try:
-                    written += future.result()
-                except Exception as exc:
-                    failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
-                    log.error("output.build_failed study=%s kind=%s",
-                              analysis.study_instance_uid, kind, exc_info=exc)
-                    metrics.output_build_failed(kind)
-                    event(log, "output.failed", logging.ERROR,
-                          study=analysis.study_instance_uid, kind=kind,
-                          error=failed[kind][:300],
-                          effect="the other output kinds are delivered; `mammo-node retry` "
-                                 "rebuilds this one")
-        if check is not None:
+                    check()
+                except Exception:  # superseded, too long, stopping: nothing of it is kept
+                    for _, relpath in written:
+                        self.spool.remove(relpath)
+                    raise
             try:
-                check()
-            except Exception:  # the study changed while building: nothing of it is kept
-                for _, relpath in written:
-                    self.spool.remove(relpath)
-                raise
+                faults.fail(f"build.{kind}")
+                datasets = self.build_reports(
+                    analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
+                    manufacturer=o.manufacturer, sr_series_number=o.sr_series_number,
+                    sc_series_number=o.sc_series_number,
+                    threshold=analysis.model.threshold,  # the model that ran
+                    software_version=o.software_version, previous_srs=previous,
+                    kinds=(kind,), cad_operating_point=o.cad_operating_point,
+                    cad_sr_series_number=o.cad_sr_series_number,
+                    gsps_series_number=o.gsps_series_number,
+                )
+                paths = [self.spool.write_dataset(ds) for ds in datasets]
+            except Exception as exc:
+                failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
+                log.exception("output.build_failed study=%s kind=%s", analysis.study_instance_uid,
+                              kind)
+                metrics.output_build_failed(kind)
+                event(log, "output.failed", logging.ERROR, study=analysis.study_instance_uid,
+                      kind=kind, error=failed[kind][:300],
+                      effect="the other output kinds are delivered; `mammo-node retry` "
+                             "rebuilds this one")
+                continue
+            written += list(zip(datasets, paths, strict=True))
         return written, failed
 
     # -- coalescing, bounds, outcomes ----------------------------------------------------------

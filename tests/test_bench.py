@@ -53,3 +53,34 @@ def test_tiny_bench_prints_every_section(tmp_path: Path) -> None:
                                               ("efficientnet_b0", "1"), ("efficientnet_b0", "4")}
     assert all(float(r) > 0 for _, _, r in rates)
     assert re.search(r"\| turnaround p50 ≤ 5 s", text) and "ROIs/s" in text
+
+
+def test_decode_bench_compares_with_opj_decompress() -> None:
+    """bench.decode prints ms/image for pydicom, the node's imagecodecs decode (checked equal
+    to pydicom's pixels before timing) and, where installed, opj_decompress."""
+    res = subprocess.run([sys.executable, "-m", "bench.decode", "--format", "tiny",
+                          "--repeats", "1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    num = r"\d+(?:\.\d+)?"
+    for codestream in ("JPEG 2000 lossless", "HTJ2K lossless"):
+        for decoder in ("pydicom (pylibjpeg-openjpeg)", "node (imagecodecs)"):
+            assert re.search(rf"\| {codestream} \| {num} \| {re.escape(decoder)} \| \d+ \| "
+                             rf"{num} \|", res.stdout), (codestream, decoder)
+
+
+def test_turnaround_baseline_bench_alternates_two_nodes(tmp_path: Path) -> None:
+    """bench.turnaround_baseline runs this tree and a baseline (here: pre-analysis off) side by
+    side and prints both rows with the p50 ratio."""
+    for tool in ("storescu", "storescp"):
+        require_binary(tool)
+    res = subprocess.run([sys.executable, "-m", "bench.turnaround_baseline", "--baseline", "off",
+                          "--studies", "1", "--formats", "tiny-raw", "--gaps", "0.5",
+                          "--workdir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    num = r"\d+(?:\.\d+)?"
+    assert re.search(r"^\| tiny raw, images 0.5 s apart, baseline \| 1 \|.* \| 1.00 \|$",
+                     res.stdout, re.M), res.stdout
+    assert re.search(rf"^\| tiny raw, images 0.5 s apart, this tree \| 1 \|.* \| "
+                     rf"\*\*{num}\*\* \|$", res.stdout, re.M), res.stdout

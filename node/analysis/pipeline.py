@@ -293,9 +293,11 @@ class AnalysisPipeline:
             if cache is not None:
                 cache[key] = hit
         ia, crops, clusters, t_decode, t_rois, breast = hit
+        # A kept image holds no heat map (node.preanalysis drops the all-zero canvas): each
+        # analysis paints on a fresh one of the display's size.
         fresh = dataclasses.replace(
             ia, findings=[], display=None if ia.display is None else ia.display.copy(),
-            cam=None if ia.cam is None else np.zeros_like(ia.cam))
+            cam=None if ia.display is None else np.zeros(ia.display.shape, np.float32))
         return fresh, crops, clusters, t_decode, t_rois, breast
 
     def _prepare_image(
