@@ -193,12 +193,13 @@ class PreAnalysis:
                     t0 = time.perf_counter()
                     hit = _without_canvas(analyser.prepare_one(task.item))
                     seconds = time.perf_counter() - t0
-                    self.stats["seconds"] += seconds
-                    self.stats["done"] += 1
                     self._save(task.study_uid, task.key, path, hit)
+                    self.remember(task.study_uid, task.key, path, hit)
                     log.debug("preanalysed %s in %.0f ms", task.item.sop_instance_uid,
                               1000 * seconds)
-                    self.remember(task.study_uid, task.key, path, hit)
+                    with self._lock:  # counted once kept (tests and figures read it)
+                        self.stats["seconds"] += seconds
+                        self.stats["done"] += 1
                 future.set_result(hit)
             except Exception as exc:  # never let a pool thread die; the analysis redoes it
                 log.exception("preanalysis.error sop=%s", task.item.sop_instance_uid)
@@ -242,7 +243,7 @@ class PreAnalysis:
             if future.cancel():
                 with self._lock:
                     self._futures.pop((study_uid, path), None)
-                self.stats["taken_over"] += 1
+                    self.stats["taken_over"] += 1
             else:
                 try:
                     future.result()
@@ -259,7 +260,8 @@ class PreAnalysis:
                     return hit
         hit = self._load(study_uid, key, path)
         if hit is not None:
-            self.stats["from_disk"] += 1
+            with self._lock:
+                self.stats["from_disk"] += 1
             self.remember(study_uid, key, path, hit)
         return hit
 
