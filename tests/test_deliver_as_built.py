@@ -85,6 +85,11 @@ def test_objects_go_as_built_or_converted(tmp_path: Path, syntax: str,
             received.append((str(ev.context.transfer_syntax), ev.request.DataSet.getvalue()))
         return 0x0000
 
+    from pynetdicom import _config
+
+    # this SCP keeps each dataset in memory (the node's Receiver, run by other tests in the
+    # same process, switches pynetdicom to receiving into files)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     ae = AE(ae_title="PACS")
     for cls in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
         ae.add_supported_context(cls, [syntax])
@@ -99,7 +104,8 @@ def test_objects_go_as_built_or_converted(tmp_path: Path, syntax: str,
     assert out.ok, out
     # read back and re-encoded only for the destination that cannot take them as written
     assert len(decoded) == (0 if syntax == ExplicitVRLittleEndian else len(files))
-    monkeypatch.undo()
+    monkeypatch.setattr(pydicom, "dcmread", real_dcmread)
+    monkeypatch.setattr(pynetdicom.association, "dcmread", real_dcmread)
     assert [ts for ts, _ in received] == [syntax] * len(files)
     for path, (_, data) in zip(files, received, strict=True):
         if syntax == ExplicitVRLittleEndian:  # the very bytes written: never re-encoded
