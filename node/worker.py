@@ -636,7 +636,8 @@ def _queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -
         if d is None:
             s.add(Delivery(result_id=result_id, destination=name, state="pending",
                            next_attempt_at=utcnow()))
-        elif d.state != "superseded":
+        elif d.state not in ("superseded", "sending"):
+            # (a delivery in flight sees the added objects when it finishes: deliver.py)
             d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
 
 
