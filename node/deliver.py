@@ -218,7 +218,7 @@ class CStoreTransport:
                 tls_args = (self.tls_context, dest.host)
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                                  tls_args=tls_args)
-        except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:
             if assoc.is_rejected:
