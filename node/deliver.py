@@ -122,6 +122,7 @@ class Deliverer:
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
+            seen = {o.id for o in objects}
             settled = {k.kind: k.state for k in s.execute(select(DeliveryKind).where(
                 DeliveryKind.delivery_id == delivery_id)).scalars() if k.state != "pending"}
         dest = self.destinations.get(name)
@@ -164,7 +165,12 @@ class Deliverer:
             _record_kinds(s, delivery_id, outcomes)
             statuses = [o.status for o in outcomes.values() if o.status]
             d.last_status = statuses[-1] if statuses else None
-            if ok:
+            # A kind added to the result while this attempt was in flight (a rebuilt output)
+            # was not in this attempt's snapshot: the delivery goes again at once for it.
+            grown = ok and _objects_added_since(s, d.result_id, seen)
+            if grown:
+                d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
+            elif ok:
                 d.state, d.sent_at, d.last_error = "done", utcnow(), None
             elif transient and attempts < self.settings.max_attempts:
                 d.state, d.last_error = "pending", errors
@@ -223,7 +229,7 @@ class CStoreTransport:
                 tls_args = (self.tls_context, dest.host)
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                                  tls_args=tls_args)
-        except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:
             if assoc.is_rejected:
@@ -266,6 +272,12 @@ def _as_built(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:
            for cx in assoc.accepted_contexts):
         return path
     return pydicom.dcmread(path)
+
+
+def _objects_added_since(s: Session, result_id: int, seen: set[int]) -> bool:
+    ids = s.execute(select(ResultObject.id).where(ResultObject.result_id == result_id)
+                    ).scalars().all()
+    return any(i not in seen for i in ids)
 
 
 def _record_kinds(s: Session, delivery_id: int, outcomes: dict[str, SendOutcome]) -> None:

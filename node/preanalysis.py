@@ -247,7 +247,7 @@ class PreAnalysis:
             else:
                 try:
                     future.result()
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged in the pool thread
                     return None  # it failed in the pool: the analysis tries (and reports) it
         return self.lookup_stored(study_uid, key, path)
 
@@ -330,7 +330,7 @@ class PreAnalysis:
             if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
                 raise ValueError("torn or foreign file")
             return pickle.loads(payload)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unpickling error: recomputed
             log.warning("preanalysis: %s unusable (%s): recomputed", target.name, exc)
             target.unlink(missing_ok=True)
             return None

@@ -333,7 +333,7 @@ class AnalysisWorker:
             self._fail(job_id, study_uid, attempts, exc, final=True,
                        outcomes=getattr(exc, "outcomes", None))
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the job fails (retried)
             for _, relpath in written:
                 self.spool.remove(relpath)
             self._fail(job_id, study_uid, attempts, exc)
@@ -653,7 +653,8 @@ def _queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -
         if d is None:
             s.add(Delivery(result_id=result_id, destination=name, state="pending",
                            next_attempt_at=utcnow()))
-        elif d.state != "superseded":
+        elif d.state not in ("superseded", "sending"):
+            # (a delivery in flight sees the added objects when it finishes: deliver.py)
             d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
 
 

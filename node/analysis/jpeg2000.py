@@ -47,7 +47,7 @@ def decode_codestream(data: bytes, transfer_syntax: str, threads: int | None = N
     if transfer_syntax in HTJ2K:
         try:
             return imagecodecs.htj2k_decode(data)
-        except Exception as exc:  # OpenJPEG reads HT code-blocks too
+        except Exception as exc:  # noqa: BLE001 - any codec error: OpenJPEG reads HT code-blocks too
             log.debug("OpenJPH refused the codestream (%s): OpenJPEG", exc)
     return imagecodecs.jpeg2k_decode(data, numthreads=n)
 
@@ -62,7 +62,7 @@ def decode_pixels(ds: Dataset, threads: int | None = None) -> np.ndarray:
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         arr = decode_codestream(frame, syntax, threads)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any codec error: pydicom decides (and says why)
         log.debug("imagecodecs could not decode %s (%s): pydicom", syntax, exc)
         return ds.pixel_array
     if arr.shape != (int(ds.Rows), int(ds.Columns)):

@@ -16,6 +16,7 @@ report kind uses that number.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -249,7 +250,7 @@ class AnalysisPipeline:
         )
         return out
 
-    @property
+    @functools.cached_property
     def preparation_key(self) -> str:
         """Digest of everything the per-image work depends on (model, ROI size and input size
         of the crops, detector file and operating point, display size, image policy): a
@@ -317,7 +318,7 @@ class AnalysisPipeline:
             log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
                     time.perf_counter() - t0, 0.0, None)
-        except Exception:
+        except Exception:  # noqa: BLE001 - prepare() says what is wrong
             g = None  # prepare() says what is wrong with it
         # The whole working set of this image (decoded, float copies, mask) is reserved until
         # its crops are made; concurrent decodes wait while the budget is spent.
@@ -340,7 +341,7 @@ class AnalysisPipeline:
             log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
                     time.perf_counter() - t0, 0.0, None)
-        except Exception as exc:  # undecodable pixel data must not stop the study
+        except Exception as exc:  # noqa: BLE001 - undecodable pixel data must not stop the study
             log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}",
                                   failed=True), None, [], time.perf_counter() - t0, 0.0, None)
