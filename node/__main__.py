@@ -198,17 +198,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from sqlalchemy import func, select, update
+    from sqlalchemy import select
 
-    from node.db import (
-        Database,
-        Delivery,
-        DeliveryKind,
-        Job,
-        Result,
-        Study,
-        utcnow,
-    )
+    from node import queue
+    from node.db import Database, Study
 
     settings = _settings(args)
     db = Database(settings.database_url)
@@ -218,63 +211,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if args.study:
             study_ids = s.execute(select(Study.id).where(Study.study_uid == args.study)
                                   ).scalars().all()
-        dwhere = [Delivery.state == "failed"]
-        jq = update(Job).where(Job.state == "failed")
-        if study_ids is not None:
-            dwhere.append(Delivery.result_id.in_(
-                select(Result.id).where(Result.study_id.in_(study_ids))))
-            jq = jq.where(Job.study_id.in_(study_ids))
-        failed_deliveries = s.execute(select(Delivery.id).where(*dwhere)).scalars().all()
-        n_d = s.execute(update(Delivery).where(*dwhere).values(
-            state="pending", attempts=0, next_attempt_at=utcnow())).rowcount
-        if failed_deliveries:  # their refused kinds are sent again; the sent ones are not
-            s.execute(update(DeliveryKind).where(
-                DeliveryKind.delivery_id.in_(failed_deliveries),
-                DeliveryKind.state == "failed").values(state="pending"))
-        # One live job per study: the newest failed job of each study without a live one.
-        live = select(Job.study_id).where(Job.state.in_(("queued", "running")))
-        newest = select(func.max(Job.id)).where(Job.state == "failed",
-                                                Job.study_id.not_in(live)).group_by(Job.study_id)
-        n_j = s.execute(jq.where(Job.id.in_(newest)).values(state="queued", attempts=0)
-                        ).rowcount
-        if n_j:
-            failed_studies = select(Job.study_id).where(Job.state == "queued")
-            s.execute(update(Study).where(Study.state == "failed",
-                                          Study.id.in_(failed_studies)).values(state="complete"))
-        n_k, n_s = _requeue_failed_kinds(s, study_ids)
-    print(f"re-queued {n_d} failed deliveries and {n_j} failed analyses; "
-          f"{n_k} failed output kinds of {n_s} studies will be rebuilt")
+        r = queue.retry_failed(s, study_ids)
+    print(f"re-queued {r.deliveries} failed deliveries and {r.jobs} failed analyses; "
+          f"{r.kinds} failed output kinds of {r.kind_studies} studies will be rebuilt")
     return 0
-
-
-def _requeue_failed_kinds(s, study_ids: list[int] | None) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """Mark the failed output kinds of current results for rebuilding and queue their
-    analyses again (same input, same model: same analysis key and UIDs, so only the missing
-    kinds are added and delivered)."""
-    from sqlalchemy import select
-
-    from node.db import Job, Result, ResultKind, Study, utcnow
-
-    q = (select(ResultKind, Result).join(Result, Result.id == ResultKind.result_id)
-         .where(ResultKind.state == "failed", Result.current.is_(True)))
-    if study_ids is not None:
-        q = q.where(Result.study_id.in_(study_ids))
-    rows = s.execute(q).all()
-    studies: set[int] = set()
-    for kind, result in rows:
-        kind.state = "rebuild"
-        if result.study_id in studies:
-            continue
-        studies.add(result.study_id)
-        original = s.get(Job, result.job_id)
-        # a live job of the study (one at most) analyses its latest content anyway
-        pending = s.execute(select(Job.id).where(
-            Job.study_id == result.study_id, Job.state.in_(("queued", "running")))).first()
-        if pending is None:
-            study = s.get(Study, result.study_id)
-            s.add(Job(study_id=result.study_id, generation=study.generation,
-                      input_key=original.input_key, state="queued", created_at=utcnow()))
-    return len(rows), len(studies)
 
 
 def build_parser() -> argparse.ArgumentParser:

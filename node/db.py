@@ -1,8 +1,9 @@
-"""Database: the tables and the queue transitions (claim, finish, fail, retry).
+"""Database: the tables (their state changes are node.queue's, and only node.queue's).
 
 Everything the node knows about studies, instances, analysis jobs, results and deliveries lives
 here, in SQLite (WAL mode, synchronous=FULL) by default or PostgreSQL when several machines share
-one queue. Claims are conditional UPDATEs, so two workers never take the same job.
+one queue. The schema is versioned by Alembic migrations (node/migrations, ``mammo-node db
+upgrade``).
 
 Times are naive UTC datetimes.
 """
@@ -26,9 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
-    select,
     text,
-    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -141,6 +140,10 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Result(Base):
@@ -199,6 +202,10 @@ class Delivery(Base):
     last_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     result: Mapped[Result] = relationship()
 
 
@@ -303,6 +310,10 @@ class ShadowRun(Base):
     max_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     analysis_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     relpath: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class ScoredBreast(Base):
@@ -365,6 +376,49 @@ class Outcome(Base):
     source: Mapped[str] = mapped_column(String(255), default="")  # file name and line
     imported_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# -- several nodes, one queue (issue 19: node/queue.py, node/cluster.py) ------------------------
+
+
+class NodeRecord(Base):
+    """One node sharing this queue: its roles, where it runs, its last heartbeat. Written by
+    the node itself (node.cluster); ``mammo-node status`` and the status page list them."""
+
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    roles: Mapped[str] = mapped_column(String(64), default="receive,analyse,deliver")
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # running | draining (takes no new work) | stopped (left cleanly)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+
+
+class ClaimRecord(Base):
+    """History of every claim (a job, a delivery or a shadow run held by a node, from claimed
+    to released): the audit trail that shows no row was ever processed by two nodes at once."""
+
+    __tablename__ = "claims"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # job | delivery | shadow
+    row_id: Mapped[int] = mapped_column(Integer, index=True)
+    holder: Mapped[str] = mapped_column(String(64), index=True)
+    claimed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    released_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # done | failed | requeued | superseded | expired (the holder stopped renewing) | ...
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class ClusterSetting(Base):
+    """Facts every node sharing the queue must agree on, e.g. ``storage_id``: the identity of
+    the shared data folder (node.cluster.check_shared_storage)."""
+
+    __tablename__ = "cluster_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
 
 
 class Database:
@@ -432,7 +486,9 @@ def upgrade_schema(engine: Engine) -> None:
                 conn.exec_driver_sql(ddl)
         indexes = {ix["name"] for ix in insp.get_indexes(Job.__tablename__)}
         if "ix_jobs_one_live_per_study" not in indexes:
-            _merge_duplicate_live_jobs(conn)
+            from node.queue import merge_duplicate_live_jobs
+
+            merge_duplicate_live_jobs(conn)
     for table in Base.metadata.sorted_tables:
         for index in table.indexes:
             index.create(engine, checkfirst=True)
@@ -444,29 +500,3 @@ def _sql_literal(value: object) -> str:
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return str(value)
-
-
-def _merge_duplicate_live_jobs(conn) -> None:  # type: ignore[no-untyped-def]
-    live = conn.execute(select(Job.id, Job.study_id).where(Job.state.in_(LIVE_JOB_STATES))
-                        .order_by(Job.study_id, Job.id.desc())).all()
-    keep: set[int] = set()
-    drop: list[int] = []
-    for job_id, study_id in live:
-        if study_id in keep:
-            drop.append(job_id)
-        else:
-            keep.add(study_id)
-    if drop:
-        conn.execute(update(Job).where(Job.id.in_(drop)).values(
-            state="superseded", error="merged into the study's newest job (schema upgrade)"))
-
-
-def claim(session: Session, model: type[Job] | type[Delivery], row_id: int, from_state: str,
-          to_state: str, **values: object) -> bool:
-    """Move one row from ``from_state`` to ``to_state`` if nobody else did; True when we won."""
-    res = session.execute(
-        update(model)
-        .where(model.id == row_id, model.state == from_state)
-        .values(state=to_state, **values)
-    )
-    return res.rowcount == 1

@@ -24,8 +24,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node import queue
 from node.db import Database, Delivery, Instance, Job, Study
 from node.output_failures import failed_kind_counts
+from node.queue import DeliveryState, StudyState
 
 log = logging.getLogger("node.metrics")
 
@@ -107,10 +109,10 @@ DELIVERY_KIND_FAILURES = Counter(
     "mammo_delivery_kind_failures", "Output kinds a destination refused (the other kinds are "
     "still delivered), by destination and kind", ["destination", "kind"], registry=REGISTRY)
 
-STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
+STUDY_STATES = tuple(str(s) for s in StudyState)
 #: What became of each stored instance (node.db.Instance.outcome; NULL = still pending).
 INSTANCE_OUTCOMES = ("pending", "analysed", "skipped", "failed")
-WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
+WAITING_DELIVERY_STATES = tuple(str(s) for s in queue.WAITING_DELIVERY_STATES)
 
 
 # -- hooks called by the stages ----------------------------------------------------------------
@@ -235,7 +237,7 @@ class StateCollector(Collector):
             g.add_metric([outcome], float(outcomes.get(outcome, 0)))
         yield g
         g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
-        g.add_metric([], float(jobs.get("queued", 0) + jobs.get("running", 0)))
+        g.add_metric([], float(sum(jobs.get(str(s), 0) for s in queue.LIVE_JOB_STATES)))
         yield g
         g = GaugeMetricFamily("mammo_deliveries",
                               "Deliveries waiting (pending, sending) or failed, by destination",
@@ -269,7 +271,7 @@ def last_success(session: Session, destination: str) -> dt.datetime | None:
     table, so it stays fast with years of history.
     """
     return session.execute(
-        select(Delivery.sent_at).where(Delivery.state == "done",
+        select(Delivery.sent_at).where(Delivery.state == DeliveryState.DONE,
                                        Delivery.destination == destination)
         .order_by(Delivery.id.desc()).limit(1)).scalar()
 
