@@ -1,4 +1,4 @@
-"""mammo-node command line: serve, echo, send, status, retry, hash-secret, model, outcomes
+"""mammo-node command line: serve, echo, send, status, retry, db, hash-secret, model, outcomes
 (also ``python -m node``)."""
 
 from __future__ import annotations
@@ -34,8 +34,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks to stderr
     from node.service import Node
 
+    roles = None
+    if args.roles:
+        from node.config import ROLES
+
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise ConfigError(f"--roles: {', '.join(bad) or 'empty'} (known: "
+                              f"{', '.join(ROLES)})")
     try:
-        node = Node(settings)
+        node = Node(settings, roles=roles)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"mammo-node: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -160,8 +169,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from node.status_page import outcome_counts
 
     outcomes, not_analysed = outcome_counts(db)
+    from node.cluster import describe_nodes
+
+    with db.session() as s:
+        nodes = describe_nodes(s)
     report = {
         "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
+        "nodes": nodes,
         "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
         "failed_outputs": failed_outputs,
         "instances": outcomes,
@@ -175,6 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"queue depth: {report['queue_depth']} (queued {jobs.get('queued', 0)}, "
           f"running {jobs.get('running', 0)})")
     print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
+    print(f"nodes: {len(nodes)}")
+    for n in nodes:
+        holds = ", ".join(f"{k} {v}" for k, v in sorted(n["holds"].items())) or "nothing"
+        print(f"  {n['name']} [{','.join(n['roles'])}] {n['state']} on {n['host']} pid "
+              f"{n['pid']}, heartbeat {n['heartbeat_age_s']:.0f} s ago, holds {holds}")
     print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
                             or "none"))
     print("instances: " + ", ".join(f"{k} {outcomes.get(k, 0)}"
@@ -217,6 +236,24 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade``: apply the schema migrations; ``db current``: where the schema is."""
+    from node import migrate
+    from node.db import Database
+
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    if args.action == "current":
+        current, head = migrate.current_revision(db), migrate.head_revision()
+        print(f"schema revision {current or 'none'} (this release: {head})"
+              + ("" if current == head else "; run `mammo-node db upgrade`"))
+        return 0 if current == head else 1
+    before, after = migrate.upgrade(db)
+    print(f"schema revision {before or 'none'} -> {after}" if before != after
+          else f"schema revision {after}: already current")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mammo-node", description=__doc__)
     p.add_argument("--version", action="version", version=f"mammo-node {__version__}")
@@ -236,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", help="run the node (listener, worker, delivery)")
     common(sp)
+    sp.add_argument("--roles", help="comma-separated: receive, analyse, deliver (default: "
+                                    "[cluster] roles, all three)")
     sp.set_defaults(func=cmd_serve)
     sp = sub.add_parser("echo", help="C-ECHO the node (or a destination)")
     common(sp)
@@ -256,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token", action="store_true", help="a bearer token (SHA-256)")
     sp.add_argument("--user", help="print a users_file line NAME:HASH")
     sp.set_defaults(func=cmd_hash_secret)
+    sp = sub.add_parser("db", help="database schema: upgrade (apply the migrations) or "
+                                   "current (show the revision)")
+    common(sp)
+    sp.add_argument("action", choices=("upgrade", "current"))
+    sp.set_defaults(func=cmd_db)
     sp = sub.add_parser("retry", help="re-queue failed deliveries and analyses")
     common(sp)
     sp.add_argument("--study", help="only this Study Instance UID")

@@ -26,7 +26,6 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -436,10 +435,11 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, future=True)
 
     def create_schema(self) -> None:
-        """Create what is missing: tables, then columns and indexes added since a database
-        was created (an older node's database is upgraded in place, nothing is dropped)."""
-        Base.metadata.create_all(self.engine)
-        upgrade_schema(self.engine)
+        """Bring the schema to this release's: the Alembic migrations (node.migrate). An
+        older node's database is upgraded in place, nothing is dropped."""
+        from node.migrate import upgrade
+
+        upgrade(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -462,41 +462,3 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA busy_timeout=60000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def upgrade_schema(engine: Engine) -> None:
-    """Add columns and indexes the models have and an older database lacks.
-
-    Only additive changes: nullable columns or columns with a scalar default. Before the unique
-    "one live job per study" index is created, duplicate live jobs (an older node queued one per
-    re-opening instance) are merged: the newest stays, the others become ``superseded``.
-    """
-    insp = inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in insp.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} " \
-                      f"{column.type.compile(engine.dialect)}"
-                default = getattr(column.default, "arg", None)
-                if isinstance(default, bool | int | float | str):
-                    ddl += f" DEFAULT {_sql_literal(default)}"
-                conn.exec_driver_sql(ddl)
-        indexes = {ix["name"] for ix in insp.get_indexes(Job.__tablename__)}
-        if "ix_jobs_one_live_per_study" not in indexes:
-            from node.queue import merge_duplicate_live_jobs
-
-            merge_duplicate_live_jobs(conn)
-    for table in Base.metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
-
-
-def _sql_literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return str(value)

@@ -225,6 +225,9 @@ class StateCollector(Collector):
             failed_kinds = failed_kind_counts(s)
             outcomes = dict(s.execute(select(Instance.outcome, func.count())
                                       .group_by(Instance.outcome)).all())
+            from node.cluster import describe_nodes
+
+            nodes = describe_nodes(s)
         g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
         for state in sorted(set(STUDY_STATES) | set(studies)):
             g.add_metric([state], float(studies.get(state, 0)))
@@ -235,6 +238,18 @@ class StateCollector(Collector):
         outcomes["pending"] = outcomes.pop(None, 0) + outcomes.get("pending", 0)
         for outcome in sorted(set(INSTANCE_OUTCOMES) | set(outcomes)):
             g.add_metric([outcome], float(outcomes.get(outcome, 0)))
+        yield g
+        g = GaugeMetricFamily("mammo_node_heartbeat_age_seconds", "Seconds since each node "
+                              "sharing the queue last beat (node.cluster), by node and state",
+                              labels=["node", "state"])
+        for n in nodes:
+            g.add_metric([n["name"], n["state"]], float(n["heartbeat_age_s"]))
+        yield g
+        g = GaugeMetricFamily("mammo_claims_held", "Jobs, deliveries and shadow runs each node "
+                              "holds under a lease now", labels=["node", "kind"])
+        for n in nodes:
+            for kind in ("job", "delivery", "shadow"):
+                g.add_metric([n["name"], kind], float(n["holds"].get(kind, 0)))
         yield g
         g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
         g.add_metric([], float(sum(jobs.get(str(s), 0) for s in queue.LIVE_JOB_STATES)))

@@ -1,0 +1,81 @@
+"""Schema migrations (Alembic, node/migrations): ``mammo-node db upgrade``, and at start-up
+when ``[database] migrate = "auto"``.
+
+Revisions: 0001 is the schema of the release before migrations, applied idempotently (an older
+node's database gets what it lacks, an empty one the whole schema); later revisions are plain
+Alembic steps. On PostgreSQL the upgrade holds an advisory lock, so nodes starting together
+migrate one after the other (the later ones find nothing to do).
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+
+from node.db import Base, Database
+
+_LOCK_KEY = 1919_0019  # pg_advisory_lock key of the node's schema migrations
+
+
+def alembic_config(url: str = "") -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(files("node") / "migrations"))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
+
+
+def current_revision(db: Database) -> str | None:
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(db: Database, revision: str = "head", *, replay: bool = False
+            ) -> tuple[str | None, str | None]:
+    """Migrate the database to ``revision``; (revision before, revision after). ``replay``:
+    run every revision even on an empty database (the test that they build the models')."""
+    cfg = alembic_config()
+    with db.engine.connect() as conn:
+        postgres = conn.dialect.name == "postgresql"
+        if postgres:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+        try:
+            before = MigrationContext.configure(conn).get_current_revision()
+            cfg.attributes["connection"] = conn
+            if not replay and revision == "head" and not inspect(conn).get_table_names():
+                # An empty database: the models' schema, stamped at head (the same schema the
+                # revisions build, tests/test_migrations.py checks; much faster to create).
+                Base.metadata.create_all(conn)
+                command.stamp(cfg, "head")
+            else:
+                command.upgrade(cfg, revision)
+            conn.commit()
+            after = MigrationContext.configure(conn).get_current_revision()
+        finally:
+            if postgres:
+                conn.rollback()
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+                conn.commit()
+    return before, after
+
+
+class SchemaTooOld(RuntimeError):
+    pass
+
+
+def require_current(db: Database) -> None:
+    """Raise :class:`SchemaTooOld` unless the database is at this release's head revision."""
+    current, head = current_revision(db), head_revision()
+    if current != head:
+        raise SchemaTooOld(f"the database schema is at revision {current or 'none'}, this "
+                           f"release needs {head}: run `mammo-node db upgrade` (or set "
+                           "[database] migrate = \"auto\")")
