@@ -58,6 +58,8 @@ def upgrade(db: Database, revision: str = "head", *, replay: bool = False
                 command.stamp(cfg, "head")
             else:
                 command.upgrade(cfg, revision)
+                if revision == "head":
+                    _add_missing(conn)
             conn.commit()
             after = MigrationContext.configure(conn).get_current_revision()
         finally:
@@ -66,6 +68,37 @@ def upgrade(db: Database, revision: str = "head", *, replay: bool = False
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
                 conn.commit()
     return before, after
+
+
+def _add_missing(conn) -> None:  # type: ignore[no-untyped-def]
+    """A safety net after the revisions: columns and indexes the models have and the database
+    lacks (a hand-repaired or partly restored database) are added, nullable with their scalar
+    default, as the node did before migrations. Nothing is ever dropped or altered."""
+    insp = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} " \
+                  f"{column.type.compile(conn.dialect)}"
+            default = getattr(column.default, "arg", None)
+            if isinstance(default, bool | int | float | str):
+                ddl += f" DEFAULT {_sql_literal(default, conn.dialect.name)}"
+            conn.exec_driver_sql(ddl)
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    conn.commit()
+
+
+def _sql_literal(value: object, dialect: str) -> str:
+    if isinstance(value, bool):
+        if dialect == "postgresql":
+            return "true" if value else "false"
+        return "1" if value else "0"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
 
 
 class SchemaTooOld(RuntimeError):

@@ -200,7 +200,9 @@ class Node:
             self.worker.wake.set()
 
     def start(self) -> None:
-        stale = self.spool.clear_incoming()
+        # With a shared database (and so a shared data_dir) other nodes' transfers in flight
+        # are in incoming/ too: only files older than an hour go.
+        stale = self.spool.clear_incoming(0 if self.db.is_sqlite else 3600)
         if stale:
             event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
                                                            "before the restart")
