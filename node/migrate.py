@@ -9,6 +9,7 @@ migrate one after the other (the later ones find nothing to do).
 
 from __future__ import annotations
 
+import logging
 from importlib.resources import files
 
 from alembic import command
@@ -18,8 +19,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from node.db import Base, Database
+from node.log import event
 
 _LOCK_KEY = 1919_0019  # pg_advisory_lock key of the node's schema migrations
+log = logging.getLogger("node.migrate")
+# Alembic's own INFO lines ("Context impl ...", at every start) say nothing an admin needs; the
+# node logs one schema.upgraded line when a revision was applied.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def alembic_config(url: str = "") -> Config:
@@ -67,6 +73,8 @@ def upgrade(db: Database, revision: str = "head", *, replay: bool = False
                 conn.rollback()
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
                 conn.commit()
+    if before != after:
+        event(log, "schema.upgraded", before=before or "none", after=after)
     return before, after
 
 
