@@ -37,6 +37,7 @@ from node.log import event
 log = logging.getLogger("node.cluster")
 
 STORAGE_MARKER = ".mammo-node-storage"
+_PLURAL = {"job": "jobs", "delivery": "deliveries", "shadow": "shadow_runs"}
 
 
 class StartupRefused(RuntimeError):
@@ -137,7 +138,7 @@ class Membership:
         released = queue.release_holder(self.db, self.holder.name)
         if released:
             event(log, "node.claims_released", node=self.holder.name,
-                  **{f"{k}s": v for k, v in released.items()},
+                  **{_PLURAL[k]: v for k, v in released.items()},
                   reason="held by this node's previous run")
         event(log, "node.joined", node=self.holder.name, roles=",".join(self.roles),
               lease_seconds=self.holder.lease_seconds)
@@ -153,7 +154,7 @@ class Membership:
         reaped = queue.reap_expired(self.db)
         if reaped:
             event(log, "queue.leases_expired", logging.WARNING, by=self.holder.name,
-                  **{f"{k}s": v for k, v in reaped.items()},
+                  **{_PLURAL[k]: v for k, v in reaped.items()},
                   effect="back in the queue: their node stopped renewing its leases")
 
     def start(self) -> None:
