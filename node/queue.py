@@ -114,7 +114,22 @@ class Holder:
 def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Study, str | None]:
     """The study an arriving instance belongs to, created or re-opened (``receiving``).
     Returns (study, the state it was re-opened from, or None)."""
-    study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
+    if s.get_bind().dialect.name == "postgresql":
+        # Several receivers: the first instance of a new study may arrive at two at once (one
+        # row wins, both use it), and the row is locked so that a completion running on another
+        # node cannot complete the study under this instance (it skips locked studies).
+        from sqlalchemy.dialects.postgresql import insert
+
+        s.execute(insert(Study).values(
+            study_uid=study_uid, state=StudyState.RECEIVING, generation=1, created_at=now,
+            last_received_at=now).on_conflict_do_nothing(index_elements=["study_uid"]))
+        study = s.execute(select(Study).where(Study.study_uid == study_uid).with_for_update()
+                          .execution_options(populate_existing=True)).scalar_one()
+        if study.created_at == now and study.generation == 1 and \
+                study.state == StudyState.RECEIVING:
+            return study, None
+    else:
+        study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
     if study is None:
         study = Study(study_uid=study_uid, state=StudyState.RECEIVING, generation=1,
                       created_at=now, last_received_at=now)
@@ -132,7 +147,12 @@ def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Stud
 
 
 def receiving_studies(s: Session) -> list[Study]:
-    return list(s.execute(select(Study).where(Study.state == StudyState.RECEIVING)).scalars())
+    """Studies still receiving; on PostgreSQL locked for this transaction, skipping those another
+    node is completing or storing an instance into right now (they are looked at next time)."""
+    q = select(Study).where(Study.state == StudyState.RECEIVING).order_by(Study.id)
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    return list(s.execute(q).scalars())
 
 
 @dataclass(frozen=True)

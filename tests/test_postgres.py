@@ -141,3 +141,34 @@ def test_deliveries_are_claimed_once_across_nodes(db: Database) -> None:
     assert len(got) == 60 and len(set(got)) == 60
     with db.session() as s:
         assert set(s.execute(select(Delivery.state)).scalars()) == {"done"}
+
+
+def test_receivers_share_a_new_study_and_completion_skips_a_study_being_written(
+        db: Database) -> None:
+    """Two receivers get the first instances of one new study at once: one row, both use it.
+    A completion on another node skips the study while an instance is being recorded."""
+    barrier = threading.Barrier(4)
+    ids: list[int] = []
+
+    def receiver() -> None:
+        own = Database(db.url)
+        barrier.wait()
+        with own.session() as s:
+            study, _ = queue.receive_instance(s, "1.2.99", utcnow())
+            ids.append(study.id)
+        own.dispose()
+
+    threads = [threading.Thread(target=receiver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(ids) == 4 and len(set(ids)) == 1
+    other = Database(db.url)
+    with db.session() as writing:  # an instance being recorded holds the study's row
+        queue.receive_instance(writing, "1.2.99", utcnow())
+        with other.session() as s:
+            assert queue.receiving_studies(s) == []
+    with other.session() as s:
+        assert [st.study_uid for st in queue.receiving_studies(s)] == ["1.2.99"]
+    other.dispose()

@@ -1,0 +1,146 @@
+"""Scale-out: studies/hour with one analyser node vs two, on one PostgreSQL queue.
+
+    .venv/bin/python -m bench.cluster [--studies 16] [--views 4] [--out FILE.md]
+
+Per run: a private PostgreSQL server (tests/pgserver.py), a fresh database and shared data
+folder, one node with roles receive+deliver, and 1 or 2 nodes with the analyse role only, a
+dcmtk storescp destination. Every study is sent (storescu) before the clock starts mattering:
+the figure is studies/hour from the first C-STORE to the last delivery acknowledged, read from
+the database. The baseline, in the same run, is one node with every role on SQLite (the single
+box of today's main). On a 2-core machine two analysers compete for the same cores; on a site,
+each analyser is its own box (or GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _studies(work: Path, n: int, views: int) -> list[list[Path]]:
+    from tests.smallstudies import small_study
+
+    return [small_study(work / "in" / f"s{i:03d}", i, views=views, tag="bench-cluster")
+            for i in range(n)]
+
+
+def _node(work: Path, name: str, roles: list[str], url: str, shared: Path, dest):  # type: ignore[no-untyped-def]
+    from tests.netutil import NodeProcess
+
+    sections = {"node": {"data_dir": str(shared)},
+                "cluster": {"node_name": name, "roles": roles},
+                "study": {"stable_seconds": 3600, "complete_on_four_views": True},
+                "log": {"file": str(work / name / "node.log"), "level": "INFO"}}
+    if url:
+        sections["database"] = {"url": url}
+    node = NodeProcess(work / name, [dest.destination()], **sections)
+    node.log_path = work / name / "node.log"
+    return node
+
+
+def _start_headless(node) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    from tests.netutil import wait_until
+
+    node.stderr = open(node.workdir / "node.stderr", "ab")  # noqa: SIM115
+    node.proc = subprocess.Popen(
+        [sys.executable, "-m", "node", "serve", "--config", str(node.config)], cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=node.stderr,
+        stderr=subprocess.STDOUT)
+    wait_until(lambda: "node.started" in node.log(), 300, 0.5, "analyser started")
+
+
+def run(work: Path, analysers: int, studies: list[list[Path]], pg) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(seconds from the first C-STORE to the last delivery, studies/hour)."""
+    from sqlalchemy import func, select
+
+    from node.db import Database, Delivery, Instance
+    from tests.netutil import StoreSCP, storescu, wait_until
+
+    work.mkdir(parents=True)
+    dest = StoreSCP(work / "dest").start()
+    url = pg.create_database(f"bench{analysers}") if analysers else ""
+    shared = work / "shared"
+    if analysers:
+        receiver = _node(work, "recv", ["receive", "deliver"], url, shared, dest)
+        workers = [_node(work, f"gpu-{i}", ["analyse"], url, shared, dest)
+                   for i in range(analysers)]
+    else:  # baseline: one box, every role, SQLite
+        receiver = _node(work, "single", ["receive", "analyse", "deliver"], "", shared, dest)
+        workers = []
+    nodes = [receiver, *workers]
+    try:
+        receiver.start(timeout=300)
+        for w in workers:
+            _start_headless(w)
+        db = Database(url or f"sqlite:///{shared / 'node.sqlite3'}")
+        for s in studies:
+            out = storescu(receiver.port, s)
+            assert out.returncode == 0, out.stderr
+
+        def finished() -> bool:
+            with db.session() as s:
+                return s.execute(select(func.count()).select_from(Delivery)
+                                 .where(Delivery.state == "done")).scalar() >= len(studies)
+
+        wait_until(finished, 3600, 0.5, "every study delivered")
+        with db.session() as s:
+            first = s.execute(select(func.min(Instance.received_at))).scalar()
+            last = s.execute(select(func.max(Delivery.sent_at))).scalar()
+        db.dispose()
+    finally:
+        for n in nodes:
+            n.stop()
+        dest.stop()
+    seconds = (last - first).total_seconds()
+    return seconds, len(studies) / seconds * 3600
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
+    p.add_argument("--studies", type=int, default=16)
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    from tests.pgserver import PostgresServer
+
+    pg = PostgresServer().start()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+            work = Path(tmp)
+            studies = _studies(work, args.studies, args.views)
+            for analysers in (0, 1, 2):
+                t0 = time.perf_counter()
+                seconds, per_hour = run(work / f"run{analysers}", analysers, studies, pg)
+                label = ("single node, all roles, SQLite (baseline)" if analysers == 0 else
+                         f"receive+deliver node + {analysers} analyse node(s), PostgreSQL")
+                rows.append((label, seconds, per_hour))
+                print(f"{label}: {args.studies} studies in {seconds:.1f} s = {per_hour:.0f} "
+                      f"studies/h (run {time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        pg.stop()
+    base = rows[0][2]
+    lines = [f"# bench.cluster {dt.date.today()} ({args.studies} studies x {args.views} views)",
+             "", "| topology | seconds | studies/h | vs baseline |", "|---|---|---|---|"]
+    lines += [f"| {label} | {s:.1f} | {h:.0f} | {h / base:.2f} |" for label, s, h in rows]
+    lines.append(f"\ntwo analysers vs one: {rows[2][2] / rows[1][2]:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
