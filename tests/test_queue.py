@@ -235,3 +235,23 @@ def test_no_module_but_the_queue_writes_a_state_column() -> None:
             if any(p.search(line) for p in patterns):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_serve_refuses_unknown_roles_and_config_checks_cluster_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from node.config import ConfigError, parse_settings
+    from tests.netutil import write_config
+
+    config = write_config(tmp_path / "c.toml", {"node": {"data_dir": str(tmp_path / "d")}})
+    out = subprocess.run([sys.executable, "-m", "node", "serve", "--roles", "receive,gpu",
+                          "--config", str(config)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--roles: gpu" in out.stderr
+    with pytest.raises(ConfigError, match="cluster.roles"):
+        parse_settings({"cluster": {"roles": ["analyze"]}}, tmp_path)
+    with pytest.raises(ConfigError, match="cluster.lease_seconds"):
+        parse_settings({"cluster": {"lease_seconds": 5, "heartbeat_seconds": 5}}, tmp_path)
+    s = parse_settings({"cluster": {"roles": ["analyse"]}}, tmp_path)
+    assert s.cluster.roles == ["analyse"] and s.database.migrate == "auto"
