@@ -255,3 +255,23 @@ def test_serve_refuses_unknown_roles_and_config_checks_cluster_keys(tmp_path: Pa
         parse_settings({"cluster": {"lease_seconds": 5, "heartbeat_seconds": 5}}, tmp_path)
     s = parse_settings({"cluster": {"roles": ["analyse"]}}, tmp_path)
     assert s.cluster.roles == ["analyse"] and s.database.migrate == "auto"
+
+
+def test_status_page_and_metrics_show_every_node(db: Database) -> None:
+    from prometheus_client import generate_latest
+
+    from node import metrics, status_page
+
+    Membership(db, A, ["analyse"], 1.0, "0.1").join()
+    Membership(db, B, ["receive", "deliver"], 1.0, "0.1").join()
+    job_id = _queued_job(db)
+    assert queue.claim_job(db, A) == job_id
+    page = status_page.render(db, ae_title="MAMMO_AI", version="t")
+    nodes = page[page.index('id="nodes"'):]
+    nodes = nodes[:nodes.index("</table>")]
+    assert "node-a</td><td>analyse</td>" in nodes and "1 job</td>" in nodes
+    assert "node-b</td><td>receive,deliver</td>" in nodes and "nothing</td>" in nodes
+    metrics.bind(db, Path(db.url.split("///")[1]).parent, [])
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'mammo_claims_held{kind="job",node="node-a"} 1.0' in text
+    assert 'mammo_node_heartbeat_age_seconds{node="node-b",state="running"}' in text
