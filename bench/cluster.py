@@ -1,13 +1,17 @@
 """Scale-out: studies/hour with one analyser node vs two, on one PostgreSQL queue.
 
-    .venv/bin/python -m bench.cluster [--studies 12] [--views 4] [--rounds 2] [--out FILE.md]
+    .venv/bin/python -m bench.cluster [--studies 8] [--format small|tiny] [--rounds 2]
+                                      [--out FILE.md]
 
 Per run: a private PostgreSQL server (tests/pgserver.py), a fresh database and shared data
 folder, one node with roles receive+deliver, and 1 or 2 nodes with the analyse role only, a
-dcmtk storescp destination. Every study is sent (storescu) before the clock starts mattering:
-the figure is studies/hour from the first C-STORE to the last delivery acknowledged, read from
-the database. The baseline, in the same run, is one node with every role on SQLite (the single
-box of today's main). The three topologies run in turn, ``--rounds`` times (a shared machine's
+dcmtk storescp destination. Every study is received first (the receiver does not complete
+studies by itself: four-view rule off, a long quiet timer), then the bench completes them all at
+once: the figure is studies/hour from that moment to the last delivery acknowledged, read from
+the database, i.e. the analysis + delivery capacity, not the sender's speed. ``small`` studies
+are four 1914 x 2294 images (bench/studies.py); ``tiny`` the tests' small studies. The
+baseline, in the same run, is one node with every role on SQLite (the single box of today's
+main). The three topologies run in turn, ``--rounds`` times (a shared machine's
 load drifts, and the very first run pays for cold caches); the table shows every round and the
 best of each. On a 2-core machine two analysers compete for the same cores; on a site, each
 analyser is its own box (or GPU).
@@ -27,11 +31,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _studies(work: Path, n: int, views: int) -> list[list[Path]]:
-    from tests.smallstudies import small_study
+def _studies(work: Path, n: int, fmt: str) -> list[list[Path]]:
+    if fmt == "tiny":
+        from tests.smallstudies import small_study
 
-    return [small_study(work / "in" / f"s{i:03d}", i, views=views, tag="bench-cluster")
-            for i in range(n)]
+        return [small_study(work / "in" / f"s{i:03d}", i, tag="bench-cluster")
+                for i in range(n)]
+    from bench.studies import StudyFactory
+
+    factory = StudyFactory(fmt, "raw", tag="bench-cluster")
+    factory.warm()
+    return [factory.write_study(i, work / "in" / f"s{i:03d}") for i in range(n)]
 
 
 def _node(work: Path, name: str, roles: list[str], url: str, shared: Path, dest):  # type: ignore[no-untyped-def]
@@ -39,7 +49,7 @@ def _node(work: Path, name: str, roles: list[str], url: str, shared: Path, dest)
 
     sections = {"node": {"data_dir": str(shared)},
                 "cluster": {"node_name": name, "roles": roles},
-                "study": {"stable_seconds": 3600, "complete_on_four_views": True},
+                "study": {"stable_seconds": 3600, "complete_on_four_views": False},
                 "log": {"file": str(work / name / "node.log"), "level": "INFO"}}
     if url:
         sections["database"] = {"url": url}
@@ -66,7 +76,8 @@ def run(work: Path, analysers: int, studies: list[list[Path]], pg) -> tuple[floa
     """(seconds from the first C-STORE to the last delivery, studies/hour)."""
     from sqlalchemy import func, select
 
-    from node.db import Database, Delivery, Instance
+    from node.completion import complete_ready_studies
+    from node.db import Database, Delivery, utcnow
     from tests.netutil import StoreSCP, storescu, wait_until
 
     work.mkdir(parents=True)
@@ -89,6 +100,8 @@ def run(work: Path, analysers: int, studies: list[list[Path]], pg) -> tuple[floa
         for s in studies:
             out = storescu(receiver.port, s)
             assert out.returncode == 0, out.stderr
+        first = utcnow()  # every study received; all complete (and queued) now
+        assert len(complete_ready_studies(db, 0, False)) == len(studies)
 
         def finished() -> bool:
             with db.session() as s:
@@ -97,7 +110,6 @@ def run(work: Path, analysers: int, studies: list[list[Path]], pg) -> tuple[floa
 
         wait_until(finished, 3600, 0.5, "every study delivered")
         with db.session() as s:
-            first = s.execute(select(func.min(Instance.received_at))).scalar()
             last = s.execute(select(func.max(Delivery.sent_at))).scalar()
         db.dispose()
     finally:
@@ -110,9 +122,9 @@ def run(work: Path, analysers: int, studies: list[list[Path]], pg) -> tuple[floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
-    p.add_argument("--studies", type=int, default=12)
+    p.add_argument("--studies", type=int, default=8)
+    p.add_argument("--format", choices=("small", "tiny"), default="small")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--views", type=int, default=4)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     from tests.pgserver import PostgresServer
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
             work = Path(tmp)
-            studies = _studies(work, args.studies, args.views)
+            studies = _studies(work, args.studies, args.format)
             for r in range(args.rounds):
                 for analysers in labels:
                     t0 = time.perf_counter()
@@ -138,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         pg.stop()
     best = {k: min(v) for k, v in runs.items()}
     per_hour = {k: args.studies / s * 3600 for k, s in best.items()}
-    lines = [f"# bench.cluster {dt.date.today()} ({args.studies} studies x {args.views} views, "
-             f"{args.rounds} rounds)", "",
+    lines = [f"# bench.cluster {dt.date.today()} ({args.studies} {args.format} four-view "
+             f"studies, {args.rounds} rounds)", "",
              "| topology | seconds per round | best: studies/h | vs baseline |",
              "|---|---|---|---|"]
     lines += [f"| {labels[k]} | {', '.join(f'{s:.1f}' for s in runs[k])} | {per_hour[k]:.0f} | "
