@@ -115,9 +115,10 @@ class Membership:
         self._thread: threading.Thread | None = None
         self.host, self.pid = socket.gethostname(), os.getpid()
 
-    def join(self) -> dict[str, int]:
-        """Register (refused while another live node has this name) and release what this
-        node's previous run held; returns what was released per kind."""
+    def join(self) -> None:
+        """Register (refused while another live node has this name). What this node's previous
+        run held is released by the worker's, deliverer's and shadow runner's ``recover()``
+        (node.queue.release_holder), right after."""
         now = utcnow()
         fresh = now - dt.timedelta(seconds=self.holder.lease_seconds)
         with self.db.session() as s:
@@ -135,14 +136,8 @@ class Membership:
             row.roles, row.host, row.pid = ",".join(self.roles), self.host, self.pid
             row.version, row.started_at, row.heartbeat_at, row.state = \
                 self.version, now, now, "running"
-        released = queue.release_holder(self.db, self.holder.name)
-        if released:
-            event(log, "node.claims_released", node=self.holder.name,
-                  **{_PLURAL[k]: v for k, v in released.items()},
-                  reason="held by this node's previous run")
         event(log, "node.joined", node=self.holder.name, roles=",".join(self.roles),
               lease_seconds=self.holder.lease_seconds)
-        return released
 
     def beat(self) -> None:
         """One heartbeat: mark alive, renew this node's leases, reap expired ones."""

@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import logging
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from node.db import Base, Database
 from node.log import event
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 _LOCK_KEY = 1919_0019  # pg_advisory_lock key of the node's schema migrations
 log = logging.getLogger("node.migrate")
-# Alembic's own INFO lines ("Context impl ...", at every start) say nothing an admin needs; the
-# node logs one schema.upgraded line when a revision was applied.
+# Alembic's own INFO lines (plugins at import, "Context impl ..." at every start) say nothing an
+# admin needs; the node logs one schema.upgraded line when a revision was applied. Set before
+# alembic is imported (its modules are imported where used, below).
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def alembic_config(url: str = "") -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(files("node") / "migrations"))
     if url:
@@ -37,10 +40,14 @@ def alembic_config(url: str = "") -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
 
 
 def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with db.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -49,6 +56,9 @@ def upgrade(db: Database, revision: str = "head", *, replay: bool = False
             ) -> tuple[str | None, str | None]:
     """Migrate the database to ``revision``; (revision before, revision after). ``replay``:
     run every revision even on an empty database (the test that they build the models')."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     cfg = alembic_config()
     with db.engine.connect() as conn:
         postgres = conn.dialect.name == "postgresql"

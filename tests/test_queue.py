@@ -200,7 +200,8 @@ def test_node_registry_heartbeat_and_unique_names(db: Database) -> None:
     a.leave()
     with db.session() as s:
         assert s.get(NodeRecord, "node-a").state == "stopped"
-    twin.join()  # a stopped node's name is free again; its previous claims are released
+    twin.join()  # a stopped node's name is free again; recover() releases its old claims
+    assert queue.release_holder(db, A.name) == {"job": 1}
     with db.session() as s:
         assert s.get(Job, job_id).state == JobState.QUEUED
 
