@@ -596,21 +596,3 @@ def retry_failed(s: Session, study_ids: list[int] | None = None) -> Retried:
                       input_key=original.input_key, state=JobState.QUEUED,
                       created_at=utcnow()))
     return Retried(n_d, n_j, len(rows), len(studies))
-
-
-def merge_duplicate_live_jobs(conn) -> None:  # type: ignore[no-untyped-def]
-    """Schema upgrade from a version that queued one job per instance: of each study's live
-    jobs the newest stays, the others become ``superseded``."""
-    live = conn.execute(select(Job.id, Job.study_id).where(Job.state.in_(LIVE_JOB_STATES))
-                        .order_by(Job.study_id, Job.id.desc())).all()
-    keep: set[int] = set()
-    drop: list[int] = []
-    for job_id, study_id in live:
-        if study_id in keep:
-            drop.append(job_id)
-        else:
-            keep.add(study_id)
-    if drop:
-        conn.execute(update(Job).where(Job.id.in_(drop)).values(
-            state=JobState.SUPERSEDED,
-            error="merged into the study's newest job (schema upgrade)"))
