@@ -320,9 +320,14 @@ def replace_current_results(s: Session, study_id: int) -> None:
             .values(state=DeliveryState.SUPERSEDED))
 
 
-def fail_job(s: Session, job_id: int, message: str, final: bool) -> Job:
-    """``queued`` again (an attempt counted), or ``failed`` for good with its study."""
+def fail_job(s: Session, job_id: int, message: str, final: bool,
+             holder: str | None = None) -> Job | None:
+    """``queued`` again (an attempt counted), or ``failed`` for good with its study. None
+    (nothing written) when the job is no longer running under ``holder``."""
     job = s.get(Job, job_id)
+    if job is None or job.state != JobState.RUNNING or \
+            (holder is not None and job.holder not in (holder, None)):
+        return None
     job.state = JobState.FAILED if final else JobState.QUEUED
     job.error = message
     job.finished_at = utcnow()

@@ -545,7 +545,9 @@ class AnalysisWorker:
             log.exception("analysis.error study=%s job=%s", study_uid, job_id)
         metrics.analysis_failed()
         with self.db.session() as s:
-            job = queue.fail_job(s, job_id, message, final)
+            job = queue.fail_job(s, job_id, message, final, self.holder.name)
+            if job is None:  # another node holds it now (this node's lease expired)
+                return
             if final:
                 if outcomes:  # each image's own reason
                     _record_outcomes(s, job.study_id, outcomes)
