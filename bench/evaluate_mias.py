@@ -63,7 +63,7 @@ def _codes(ds: pydicom.Dataset) -> list[str]:
     return out
 
 
-def run_node(studies: dict[str, list[Path]], work: Path, log=print) -> tuple[list[Path], dict]:  # noqa: ANN001
+def run_node(studies: dict[str, list[Path]], work: Path, log=print) -> tuple[list[Path], dict]:
     """Send every study to a node process; return the SR files received and timings."""
     from tests.netutil import NodeProcess, StoreSCP, storescu, wait_until
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _walk(ds: pydicom.Dataset):  # noqa: ANN202
+def _walk(ds: pydicom.Dataset):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)

@@ -66,7 +66,7 @@ def run(fmt: str, syntax: str, studies: int, *, ahead: int = 2, max_seconds: flo
                     for f in files:
                         f.unlink()
                     sent += 1
-            except BaseException as exc:  # reported by the main thread
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 error.append(exc)
 
         t0 = time.monotonic()

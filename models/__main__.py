@@ -49,7 +49,7 @@ def cmd_synth(a: argparse.Namespace) -> None:
     print(f"wrote {p}")
 
 
-def apply_cv(card, results_path: Path, label: str) -> None:  # noqa: ANN001 - ModelCard
+def apply_cv(card, results_path: Path, label: str) -> None:
     """Copy the pooled out-of-fold Youden threshold and CV metrics of ``label`` into ``card``."""
     res = json.loads(Path(results_path).read_text())
     r = res["configs"][label]

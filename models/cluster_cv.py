@@ -88,7 +88,7 @@ def cnn_features(net: str, crops: list[np.ndarray]) -> np.ndarray:
 MORPH_RADIUS_MM = 8.0  # fixed: the annotated radius is not used (it would leak the label)
 
 
-def morphology_features(mias_dir: Path, truths, detector_path: Path  # noqa: ANN001
+def morphology_features(mias_dir: Path, truths, detector_path: Path
                         ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Cluster features of each annotated cluster, two ways, both without its annotated radius:
 
@@ -136,7 +136,7 @@ def morphology_features(mias_dir: Path, truths, detector_path: Path  # noqa: ANN
 
 
 def build(mias_dir: Path, roi_size_mm: float, input_size: int, detector: Path,
-          log=print) -> ClusterSet:  # noqa: ANN001
+          log=print) -> ClusterSet:
     from models.detector.train import MIAS_MM, read_png01, read_truths
 
     truths = read_truths(mias_dir)
@@ -224,7 +224,7 @@ class LinearHead:
 
 
 def config_logits(cs: ClusterSet, config: str, tr: np.ndarray, te: np.ndarray, seed: int,
-                  heads: list | None = None) -> np.ndarray:  # noqa: ANN001
+                  heads: list | None = None) -> np.ndarray:
     """Out-of-fold logits of ``config`` for the clusters ``te``, trained on ``tr``."""
     parts = []
     nets = [n for n in NETS if SHORT[n] in config]

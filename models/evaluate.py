@@ -140,7 +140,7 @@ def cross_validate(
     command: str = "",
     data_desc: str = "",
     progress: bool = True,
-    log=print,  # noqa: ANN001
+    log=print,
 ) -> dict:
     """Run the CV and write ``report.md``, ``results.json``, ``oof.csv`` and ROC PNGs to
     ``out_dir`` (rewritten after every configuration, so a partial run leaves a partial report)."""

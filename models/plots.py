@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():  # noqa: ANN202
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")

@@ -120,7 +120,7 @@ def balanced_test_split(labels: np.ndarray, patients: np.ndarray, fraction: floa
 def intermediate_weights(architecture: str, out_dir: Path, *, input_size: int,
                          roi_size_mm: float, intermediate_csv: Path | None, target: RoiSet,
                          epochs: int, seed: int, device: str, synth_n: int, synth_epochs: int,
-                         normals: str, progress: bool, log) -> tuple[Path, dict]:  # noqa: ANN001
+                         normals: str, progress: bool, log) -> tuple[Path, dict]:
     """Stage 2 of double transfer: ImageNet (or scratch) -> the intermediate set; cached."""
     from models.evaluate import pretrain_synthetic
 
@@ -181,7 +181,7 @@ def run_seed001(rois: RoiSet, out_dir: Path, *, architecture: str = "resnext50_3
                 lr: float = 3e-4, synth_n: int = 600, synth_epochs: int = 3,
                 normals: str = "drop", gradcam_n: int = 8, command: str = "",
                 data_desc: str = "", progress: bool = True, data_licence: str = "",
-                csv_path: Path | None = None, log=print) -> dict:  # noqa: ANN001
+                csv_path: Path | None = None, log=print) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

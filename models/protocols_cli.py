@@ -63,7 +63,7 @@ def _command() -> str:
     return "python -m models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
 
-def _prepare(a: argparse.Namespace):  # noqa: ANN202
+def _prepare(a: argparse.Namespace):
     from models import imagenet
     from models.__main__ import _device
     from models.data import load_rois

@@ -311,7 +311,7 @@ def train_classifier(
     return model, card
 
 
-def _progress(total: int, enabled: bool, desc: str):  # noqa: ANN202 - tqdm or a no-op
+def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -174,7 +174,7 @@ class Membership:
                 row = s.get(NodeRecord, self.holder.name)
                 if row is not None:
                     row.state, row.heartbeat_at = "stopped", utcnow()
-        except Exception:  # noqa: BLE001 - leaving: the row's age tells the rest
+        except Exception:  # leaving anyway: the row's age tells the rest
             log.debug("could not mark the node stopped", exc_info=True)
 
 

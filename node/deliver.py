@@ -111,6 +111,7 @@ class Deliverer:
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
+            seen = {o.id for o in objects}  # this attempt's snapshot of the result's objects
             settled = queue.settled_kinds(s, delivery_id)
         dest = self.destinations.get(name)
         if dest is not None:  # only the output kinds this destination takes
@@ -153,7 +154,7 @@ class Deliverer:
             state = queue.finish_delivery(
                 s, delivery_id, self.holder.name,
                 {k: queue.KindOutcome(o.ok, o.permanent, o.status, o.error)
-                 for k, o in outcomes.items()}, ok, retry_at, errors)
+                 for k, o in outcomes.items()}, ok, retry_at, errors, seen)
             d = s.get(Delivery, delivery_id)
         if state is None:
             event(log, "delivery.lease_lost", logging.WARNING, destination=name,
@@ -206,7 +207,7 @@ class CStoreTransport:
                 tls_args = (self.tls_context, dest.host)
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                                  tls_args=tls_args)
-        except Exception as exc:  # pragma: no cover - pynetdicom reports most failures below
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - pynetdicom reports most failures below
             return SendOutcome(False, False, "", f"association failed: {exc}")
         if not assoc.is_established:
             if assoc.is_rejected:

@@ -108,7 +108,7 @@ def is_for_processing(ds: Dataset) -> bool:
 def _text(ds: Dataset, keyword: str) -> str:
     try:
         value = ds.get(keyword, "")
-    except Exception:  # an unreadable value is treated as absent
+    except Exception:  # noqa: BLE001 - an unreadable value is treated as absent
         return ""
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         value = value[0] if len(value) else ""
@@ -118,7 +118,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 def _multi(ds: Dataset, keyword: str) -> list[str]:
     try:
         value = ds.get(keyword)
-    except Exception:
+    except Exception:  # noqa: BLE001 - unreadable: treated as absent
         return []
     if value is None or value == "":
         return []
@@ -135,7 +135,7 @@ def _code_of(item: Dataset) -> Code | None:
         value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
         scheme = str(item.get("CodingSchemeDesignator", "") or "").strip()
         meaning = str(item.get("CodeMeaning", "") or "").strip()
-    except Exception:
+    except Exception:  # noqa: BLE001 - unreadable: treated as absent
         return None
     return Code(value, scheme, meaning) if value else None
 

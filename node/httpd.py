@@ -160,10 +160,10 @@ def _handler(routes: dict[str, Route], idle_timeout: float = 5.0
                 metrics.http_connection_cut("idle_timeout")
             self.log_message(format, *args)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._answer(head=False)
 
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self._answer(head=True)
 
         def _answer(self, head: bool) -> None:

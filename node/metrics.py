@@ -203,7 +203,7 @@ class StateCollector(Collector):
         up = GaugeMetricFamily("mammo_database_up", "1 when the database answered this scrape")
         try:
             yield from self._from_db()
-        except Exception as exc:  # a scrape must still answer when the database is down
+        except Exception as exc:  # noqa: BLE001 - a scrape must still answer when the database is down
             log.warning("metrics.database_unavailable error=%s", type(exc).__name__)
             up.add_metric([], 0.0)
         else:

@@ -104,7 +104,7 @@ def section(db: Database, live: dict[str, Any]) -> list[str]:
     """HTML for the status page: the models this node serves and their live performance."""
     try:
         c = collect(db, live)
-    except Exception as exc:  # the page still renders when these tables cannot be read
+    except Exception as exc:  # noqa: BLE001 - the page still renders when these tables cannot be read
         log.warning("status_page.models_unavailable error=%s", type(exc).__name__)
         return ['<h2>Models</h2><p id="models">Model information unavailable.</p>']
     out = ["<h2>Models</h2>",
@@ -191,7 +191,7 @@ class ModelCollector(Collector):
         yield g
         try:
             c = collect(self.db, live)
-        except Exception as exc:  # the scrape still answers
+        except Exception as exc:  # noqa: BLE001 - the scrape still answers
             log.warning("metrics.models_unavailable error=%s", type(exc).__name__)
             return
         g = GaugeMetricFamily("mammo_shadow_runs", "Shadow runs by state", labels=["state"])

@@ -45,6 +45,7 @@ from node.db import (
     Job,
     Result,
     ResultKind,
+    ResultObject,
     ShadowRun,
     Study,
     utcnow,
@@ -406,9 +407,11 @@ class KindOutcome:
 
 def finish_delivery(s: Session, delivery_id: int, holder: str | None,
                     kinds: dict[str, KindOutcome], ok: bool, retry_at: dt.datetime | None,
-                    errors: str) -> str | None:
+                    errors: str, seen: set[int] | None = None) -> str | None:
     """Record each kind's outcome and the delivery's new state: ``done``, ``pending`` again at
-    ``retry_at``, or ``failed``. None (nothing recorded) when ``holder`` lost the claim."""
+    ``retry_at``, or ``failed``. None (nothing recorded) when ``holder`` lost the claim.
+    ``seen``: the result objects this attempt knew of; a kind added to the result while it was
+    in flight (a rebuilt output) sends the delivery round again at once."""
     d = s.get(Delivery, delivery_id)
     if d is None or d.state != DeliveryState.SENDING or \
             (holder is not None and d.holder not in (holder, None)):
@@ -431,7 +434,12 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
             row.sent_at = now
     statuses = [o.status for o in kinds.values() if o.status]
     d.last_status = statuses[-1] if statuses else None
-    if ok:
+    grown = ok and seen is not None and any(
+        i not in seen for i in s.execute(select(ResultObject.id).where(
+            ResultObject.result_id == d.result_id)).scalars())
+    if grown:
+        d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
+    elif ok:
         d.state, d.sent_at, d.last_error = DeliveryState.DONE, now, None
     elif retry_at is not None:
         d.state, d.last_error, d.next_attempt_at = DeliveryState.PENDING, errors, retry_at

@@ -351,7 +351,7 @@ class Receiver:
         """Keep a refused object; a failure here (disk full...) must not fail the answer."""
         try:
             return self.spool.quarantine(tmp, reason)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the refusal stands
             event(log, "quarantine.failed", logging.ERROR, reason=reason,
                   error=f"{type(exc).__name__}: {exc}")
             _unlink(tmp)
@@ -364,7 +364,7 @@ class Receiver:
                 decode_limits.check_inflated_size(path, self.limits)
         except decode_limits.LimitExceeded as exc:
             raise Refused(STATUS_NO_PIXELS, str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any parse error is a refusal
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
         try:
@@ -373,14 +373,14 @@ class Receiver:
             deflated = ds.file_meta.get("TransferSyntaxUID") == DEFLATED
             # A deflated dataset is parsed from its inflated copy: offsets are not file offsets.
             problem = _structure_problem(ds, None if deflated else path.stat().st_size)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any parse error is a refusal
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
         if problem:
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {problem}")
         try:
             problem = charset_problem(ds)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported below
             problem = f"text values unreadable: {type(exc).__name__}: {str(exc)[:160]}"
         if problem:
             raise Refused(STATUS_UNREADABLE, problem)
@@ -388,7 +388,7 @@ class Receiver:
             return self._check_attributes(ds, affected_sop, affected_class, path)
         except Refused:
             raise
-        except Exception as exc:  # a value pydicom cannot interpret
+        except Exception as exc:  # noqa: BLE001 - a value pydicom cannot interpret
             raise Refused(STATUS_UNREADABLE, f"unreadable dataset: {type(exc).__name__}: "
                                              f"{str(exc)[:200]}") from None
 
@@ -581,7 +581,7 @@ def _structure_problem(ds: Dataset, file_size: int | None) -> str | None:
             bad = _length_problem(elem)
             if bad:
                 return bad
-            ds[tag]  # noqa: B018 - converts the raw value; raises on a bad VR or length
+            ds[tag]
     if file_size is not None and 0 < file_size - last_end < 8:
         return f"{file_size - last_end} stray bytes at the end (truncated element header)"
     return None

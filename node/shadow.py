@@ -180,7 +180,7 @@ class ShadowRunner:
             relpath = self._write(run_id, job_id, analysis, ms)
             record_analysis(self.db, study_uid=study_uid, job_id=job_id, analysis=analysis,
                             role="shadow")
-        except Exception as exc:  # noqa: BLE001 - the shadow model fails alone
+        except Exception as exc:
             final = attempts >= MAX_SHADOW_ATTEMPTS
             message = f"{type(exc).__name__}: {exc}"[:2000]
             log.debug("shadow run %s failed", run_id, exc_info=True)

@@ -295,7 +295,7 @@ def _uids(path: Path) -> tuple[str, str, str, str]:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
             "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-    except Exception:
+    except Exception:  # noqa: BLE001 - unreadable: no identifiers
         return "", "", "", ""
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     return (str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or ""),
@@ -342,12 +342,12 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
                   reason=reason)
             self._send(status, None, headers)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._error(405, "only STOW-RS (POST) is served here", close=True)
 
         do_PUT = do_DELETE = do_GET  # noqa: N815
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             t0 = time.perf_counter()
             try:
                 self._post(t0)

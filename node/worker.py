@@ -300,7 +300,7 @@ class AnalysisWorker:
             self._fail(job_id, study_uid, attempts, exc, final=True,
                        outcomes=getattr(exc, "outcomes", None))
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the job fails (retried)
             for _, relpath in written:
                 self.spool.remove(relpath)
             self._fail(job_id, study_uid, attempts, exc)

@@ -42,7 +42,7 @@ CMMD_HEADER = ["ID1", "LeftRight", "Age", "number", "abnormality", "classificati
 
 
 def mammogram(rows: int, cols: int, *, seed: int = 0, spots: list[tuple[int, int]] = (),
-              dtype=np.uint16) -> np.ndarray:  # noqa: ANN001
+              dtype=np.uint16) -> np.ndarray:
     """A dark background with a bright half-ellipse 'breast' on the left and bright 3x3 spots
     (calcification stand-ins) at ``spots`` (row, col)."""
     rng = np.random.default_rng(seed)

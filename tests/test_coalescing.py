@@ -171,7 +171,8 @@ def test_per_image_work_is_reused_when_a_superseded_analysis_runs_again() -> Non
         ia = ImageAnalysis(item.sop_instance_uid, item.sop_class_uid, "L", "CC", 8, 8, 0.1,
                            "x", True, display=np.zeros((8, 8), np.uint8),
                            cam=np.zeros((8, 8), np.float32))
-        return ia, [np.ones((4, 4), np.float32)], [], 0.5, 0.5
+        breast = np.ones((8, 8), bool)  # display-size breast mask (confines the heat map)
+        return ia, [np.ones((4, 4), np.float32)], [], 0.5, 0.5, breast
 
     pipeline._prepare_image = prepare_image  # type: ignore[method-assign]
     cache: dict = {}

@@ -44,7 +44,7 @@ def _classic_tree(root: Path) -> Path:
     them the other way round (as parts of the real CSVs do)."""
     shape = (200, 120)
 
-    def case(folder: str, spots, masks, lat, view):  # noqa: ANN001, ANN202
+    def case(folder: str, spots, masks, lat, view):
         st, se = f"{U}{abs(hash(folder)) % 10**9}1", f"{U}{abs(hash(folder)) % 10**9}2"
         full = f"{folder}/{st}/{se}/000000.dcm"
         write_sc(root / full, mammogram(*shape, spots=spots), patient_id=folder,

@@ -75,7 +75,7 @@ def _received(pacs: StoreSCP) -> dict[str, list[pydicom.Dataset]]:
     for f in pacs.files():
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - still being written
             continue  # still being written
         out.setdefault(str(ds.SOPClassUID), []).append(ds)
     return out

@@ -93,7 +93,7 @@ def study(tmp_path_factory: pytest.TempPathFactory):
     return analysis, sources, paths
 
 
-def _build(study, validated: bool, out: Path):  # noqa: ANN001
+def _build(study, validated: bool, out: Path):
     analysis, sources, _ = study
     a = StudyAnalysis(analysis.study_instance_uid,
                       replace(MODEL, classification_validated=validated),
@@ -102,7 +102,7 @@ def _build(study, validated: bool, out: Path):  # noqa: ANN001
     return a, objs, save_all(objs, out)
 
 
-def _texts(ds) -> list[str]:  # noqa: ANN001
+def _texts(ds) -> list[str]:
     """Every TEXT value of an SR content tree."""
     out = []
     for item in ds.get("ContentSequence", []):
@@ -112,7 +112,7 @@ def _texts(ds) -> list[str]:  # noqa: ANN001
     return out
 
 
-def _by_class(objs, paths):  # noqa: ANN001
+def _by_class(objs, paths):
     out: dict[str, list] = {}
     for ds, p in zip(objs, paths, strict=True):
         out.setdefault(str(ds.SOPClassUID), []).append((ds, p))

@@ -19,7 +19,7 @@ def variants_of(a: argparse.Namespace) -> tuple[str, ...]:
             *[f"digital{i}" for i in range(a.digital)])
 
 
-def build_records(a: argparse.Namespace, s: T.MiasSplit, log=print):  # noqa: ANN001, ANN201
+def build_records(a: argparse.Namespace, s: T.MiasSplit, log=print):
     t0 = time.perf_counter()
     cache = Path(a.cache)
     variants = variants_of(a)

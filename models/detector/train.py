@@ -73,7 +73,7 @@ def _cache_version() -> str:
     return h.hexdigest()[:16]
 
 
-def synth_module():  # noqa: ANN201
+def synth_module():
     from models import synth
 
     return synth
@@ -130,7 +130,7 @@ def _label_synthetic(c: Candidates, delta: np.ndarray) -> np.ndarray:
 
 
 def _record_from(key: str, ref: str, kind: str, img: np.ndarray, spacing: float,
-                 labels_fn, targets) -> Record:  # noqa: ANN001
+                 labels_fn, targets) -> Record:
     mask = breast_mask(img, spacing)
     c = find_candidates(img, mask, spacing, CandidateParams(), view="MLO")
     return Record(key, ref, mias_patient(ref), kind, spacing, c.rows, c.cols, c.features,
@@ -289,7 +289,7 @@ def clusters_of(rec: Record, p: np.ndarray, keep: float) -> list:
     return build_clusters(rec.candidates(), p, p >= keep, rec.spacing_mm, ClusterParams())
 
 
-def _cluster_label(rec: Record, cl, margin_mm: float = 3.0) -> int:  # noqa: ANN001
+def _cluster_label(rec: Record, cl, margin_mm: float = 3.0) -> int:
     if rec.kind == "normal":
         return 0
     near = [np.hypot(cl.centre_rc[0] - r, cl.centre_rc[1] - c) * rec.spacing_mm <= rad + margin_mm
@@ -364,7 +364,7 @@ def score_records(records: Sequence[Record], cand_scores: dict[str, np.ndarray],
 
 def train_detector(records: Sequence[Record], *, seed: int = 0, target_fp: float = 1.0,
                    keep_grid: Sequence[float] = (0.1, 0.2, 0.35, 0.5), folds: int = 5,
-                   log=print) -> tuple[DetectorModel, dict]:  # noqa: ANN001
+                   log=print) -> tuple[DetectorModel, dict]:
     """Both stages, keep threshold and operating point, all chosen on ``records`` alone."""
     t0 = time.perf_counter()
     oof1 = oof_candidate_scores(records, folds, seed)
@@ -450,7 +450,7 @@ def evaluate(model: DetectorModel, test: Sequence[Record], truths: Sequence[Trut
 
 def cross_validate(train: Sequence[Record], real: Sequence[Record], normals: Sequence[Record],
                    truths: Sequence[Truth], *, folds: int = 5, seed: int = 0,
-                   log=print) -> dict:  # noqa: ANN001
+                   log=print) -> dict:
     """Patient-grouped k-fold over the real cluster images and the held-out normals: each fold
     trains on the synthetic training set plus the other folds' real images, tests on its own."""
     pool = list(real) + list(normals)

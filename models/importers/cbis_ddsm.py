@@ -99,7 +99,7 @@ def _split_of(case_folder: str) -> str:
 
 def import_cbis_ddsm(src: Path, out: Path, *, abnormality: str = "calc", bwc: str = "benign",
                      patch_mm: float = 48.0, store_spacing_mm: float | None = None,
-                     pixel_spacing_mm: float = 0.05, limit: int | None = None):  # noqa: ANN201
+                     pixel_spacing_mm: float = 0.05, limit: int | None = None):
     if abnormality not in ("calc", "mass", "all"):
         raise ValueError("abnormality must be calc, mass or all")
     if bwc not in ("benign", "drop"):

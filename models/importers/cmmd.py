@@ -40,7 +40,7 @@ def _norm(row: dict[str, str]) -> dict[str, str]:
 def import_cmmd(src: Path, out: Path, *, clinical: Path | None = None, abnormality: str = "calc",
                 candidates: Path | None = None, patch_mm: float = 48.0,
                 store_spacing_mm: float | None = None, pixel_spacing_mm: float | None = None,
-                breast_px: int = 512, limit: int | None = None):  # noqa: ANN201
+                breast_px: int = 512, limit: int | None = None):
     src = Path(src)
     if abnormality not in ("calc", "mass", "all"):
         raise ValueError("abnormality must be calc, mass or all")

@@ -144,7 +144,7 @@ def _fill_header(img: StoredImage) -> None:
 def import_dicom_csv(src: Path, out: Path, *, labels_csv: Path, node_db: str | None = None,
                      id_key: Path | None = None, patch_mm: float = 48.0,
                      store_spacing_mm: float | None = None, pixel_spacing_mm: float | None = None,
-                     breast_px: int = 512):  # noqa: ANN201
+                     breast_px: int = 512):
     src, out, labels_csv = Path(src), Path(out), Path(labels_csv)
     is_node = node_db is not None or (src / "node.sqlite3").is_file()
     writer = DatasetWriter(out, "dicom-csv", patch_mm=patch_mm,

@@ -64,7 +64,7 @@ def is_dicom_file(path: Path) -> bool:
     return path.suffix.lower() in (".dcm", ".dicom")
 
 
-def read_header(path: Path):  # noqa: ANN201 - pydicom Dataset
+def read_header(path: Path):
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True, force=True)
@@ -116,7 +116,7 @@ def read_mammogram(path: Path) -> Mammogram:
                      str(ds.get("SOPInstanceUID", "")), str(ds.get("AccessionNumber", "") or ""))
 
 
-def is_for_processing(ds) -> bool:  # noqa: ANN001
+def is_for_processing(ds) -> bool:
     if str(ds.get("SOPClassUID", "")) in FOR_PROCESSING_SOP_CLASSES:
         return True
     return str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING"
@@ -128,7 +128,7 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def to_unit_range(raw: np.ndarray, ds, *, for_presentation: bool) -> np.ndarray:  # noqa: ANN001
+def to_unit_range(raw: np.ndarray, ds, *, for_presentation: bool) -> np.ndarray:
     """Stored values -> float32 [0, 1], bright = dense (the node's pipeline, see module doc)."""
     x = raw.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -173,7 +173,7 @@ def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.nda
     return (x - (centre - 0.5)) / max(width - 1.0, 1e-6) + 0.5  # LINEAR, PS3.3 C.11.2.1.2.1
 
 
-def _voi_lut(raw: np.ndarray, x: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001
+def _voi_lut(raw: np.ndarray, x: np.ndarray, ds) -> np.ndarray:
     from pydicom.pixels import apply_voi
 
     item = ds.VOILUTSequence[0]
@@ -193,7 +193,7 @@ def _percentile_stretch(x: np.ndarray) -> np.ndarray:
     return (x - lo) / max(float(hi - lo), 1e-6)
 
 
-def pixel_spacing(ds) -> tuple[float | None, str]:  # noqa: ANN001
+def pixel_spacing(ds) -> tuple[float | None, str]:
     """Pixel size at the breast in mm and its source; (None, "none") when the file has none.
 
     PixelSpacing (already at the patient plane), else ImagerPixelSpacing divided by a sensible
@@ -222,7 +222,7 @@ def pixel_spacing(ds) -> tuple[float | None, str]:  # noqa: ANN001
     return None, "none"
 
 
-def laterality_and_view(ds) -> tuple[str, str]:  # noqa: ANN001
+def laterality_and_view(ds) -> tuple[str, str]:
     """("L"/"R"/"B"/"", "CC"/"MLO"/.../"") from ImageLaterality, Laterality, frame anatomy;
     ViewPosition, ViewCodeSequence, PatientOrientation (as the node reads them)."""
     laterality = ""

@@ -133,7 +133,7 @@ def import_inbreast(src: Path, out: Path, *, benign_birads: str = "1,2",
                     roi: str = "annotation", cluster_link_mm: float = 10.0,
                     min_calcifications: int = 3, patch_mm: float = 48.0,
                     store_spacing_mm: float | None = None, pixel_spacing_mm: float = 0.07,
-                    breast_px: int = 512, limit: int | None = None):  # noqa: ANN201
+                    breast_px: int = 512, limit: int | None = None):
     if abnormality not in ("calc", "mass", "all") or roi not in ("annotation", "breast"):
         raise ValueError("abnormality must be calc|mass|all and roi annotation|breast")
     src = Path(src)

@@ -50,7 +50,7 @@ def parse_categories(text: str) -> list[str]:
 def import_vindr(src: Path, out: Path, *, benign_birads: str = "2,3",
                  malignant_birads: str = "4,5", categories: str = "Suspicious Calcification",
                  patch_mm: float = 48.0, store_spacing_mm: float | None = None,
-                 pixel_spacing_mm: float | None = None, limit: int | None = None):  # noqa: ANN201
+                 pixel_spacing_mm: float | None = None, limit: int | None = None):
     src = Path(src)
     found = sorted(src.rglob("finding_annotations.csv"))
     if not found:

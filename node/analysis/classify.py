@@ -100,7 +100,7 @@ class Classifier:
                 card.architecture, pretrained=False, num_classes=card.num_classes,
                 in_chans=card.in_chans,
             )
-        except Exception as exc:  # unknown timm name etc.
+        except Exception as exc:  # noqa: BLE001 - unknown timm name etc.
             raise RuntimeError(
                 f"model card {card_path}: cannot build {card.architecture!r}: {exc}"
             ) from None

@@ -294,7 +294,7 @@ class AnalysisPipeline:
             log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
                     time.perf_counter() - t0, 0.0, None)
-        except Exception:
+        except Exception:  # noqa: BLE001 - prepare() says what is wrong
             g = None  # prepare() says what is wrong with it
         # The whole working set of this image (decoded, float copies, mask) is reserved until
         # its crops are made; concurrent decodes wait while the budget is spent.
@@ -317,7 +317,7 @@ class AnalysisPipeline:
             log.warning("image %s not decoded: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"not decoded: {exc}", failed=True), None, [],
                     time.perf_counter() - t0, 0.0, None)
-        except Exception as exc:  # undecodable pixel data must not stop the study
+        except Exception as exc:  # noqa: BLE001 - undecodable pixel data must not stop the study
             log.warning("image %s not analysed: %s", item.sop_instance_uid, exc)
             return (self._skipped(item, f"cannot decode: {type(exc).__name__}: {exc}",
                                   failed=True), None, [], time.perf_counter() - t0, 0.0, None)

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from models.detector.anatomy import breast_mask  # noqa: F401  (re-exported)
+from models.detector.anatomy import breast_mask
 from node.decode_limits import (
     ImageLimits,
     check_codestream,

@@ -1,0 +1,67 @@
+"""A kind added to a result while its delivery is in flight is still delivered.
+
+The race: a rebuilt output kind (``mammo-node retry``) is recorded and its delivery set back to
+pending while the deliverer is already sending that delivery's earlier snapshot of objects; the
+deliverer used to mark the delivery done at the end and the new kind was never sent.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.config import DeliverySettings, Destination
+from node.db import Database, Delivery, Job, Result, ResultObject, Study
+from node.deliver import Deliverer, SendOutcome
+from node.reports.kinds import GRAYSCALE_SOFTCOPY_PS, SECONDARY_CAPTURE
+from node.store import Spool
+from node.worker import _queue_deliveries
+
+
+class RebuildWhileSending:
+    """Records what is sent; during the first send the worker adds a rebuilt kind."""
+
+    def __init__(self, db: Database, result_id: int) -> None:
+        self.db, self.result_id, self.sent = db, result_id, []
+
+    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
+        self.sent.append(sorted(p.name for p in paths))
+        if len(self.sent) == 1:
+            with self.db.session() as s:  # what the worker does when a retried kind is built
+                s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
+                                   sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
+                _queue_deliveries(s, self.result_id, [dest.name])
+        return SendOutcome(True, False, "0x0000", "")
+
+
+def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    with db.session() as s:
+        study = Study(study_uid="1.2.3", state="complete")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
+        s.add(job)
+        s.flush()
+        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
+        s.add(result)
+        s.flush()
+        s.add(ResultObject(result_id=result.id, sop_class_uid=SECONDARY_CAPTURE,
+                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
+        s.add(Delivery(result_id=result.id, destination="pacs"))
+        result_id = result.id
+    transport = RebuildWhileSending(db, result_id)
+    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
+                       objects=["sc", "gsps"])
+    deliverer = Deliverer(db, Spool(tmp_path / "data"), [dest], DeliverySettings(), "NODE",
+                          transports={"dicom": transport})
+
+    assert deliverer.run_due() == 1
+    with db.session() as s:  # the attempt saw only the SC: the delivery is due again, not done
+        d = s.query(Delivery).one()
+        assert d.state == "pending"
+        assert d.sent_at is None
+    assert deliverer.run_due() == 1
+    assert transport.sent == [["sc.dcm"], ["gsps.dcm"]]  # the SC once, then the rebuilt GSPS
+    with db.session() as s:
+        assert s.query(Delivery).one().state == "done"
