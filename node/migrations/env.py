@@ -28,4 +28,5 @@ def _migrate(connection) -> None:  # type: ignore[no-untyped-def]
         context.run_migrations()
 
 
-run()
+if hasattr(context, "config"):  # inside an Alembic command (not a plain import of the module)
+    run()
