@@ -1,4 +1,4 @@
-"""mammo-node command line: serve, echo, send, status, retry, hash-secret, model, outcomes
+"""mammo-node command line: serve, echo, send, status, retry, db, hash-secret, model, outcomes
 (also ``python -m node``)."""
 
 from __future__ import annotations
@@ -34,8 +34,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks to stderr
     from node.service import Node
 
+    roles = None
+    if args.roles:
+        from node.config import ROLES
+
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise ConfigError(f"--roles: {', '.join(bad) or 'empty'} (known: "
+                              f"{', '.join(ROLES)})")
     try:
-        node = Node(settings)
+        node = Node(settings, roles=roles)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"mammo-node: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -160,8 +169,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from node.status_page import outcome_counts
 
     outcomes, not_analysed = outcome_counts(db)
+    from node.cluster import describe_nodes
+
+    with db.session() as s:
+        nodes = describe_nodes(s)
     report = {
         "queue_depth": jobs.get("queued", 0) + jobs.get("running", 0),
+        "nodes": nodes,
         "studies": dict(studies), "jobs": dict(jobs), "deliveries": dict(deliveries),
         "failed_outputs": failed_outputs,
         "instances": outcomes,
@@ -175,6 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"queue depth: {report['queue_depth']} (queued {jobs.get('queued', 0)}, "
           f"running {jobs.get('running', 0)})")
     print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(studies.items())) or "none"))
+    print(f"nodes: {len(nodes)}")
+    for n in nodes:
+        holds = ", ".join(f"{k} {v}" for k, v in sorted(n["holds"].items())) or "nothing"
+        print(f"  {n['name']} [{','.join(n['roles'])}] {n['state']} on {n['host']} pid "
+              f"{n['pid']}, heartbeat {n['heartbeat_age_s']:.0f} s ago, holds {holds}")
     print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items()))
                             or "none"))
     print("instances: " + ", ".join(f"{k} {outcomes.get(k, 0)}"
@@ -198,17 +217,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from sqlalchemy import func, select, update
+    from sqlalchemy import select
 
-    from node.db import (
-        Database,
-        Delivery,
-        DeliveryKind,
-        Job,
-        Result,
-        Study,
-        utcnow,
-    )
+    from node import queue
+    from node.db import Database, Study
 
     settings = _settings(args)
     db = Database(settings.database_url)
@@ -218,63 +230,28 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if args.study:
             study_ids = s.execute(select(Study.id).where(Study.study_uid == args.study)
                                   ).scalars().all()
-        dwhere = [Delivery.state == "failed"]
-        jq = update(Job).where(Job.state == "failed")
-        if study_ids is not None:
-            dwhere.append(Delivery.result_id.in_(
-                select(Result.id).where(Result.study_id.in_(study_ids))))
-            jq = jq.where(Job.study_id.in_(study_ids))
-        failed_deliveries = s.execute(select(Delivery.id).where(*dwhere)).scalars().all()
-        n_d = s.execute(update(Delivery).where(*dwhere).values(
-            state="pending", attempts=0, next_attempt_at=utcnow())).rowcount
-        if failed_deliveries:  # their refused kinds are sent again; the sent ones are not
-            s.execute(update(DeliveryKind).where(
-                DeliveryKind.delivery_id.in_(failed_deliveries),
-                DeliveryKind.state == "failed").values(state="pending"))
-        # One live job per study: the newest failed job of each study without a live one.
-        live = select(Job.study_id).where(Job.state.in_(("queued", "running")))
-        newest = select(func.max(Job.id)).where(Job.state == "failed",
-                                                Job.study_id.not_in(live)).group_by(Job.study_id)
-        n_j = s.execute(jq.where(Job.id.in_(newest)).values(state="queued", attempts=0)
-                        ).rowcount
-        if n_j:
-            failed_studies = select(Job.study_id).where(Job.state == "queued")
-            s.execute(update(Study).where(Study.state == "failed",
-                                          Study.id.in_(failed_studies)).values(state="complete"))
-        n_k, n_s = _requeue_failed_kinds(s, study_ids)
-    print(f"re-queued {n_d} failed deliveries and {n_j} failed analyses; "
-          f"{n_k} failed output kinds of {n_s} studies will be rebuilt")
+        r = queue.retry_failed(s, study_ids)
+    print(f"re-queued {r.deliveries} failed deliveries and {r.jobs} failed analyses; "
+          f"{r.kinds} failed output kinds of {r.kind_studies} studies will be rebuilt")
     return 0
 
 
-def _requeue_failed_kinds(s, study_ids: list[int] | None) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """Mark the failed output kinds of current results for rebuilding and queue their
-    analyses again (same input, same model: same analysis key and UIDs, so only the missing
-    kinds are added and delivered)."""
-    from sqlalchemy import select
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade``: apply the schema migrations; ``db current``: where the schema is."""
+    from node import migrate
+    from node.db import Database
 
-    from node.db import Job, Result, ResultKind, Study, utcnow
-
-    q = (select(ResultKind, Result).join(Result, Result.id == ResultKind.result_id)
-         .where(ResultKind.state == "failed", Result.current.is_(True)))
-    if study_ids is not None:
-        q = q.where(Result.study_id.in_(study_ids))
-    rows = s.execute(q).all()
-    studies: set[int] = set()
-    for kind, result in rows:
-        kind.state = "rebuild"
-        if result.study_id in studies:
-            continue
-        studies.add(result.study_id)
-        original = s.get(Job, result.job_id)
-        # a live job of the study (one at most) analyses its latest content anyway
-        pending = s.execute(select(Job.id).where(
-            Job.study_id == result.study_id, Job.state.in_(("queued", "running")))).first()
-        if pending is None:
-            study = s.get(Study, result.study_id)
-            s.add(Job(study_id=result.study_id, generation=study.generation,
-                      input_key=original.input_key, state="queued", created_at=utcnow()))
-    return len(rows), len(studies)
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    if args.action == "current":
+        current, head = migrate.current_revision(db), migrate.head_revision()
+        print(f"schema revision {current or 'none'} (this release: {head})"
+              + ("" if current == head else "; run `mammo-node db upgrade`"))
+        return 0 if current == head else 1
+    before, after = migrate.upgrade(db)
+    print(f"schema revision {before or 'none'} -> {after}" if before != after
+          else f"schema revision {after}: already current")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", help="run the node (listener, worker, delivery)")
     common(sp)
+    sp.add_argument("--roles", help="comma-separated: receive, analyse, deliver (default: "
+                                    "[cluster] roles, all three)")
     sp.set_defaults(func=cmd_serve)
     sp = sub.add_parser("echo", help="C-ECHO the node (or a destination)")
     common(sp)
@@ -316,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token", action="store_true", help="a bearer token (SHA-256)")
     sp.add_argument("--user", help="print a users_file line NAME:HASH")
     sp.set_defaults(func=cmd_hash_secret)
+    sp = sub.add_parser("db", help="database schema: upgrade (apply the migrations) or "
+                                   "current (show the revision)")
+    common(sp)
+    sp.add_argument("action", choices=("upgrade", "current"))
+    sp.set_defaults(func=cmd_db)
     sp = sub.add_parser("retry", help="re-queue failed deliveries and analyses")
     common(sp)
     sp.add_argument("--study", help="only this Study Instance UID")

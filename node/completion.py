@@ -27,7 +27,8 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db import LIVE_JOB_STATES, Database, Instance, Job, Study, utcnow
+from node import queue
+from node.db import Database, Instance, Job, Study, utcnow
 from node.log import event
 
 log = logging.getLogger("node.completion")
@@ -55,8 +56,7 @@ def complete_ready_studies(
     now = now or utcnow()
     done: list[str] = []
     with db.session() as s:
-        candidates = s.execute(select(Study).where(Study.state == "receiving")).scalars().all()
-        for study in candidates:
+        for study in queue.receiving_studies(s):
             instances = list(
                 s.execute(select(Instance).where(Instance.study_id == study.id)).scalars()
             )
@@ -73,30 +73,13 @@ def complete_ready_studies(
 
 
 def _complete(s: Session, study: Study, instances: list[Instance], reason: str) -> None:
-    key = input_key(instances)
-    study.completed_at = utcnow()
-    live = s.execute(select(Job).where(Job.study_id == study.id,
-                                       Job.state.in_(LIVE_JOB_STATES))).scalar()
-    if live is not None:  # absorb: the study's one live job analyses the latest content
-        changed = live.input_key != key
-        live.input_key, live.generation = key, study.generation
-        study.state = "analysing" if live.state == "running" else "complete"
+    done = queue.complete_study(s, study, input_key(instances))
+    if done.absorbed is not None:  # the study's one live job analyses the latest content
         event(log, "study.complete", study=study.study_uid, instances=len(instances),
-              reason=reason, job=live.id,
-              absorbed=("new content" if changed else "same content") + f" into {live.state} job")
-        return
-    previous = s.execute(
-        select(Job).where(Job.study_id == study.id, Job.input_key == key,
-                          Job.state.in_(("queued", "running", "done")))
-    ).scalar()
-    if previous is not None:
-        study.state = "done" if previous.state == "done" else "complete"
+              reason=reason, job=done.job, absorbed=done.absorbed)
+    elif done.job is None:
         event(log, "study.complete", study=study.study_uid, instances=len(instances),
               reason=reason, job="unchanged content, no new analysis")
-        return
-    study.state = "complete"
-    job = Job(study_id=study.id, generation=study.generation, input_key=key, state="queued")
-    s.add(job)
-    s.flush()
-    event(log, "study.complete", study=study.study_uid, instances=len(instances), reason=reason,
-          job=job.id)
+    else:
+        event(log, "study.complete", study=study.study_uid, instances=len(instances),
+              reason=reason, job=done.job)

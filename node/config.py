@@ -50,6 +50,22 @@ class NodeSettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = ""
+    # "auto": apply the Alembic migrations at start-up; "off": refuse to start on a database
+    # whose schema is older than this release (the admin runs `mammo-node db upgrade`).
+    migrate: str = "auto"
+
+
+ROLES = ("receive", "analyse", "deliver")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Several nodes sharing one queue (node.cluster, node.queue)."""
+
+    node_name: str = ""  # unique per node; "" = "<host name>:<node.port>"
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    lease_seconds: float = 30
+    heartbeat_seconds: float = 5
 
 
 def _default_other_sop_classes() -> list[str]:
@@ -207,6 +223,7 @@ class Destination:
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     study: StudySettings = field(default_factory=StudySettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -260,6 +277,7 @@ class Settings:
 _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "database": DatabaseSettings,
+    "cluster": ClusterSettings,
     "study": StudySettings,
     "analysis": AnalysisSettings,
     "limits": LimitsSettings,
@@ -443,6 +461,21 @@ def _validate_outputs(s: Settings) -> None:
             _check_objects(dest.objects, f"destinations[{i}].objects")
 
 
+def _validate_cluster(s: Settings) -> None:
+    c = s.cluster
+    _check(s.database.migrate in ("auto", "off"), "database.migrate",
+           f"must be \"auto\" or \"off\", got {s.database.migrate!r}")
+    _check(bool(c.roles), "cluster.roles", "must name at least one role")
+    for i, role in enumerate(c.roles):
+        _check(role in ROLES, f"cluster.roles[{i}]",
+               f"must be one of {', '.join(ROLES)}, got {role!r}")
+    _check(len(c.node_name) <= 64, "cluster.node_name", "must be at most 64 characters")
+    _check(c.heartbeat_seconds > 0, "cluster.heartbeat_seconds", "must be positive")
+    _check(c.lease_seconds >= 2 * c.heartbeat_seconds, "cluster.lease_seconds",
+           "must be at least twice cluster.heartbeat_seconds (a lease survives a missed "
+           "heartbeat)")
+
+
 def _validate(s: Settings) -> None:
     n = s.node
     _check(bool(_AE_RE.match(n.ae_title.strip() or "")), "node.ae_title",
@@ -457,6 +490,7 @@ def _validate(s: Settings) -> None:
     _check(n.network_timeout > 0, "node.network_timeout", "must be positive")
     _check(n.min_free_mb >= 0, "node.min_free_mb", "must not be negative")
     _validate_admission(s)
+    _validate_cluster(s)
     _check(s.study.stable_seconds >= 0, "study.stable_seconds", "must not be negative")
     _check(s.study.check_interval_seconds > 0, "study.check_interval_seconds",
            "must be positive")

@@ -1,8 +1,9 @@
-"""Database: the tables and the queue transitions (claim, finish, fail, retry).
+"""Database: the tables (their state changes are node.queue's, and only node.queue's).
 
 Everything the node knows about studies, instances, analysis jobs, results and deliveries lives
 here, in SQLite (WAL mode, synchronous=FULL) by default or PostgreSQL when several machines share
-one queue. Claims are conditional UPDATEs, so two workers never take the same job.
+one queue. The schema is versioned by Alembic migrations (node/migrations, ``mammo-node db
+upgrade``).
 
 Times are naive UTC datetimes.
 """
@@ -25,10 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
-    select,
     text,
-    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -141,6 +139,10 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Result(Base):
@@ -199,6 +201,10 @@ class Delivery(Base):
     last_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     result: Mapped[Result] = relationship()
 
 
@@ -303,6 +309,10 @@ class ShadowRun(Base):
     max_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     analysis_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     relpath: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Who holds the claim (a node's name, node.cluster) and until when: the holder renews the
+    # lease while it works; an expired lease goes back to the queue (node.queue.reap_expired).
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class ScoredBreast(Base):
@@ -367,6 +377,49 @@ class Outcome(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+# -- several nodes, one queue (issue 19: node/queue.py, node/cluster.py) ------------------------
+
+
+class NodeRecord(Base):
+    """One node sharing this queue: its roles, where it runs, its last heartbeat. Written by
+    the node itself (node.cluster); ``mammo-node status`` and the status page list them."""
+
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    roles: Mapped[str] = mapped_column(String(64), default="receive,analyse,deliver")
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # running | draining (takes no new work) | stopped (left cleanly)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+
+
+class ClaimRecord(Base):
+    """History of every claim (a job, a delivery or a shadow run held by a node, from claimed
+    to released): the audit trail that shows no row was ever processed by two nodes at once."""
+
+    __tablename__ = "claims"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # job | delivery | shadow
+    row_id: Mapped[int] = mapped_column(Integer, index=True)
+    holder: Mapped[str] = mapped_column(String(64), index=True)
+    claimed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    released_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # done | failed | requeued | superseded | expired (the holder stopped renewing) | ...
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class ClusterSetting(Base):
+    """Facts every node sharing the queue must agree on, e.g. ``storage_id``: the identity of
+    the shared data folder (node.cluster.check_shared_storage)."""
+
+    __tablename__ = "cluster_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+
+
 class Database:
     """Engine + session factory with the pragmas the node's durability promise depends on."""
 
@@ -382,10 +435,11 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, future=True)
 
     def create_schema(self) -> None:
-        """Create what is missing: tables, then columns and indexes added since a database
-        was created (an older node's database is upgraded in place, nothing is dropped)."""
-        Base.metadata.create_all(self.engine)
-        upgrade_schema(self.engine)
+        """Bring the schema to this release's: the Alembic migrations (node.migrate). An
+        older node's database is upgraded in place, nothing is dropped."""
+        from node.migrate import upgrade
+
+        upgrade(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -408,65 +462,3 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA busy_timeout=60000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def upgrade_schema(engine: Engine) -> None:
-    """Add columns and indexes the models have and an older database lacks.
-
-    Only additive changes: nullable columns or columns with a scalar default. Before the unique
-    "one live job per study" index is created, duplicate live jobs (an older node queued one per
-    re-opening instance) are merged: the newest stays, the others become ``superseded``.
-    """
-    insp = inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in insp.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} " \
-                      f"{column.type.compile(engine.dialect)}"
-                default = getattr(column.default, "arg", None)
-                if isinstance(default, bool | int | float | str):
-                    ddl += f" DEFAULT {_sql_literal(default)}"
-                conn.exec_driver_sql(ddl)
-        indexes = {ix["name"] for ix in insp.get_indexes(Job.__tablename__)}
-        if "ix_jobs_one_live_per_study" not in indexes:
-            _merge_duplicate_live_jobs(conn)
-    for table in Base.metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
-
-
-def _sql_literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return str(value)
-
-
-def _merge_duplicate_live_jobs(conn) -> None:  # type: ignore[no-untyped-def]
-    live = conn.execute(select(Job.id, Job.study_id).where(Job.state.in_(LIVE_JOB_STATES))
-                        .order_by(Job.study_id, Job.id.desc())).all()
-    keep: set[int] = set()
-    drop: list[int] = []
-    for job_id, study_id in live:
-        if study_id in keep:
-            drop.append(job_id)
-        else:
-            keep.add(study_id)
-    if drop:
-        conn.execute(update(Job).where(Job.id.in_(drop)).values(
-            state="superseded", error="merged into the study's newest job (schema upgrade)"))
-
-
-def claim(session: Session, model: type[Job] | type[Delivery], row_id: int, from_state: str,
-          to_state: str, **values: object) -> bool:
-    """Move one row from ``from_state`` to ``to_state`` if nobody else did; True when we won."""
-    res = session.execute(
-        update(model)
-        .where(model.id == row_id, model.state == from_state)
-        .values(state=to_state, **values)
-    )
-    return res.rowcount == 1

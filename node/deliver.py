@@ -32,12 +32,11 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, _config
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from node import faults, metrics
+from node import faults, metrics, queue
 from node.config import DeliverySettings, Destination
-from node.db import Database, Delivery, DeliveryKind, Result, ResultObject, claim, utcnow
+from node.db import Database, Delivery, Result, ResultObject, utcnow
 from node.log import event
 from node.reports.kinds import DEFAULT_KINDS, kind_of, sop_classes_for
 from node.store import Spool
@@ -70,8 +69,10 @@ class Deliverer:
                  settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
                  timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS,
                  tls_context: ssl.SSLContext | None = None,
-                 transports: dict[str, Transport] | None = None) -> None:
+                 transports: dict[str, Transport] | None = None,
+                 holder: queue.Holder | None = None) -> None:
         self.db = db
+        self.holder = holder or queue.Holder("local")  # this node's name on its claims
         self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
         self.destinations = {d.name: d for d in destinations}
@@ -84,12 +85,14 @@ class Deliverer:
         }
 
     def recover(self) -> int:
-        with self.db.session() as s:
-            n = s.execute(update(Delivery).where(Delivery.state == "sending")
-                          .values(state="pending")).rowcount
-        if n:
-            event(log, "delivery.recovered", deliveries=n, reason="interrupted by a restart")
-        return n
+        """Deliveries this node's previous run was sending (it was killed), and any whose
+        lease expired, go back to pending: their unsent kinds go at the next attempt."""
+        mine = queue.release_holder(self.db, self.holder.name).get("delivery", 0)
+        expired = queue.reap_expired(self.db).get("delivery", 0)
+        if mine or expired:
+            event(log, "delivery.recovered", deliveries=mine + expired, own=mine,
+                  expired=expired, reason="interrupted by a restart or a lost node")
+        return mine + expired
 
     def backoff(self, attempts: int) -> float:
         s = self.settings
@@ -98,19 +101,11 @@ class Deliverer:
     def run_due(self) -> int:
         """Send every delivery that is due; returns how many were attempted."""
         now = utcnow()
-        with self.db.session() as s:
-            due = s.execute(
-                select(Delivery.id).where(Delivery.state == "pending",
-                                          Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-            ).scalars().all()
-        n = 0
-        for delivery_id in due:
-            with self.db.session() as s:
-                if not claim(s, Delivery, delivery_id, "pending", "sending",
-                             attempts=Delivery.attempts + 1):
-                    continue
-            n += 1
+        n, last = 0, 0
+        # Oldest first, each claimed (under this node's lease) just before it is sent; a
+        # delivery another node holds is skipped. Ids rise, so one pass ends.
+        while (delivery_id := queue.claim_delivery(self.db, self.holder, now, last)) is not None:
+            n, last = n + 1, delivery_id
             self._deliver(delivery_id)
         return n
 
@@ -122,9 +117,8 @@ class Deliverer:
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
             study_id = result.study_id
-            seen = {o.id for o in objects}
-            settled = {k.kind: k.state for k in s.execute(select(DeliveryKind).where(
-                DeliveryKind.delivery_id == delivery_id)).scalars() if k.state != "pending"}
+            seen = {o.id for o in objects}  # this attempt's snapshot of the result's objects
+            settled = queue.settled_kinds(s, delivery_id)
         dest = self.destinations.get(name)
         if dest is not None:  # only the output kinds this destination takes
             wanted = sop_classes_for(dest.objects if dest.objects is not None
@@ -160,24 +154,19 @@ class Deliverer:
             metrics.delivery_kind_failed(name, kind)
         errors = "; ".join(f"{k}: {o.error}" for k, o in outcomes.items()
                            if not o.ok and o.error != "not attempted")
+        retry_at = utcnow() + dt.timedelta(seconds=self.backoff(attempts)) \
+            if not ok and transient and attempts < self.settings.max_attempts else None
         with self.db.session() as s:
+            state = queue.finish_delivery(
+                s, delivery_id, self.holder.name,
+                {k: queue.KindOutcome(o.ok, o.permanent, o.status, o.error)
+                 for k, o in outcomes.items()}, ok, retry_at, errors, seen)
             d = s.get(Delivery, delivery_id)
-            _record_kinds(s, delivery_id, outcomes)
-            statuses = [o.status for o in outcomes.values() if o.status]
-            d.last_status = statuses[-1] if statuses else None
-            # A kind added to the result while this attempt was in flight (a rebuilt output)
-            # was not in this attempt's snapshot: the delivery goes again at once for it.
-            grown = ok and _objects_added_since(s, d.result_id, seen)
-            if grown:
-                d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
-            elif ok:
-                d.state, d.sent_at, d.last_error = "done", utcnow(), None
-            elif transient and attempts < self.settings.max_attempts:
-                d.state, d.last_error = "pending", errors
-                d.next_attempt_at = utcnow() + dt.timedelta(seconds=self.backoff(attempts))
-            else:
-                d.state, d.last_error = "failed", errors
-            state = d.state
+        if state is None:
+            event(log, "delivery.lease_lost", logging.WARNING, destination=name,
+                  study_id=study_id, effect="another node took this delivery over; its "
+                  "outcome is not recorded here")
+            return
         for kind, o in refused.items():
             event(log, "delivery.kind_failed", logging.ERROR, destination=name,
                   study_id=study_id, kind=kind, status=o.status or None, error=o.error,
@@ -273,25 +262,3 @@ def _as_built(assoc: Association, path: Path, meta: Dataset) -> Path | Dataset:
         return path
     return pydicom.dcmread(path)
 
-
-def _objects_added_since(s: Session, result_id: int, seen: set[int]) -> bool:
-    ids = s.execute(select(ResultObject.id).where(ResultObject.result_id == result_id)
-                    ).scalars().all()
-    return any(i not in seen for i in ids)
-
-
-def _record_kinds(s: Session, delivery_id: int, outcomes: dict[str, SendOutcome]) -> None:
-    rows = {k.kind: k for k in s.execute(select(DeliveryKind).where(
-        DeliveryKind.delivery_id == delivery_id)).scalars()}
-    for kind, o in outcomes.items():
-        if kind == "*":
-            continue
-        row = rows.get(kind)
-        if row is None:
-            row = DeliveryKind(delivery_id=delivery_id, kind=kind)
-            s.add(row)
-        row.state = "done" if o.ok else "failed" if o.permanent else "pending"
-        row.last_status = o.status or None
-        row.last_error = None if o.ok else o.error
-        if o.ok:
-            row.sent_at = utcnow()

@@ -24,8 +24,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node import queue
 from node.db import Database, Delivery, Instance, Job, Study
 from node.output_failures import failed_kind_counts
+from node.queue import DeliveryState, StudyState
 
 log = logging.getLogger("node.metrics")
 
@@ -107,10 +109,10 @@ DELIVERY_KIND_FAILURES = Counter(
     "mammo_delivery_kind_failures", "Output kinds a destination refused (the other kinds are "
     "still delivered), by destination and kind", ["destination", "kind"], registry=REGISTRY)
 
-STUDY_STATES = ("receiving", "complete", "analysing", "done", "failed")
+STUDY_STATES = tuple(str(s) for s in StudyState)
 #: What became of each stored instance (node.db.Instance.outcome; NULL = still pending).
 INSTANCE_OUTCOMES = ("pending", "analysed", "skipped", "failed")
-WAITING_DELIVERY_STATES = ("pending", "sending", "failed")
+WAITING_DELIVERY_STATES = tuple(str(s) for s in queue.WAITING_DELIVERY_STATES)
 
 
 # -- hooks called by the stages ----------------------------------------------------------------
@@ -223,6 +225,9 @@ class StateCollector(Collector):
             failed_kinds = failed_kind_counts(s)
             outcomes = dict(s.execute(select(Instance.outcome, func.count())
                                       .group_by(Instance.outcome)).all())
+            from node.cluster import describe_nodes
+
+            nodes = describe_nodes(s)
         g = GaugeMetricFamily("mammo_studies", "Studies by state", labels=["state"])
         for state in sorted(set(STUDY_STATES) | set(studies)):
             g.add_metric([state], float(studies.get(state, 0)))
@@ -234,8 +239,20 @@ class StateCollector(Collector):
         for outcome in sorted(set(INSTANCE_OUTCOMES) | set(outcomes)):
             g.add_metric([outcome], float(outcomes.get(outcome, 0)))
         yield g
+        g = GaugeMetricFamily("mammo_node_heartbeat_age_seconds", "Seconds since each node "
+                              "sharing the queue last beat (node.cluster), by node and state",
+                              labels=["node", "state"])
+        for n in nodes:
+            g.add_metric([n["name"], n["state"]], float(n["heartbeat_age_s"]))
+        yield g
+        g = GaugeMetricFamily("mammo_claims_held", "Jobs, deliveries and shadow runs each node "
+                              "holds under a lease now", labels=["node", "kind"])
+        for n in nodes:
+            for kind in ("job", "delivery", "shadow"):
+                g.add_metric([n["name"], kind], float(n["holds"].get(kind, 0)))
+        yield g
         g = GaugeMetricFamily("mammo_queue_depth", "Analysis jobs queued or running")
-        g.add_metric([], float(jobs.get("queued", 0) + jobs.get("running", 0)))
+        g.add_metric([], float(sum(jobs.get(str(s), 0) for s in queue.LIVE_JOB_STATES)))
         yield g
         g = GaugeMetricFamily("mammo_deliveries",
                               "Deliveries waiting (pending, sending) or failed, by destination",
@@ -269,7 +286,7 @@ def last_success(session: Session, destination: str) -> dt.datetime | None:
     table, so it stays fast with years of history.
     """
     return session.execute(
-        select(Delivery.sent_at).where(Delivery.state == "done",
+        select(Delivery.sent_at).where(Delivery.state == DeliveryState.DONE,
                                        Delivery.destination == destination)
         .order_by(Delivery.id.desc()).limit(1)).scalar()
 

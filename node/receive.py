@@ -50,10 +50,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from node import decode_limits, fastrecv, faults, metrics
+from node import decode_limits, fastrecv, faults, metrics, queue
 from node.admission import Admission
 from node.charset import charset_problem
-from node.db import Database, Instance, OtherObject, Series, Study, utcnow
+from node.db import Database, Instance, OtherObject, Series, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.intake import ANALYSE, ANALYSED_SOP_CLASSES, REFUSE, Intake, IntakePolicy, decide
 from node.log import event, patient_fields
@@ -508,20 +508,11 @@ class Receiver:
         # One writer at a time from this process keeps SQLite from "database is locked" storms.
         try:
             with self._record_lock, self.db.session() as s:
-                study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
                 now = utcnow()
-                if study is None:
-                    study = Study(study_uid=study_uid, state="receiving", generation=1,
-                                  created_at=now, last_received_at=now)
-                    s.add(study)
-                    s.flush()
-                elif study.state != "receiving":
-                    event(log, "study.reopened", study=study_uid, previous_state=study.state,
-                          generation=study.generation + 1)
-                    study.state = "receiving"
-                    study.generation += 1
-                    study.completed_at = None
-                study.last_received_at = now
+                study, reopened_from = queue.receive_instance(s, study_uid, now)
+                if reopened_from is not None:
+                    event(log, "study.reopened", study=study_uid, previous_state=reopened_from,
+                          generation=study.generation)
                 if not study.accession_number:  # outcomes are matched by it (node/outcomes.py)
                     study.accession_number = str(ds.get("AccessionNumber", "") or "")[:64] or None
                 series_uid = str(ds.SeriesInstanceUID)

@@ -14,10 +14,11 @@ import sys
 import threading
 import time
 
-from node import __version__, metrics, model_status
+from node import __version__, metrics, model_status, queue
 from node.activemodel import MODEL_POLL_SECONDS, ModelManager
 from node.admission import Admission
 from node.analysis.result import StudyAnalyser
+from node.cluster import Membership, check_shared_storage, node_name
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
@@ -70,7 +71,9 @@ def build_monitoring(node: Node) -> MonitoringServer:
     return MonitoringServer(
         s.http.host, s.http.port,
         health=lambda: health.health(
-            host=s.node.host, port=s.node.port, listening=node.receiver.listening, db=node.db,
+            host=s.node.host, port=s.node.port, db=node.db,
+            # a node without the receive role has no listener to be healthy about
+            listening=node.receiver.listening or "receive" not in node.roles,
             spool=node.spool, min_free_mb=s.node.min_free_mb,
             destinations=[d.name for d in s.destinations]),
         status_page=lambda: status_page.render(
@@ -83,11 +86,25 @@ def build_monitoring(node: Node) -> MonitoringServer:
 
 
 class Node:
-    def __init__(self, settings: Settings, analyser: StudyAnalyser | None = None) -> None:
+    def __init__(self, settings: Settings, analyser: StudyAnalyser | None = None,
+                 roles: list[str] | None = None) -> None:
         self.settings = settings
+        c = settings.cluster
+        # What this node does (receive, analyse, deliver); all three by default.
+        self.roles = list(roles or c.roles)
+        self.holder = queue.Holder(node_name(c.node_name, settings.node.port), c.lease_seconds)
         self.spool = Spool(settings.node.data_dir)
         self.db = Database(settings.database_url)
-        self.db.create_schema()
+        if settings.database.migrate == "auto":
+            self.db.create_schema()  # the Alembic migrations (node.migrate)
+        else:
+            from node.migrate import require_current
+
+            require_current(self.db)
+        # Every node of a queue sees the same data_dir (a shared mount): refuse otherwise.
+        check_shared_storage(self.db, settings.node.data_dir)
+        self.membership = Membership(self.db, self.holder, self.roles, c.heartbeat_seconds,
+                                     __version__)
         # The active model ([model] card, or the one `mammo-node model activate` chose) behind
         # a switchable analyser, and the shadow model; followed live (node.activemodel).
         self.models = ModelManager(settings, self.db, load_analyser, default=analyser)
@@ -111,6 +128,7 @@ class Node:
             destinations=[d.name for d in settings.destinations],
             bounds=StudyBounds(max_images=settings.analysis.max_images_per_study,
                                max_seconds=settings.analysis.max_study_seconds),
+            holder=self.holder,
         )
         n, tls = settings.node, settings.tls
         self.deliverer = Deliverer(
@@ -118,7 +136,7 @@ class Node:
             calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
             default_objects=settings.output.objects,
             tls_context=client_context(tls) if any(d.tls for d in settings.destinations)
-            else None)
+            else None, holder=self.holder)
         self.receiver = Receiver(
             ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
             allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
@@ -140,22 +158,26 @@ class Node:
         )
         st = settings.study
         self.scheduler = build_scheduler([
-            ("complete-studies", self._complete, st.check_interval_seconds),
-            ("deliver", self.deliverer.run_due, 1.0),
+            *([("complete-studies", self._complete, st.check_interval_seconds)]
+              if "receive" in self.roles else []),
+            *([("deliver", self.deliverer.run_due, 1.0)] if "deliver" in self.roles else []),
             ("retention", lambda: purge_expired(self.db, self.spool, settings.retention.days),
              settings.retention.check_interval_hours * 3600),
             ("models", self.models.refresh, MODEL_POLL_SECONDS),
         ])
         self.worker.on_result = self._on_result
         self.preanalysis = None
-        if settings.analysis.preanalysis_workers > 0 and PreAnalysis.supported(self.analyser):
+        # Pre-analysis feeds this node's own worker: it runs where instances are received and
+        # analysed (a receive-only node stays light; its studies are analysed at completion).
+        if (settings.analysis.preanalysis_workers > 0 and {"receive", "analyse"} <= set(self.roles)
+                and PreAnalysis.supported(self.analyser)):
             self.preanalysis = PreAnalysis(
                 self.db, self.spool, self.analyser,
                 workers=settings.analysis.preanalysis_workers,
                 max_pending=settings.analysis.preanalysis_queue,
                 max_images_per_study=settings.analysis.max_images_per_study)
             self.worker.preanalysis = self.preanalysis
-        self.shadow = ShadowRunner(self.db, self.spool, self.models)
+        self.shadow = ShadowRunner(self.db, self.spool, self.models, holder=self.holder)
         self.worker.on_analysed = self.shadow.on_analysed
         self._stopped = threading.Event()
         metrics.bind(self.db, settings.node.data_dir, [d.name for d in settings.destinations])
@@ -195,26 +217,35 @@ class Node:
             self.worker.wake.set()
 
     def start(self) -> None:
-        stale = self.spool.clear_incoming()
+        # With a shared database (and so a shared data_dir) other nodes' transfers in flight
+        # are in incoming/ too: only files older than an hour go.
+        stale = self.spool.clear_incoming(0 if self.db.is_sqlite else 3600)
         if stale:
             event(log, "spool.cleared", files=stale, reason="unacknowledged transfers from "
                                                            "before the restart")
         sweep_orphans(self.db, self.spool, 0 if self.db.is_sqlite else 3600)
+        # What this node's previous run held goes back to the queue, and what other nodes
+        # held under leases that expired; live claims of other nodes stay theirs.
+        self.membership.join()
         self.worker.recover()
         if self.preanalysis is not None:
             self.preanalysis.start()
         self.shadow.recover()
         self.deliverer.recover()
-        self.receiver.start()
-        if self.stow is not None:
-            self.stow.start()
-        self.worker.start()
-        self.shadow.start()
+        self.membership.start()
+        if "receive" in self.roles:
+            self.receiver.start()
+            if self.stow is not None:
+                self.stow.start()
+        if "analyse" in self.roles:
+            self.worker.start()
+            self.shadow.start()
         self.scheduler.start()
         self.worker.wake.set()
         if self.http is not None:
             self.http.start()
-        event(log, "node.started", version=__version__, model=self.analyser.model.name,
+        event(log, "node.started", version=__version__, node=self.holder.name,
+              roles=",".join(self.roles), model=self.analyser.model.name,
               model_version=self.analyser.model.version,
               shadow=str(self.models.shadow.ref) if self.models.shadow else "off",
               destinations=",".join(d.name for d in self.settings.destinations) or "none",
@@ -245,6 +276,7 @@ class Node:
             event(log, "node.stop_timeout", logging.WARNING, job=job,
                   reason=f"analysis still running after node.shutdown_timeout = {timeout:g} s; "
                          "re-queued, it resumes after the restart")
+        self.membership.leave()
         self.db.dispose()
         event(log, "node.stopped", seconds=round(timeout - (deadline - time.monotonic()), 1))
         self._stopped.set()

@@ -32,13 +32,15 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 
+from node import queue
 from node.activemodel import ModelManager
 from node.analysis.result import ImageInput, StudyAnalysis
 from node.db import Database, Instance, Job, ShadowRun, Study, utcnow
 from node.evaluation import record_analysis
 from node.log import event
+from node.queue import ShadowState, StudyState
 from node.store import Spool
 
 log = logging.getLogger("node.shadow")
@@ -51,8 +53,10 @@ PURGE_EVERY_SECONDS = 3600.0
 
 
 class ShadowRunner:
-    def __init__(self, db: Database, spool: Spool, models: ModelManager) -> None:
+    def __init__(self, db: Database, spool: Spool, models: ModelManager,
+                 holder: queue.Holder | None = None) -> None:
         self.db = db
+        self.holder = holder or queue.Holder("local")  # this node's name on its claims
         self.spool = spool
         self.models = models
         self.wake = threading.Event()
@@ -96,9 +100,8 @@ class ShadowRunner:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def recover(self) -> int:
-        with self.db.session() as s:
-            n = s.execute(update(ShadowRun).where(ShadowRun.state == "running")
-                          .values(state="queued")).rowcount
+        n = queue.release_holder(self.db, self.holder.name).get("shadow", 0) \
+            + queue.reap_expired(self.db).get("shadow", 0)
         if n:
             event(log, "shadow.recovered", runs=n, reason="interrupted by a restart")
         return n
@@ -133,11 +136,11 @@ class ShadowRunner:
         """An analysis is queued or running, or a study received an instance in the last
         :data:`QUIET_SECONDS` (its analysis is about to start): the shadow model waits."""
         with self.db.session() as s:
-            if s.execute(select(Job.id).where(Job.state.in_(("queued", "running")))
+            if s.execute(select(Job.id).where(Job.state.in_(queue.LIVE_JOB_STATES))
                          .limit(1)).first() is not None:
                 return True
             last = s.execute(select(func.max(Study.last_received_at))
-                             .where(Study.state == "receiving")).scalar()
+                             .where(Study.state == StudyState.RECEIVING)).scalar()
         return last is not None and (utcnow() - last).total_seconds() < QUIET_SECONDS
 
     def run_once(self) -> bool:
@@ -146,21 +149,7 @@ class ShadowRunner:
         if loaded is None or self.active_busy():
             return False
         ref = loaded.ref
-        with self.db.session() as s:
-            queued = s.execute(select(ShadowRun).where(ShadowRun.state == "queued")
-                               .order_by(ShadowRun.id).limit(50)).scalars().all()
-            run_id = None
-            for run in queued:
-                if (run.model_name, run.model_version) != (ref.name, ref.version):
-                    run.state, run.finished_at = "dropped", utcnow()
-                    run.error = f"the shadow model is now {ref}"
-                    continue
-                if s.execute(update(ShadowRun).where(ShadowRun.id == run.id,
-                                                     ShadowRun.state == "queued")
-                             .values(state="running", started_at=utcnow(),
-                                     attempts=ShadowRun.attempts + 1)).rowcount == 1:
-                    run_id = run.id
-                    break
+        run_id = queue.claim_shadow_run(self.db, self.holder, (ref.name, ref.version))
         if run_id is None:
             return False
         self._run(run_id, loaded)
@@ -175,11 +164,12 @@ class ShadowRunner:
             found = {i.sop_uid: i for i in s.execute(
                 select(Instance).where(Instance.sop_uid.in_(uids))).scalars()}
         if job_key != run.input_key:
-            return self._finish(run_id, "dropped", error="the study changed after the active "
-                                "analysis; the newer analysis queues its own shadow run")
+            return self._finish(run_id, ShadowState.DROPPED,
+                                error="the study changed after the active analysis; the "
+                                      "newer analysis queues its own shadow run")
         missing = [u for u in uids if u not in found]
         if missing:
-            return self._finish(run_id, "dropped",
+            return self._finish(run_id, ShadowState.DROPPED,
                                 error=f"{len(missing)} image(s) no longer stored")
         inputs = [ImageInput(self.spool.path(found[u].relpath), u, found[u].sop_class_uid)
                   for u in uids]
@@ -197,19 +187,18 @@ class ShadowRunner:
             event(log, "shadow.failed", logging.ERROR, study=study_uid, job=job_id,
                   model=loaded.ref.name, model_version=loaded.ref.version, attempt=attempts,
                   final=final, error=message[:300])
-            return self._finish(run_id, "failed" if final else "queued", error=message)
+            return self._finish(run_id, ShadowState.FAILED if final else ShadowState.QUEUED,
+                                error=message)
         findings = analysis.findings
         max_p = max((f.probability for f in findings), default=None)
-        self._finish(run_id, "done", relpath=relpath, roi_count=len(findings),
+        self._finish(run_id, ShadowState.DONE, relpath=relpath, roi_count=len(findings),
                      max_probability=max_p, analysis_ms=ms)
         event(log, "shadow.done", study=study_uid, job=job_id, model=loaded.ref.name,
               model_version=loaded.ref.version, rois=len(findings),
               max_probability=None if max_p is None else round(max_p, 3), ms=round(ms, 1))
 
-    def _finish(self, run_id: int, state: str, **values: object) -> None:
-        with self.db.session() as s:
-            s.execute(update(ShadowRun).where(ShadowRun.id == run_id).values(
-                state=state, finished_at=utcnow() if state != "queued" else None, **values))
+    def _finish(self, run_id: int, state: ShadowState, **values: object) -> None:
+        queue.finish_shadow_run(self.db, run_id, state, **values)
 
     def _write(self, run_id: int, job_id: int, analysis: StudyAnalysis, ms: float) -> str:
         """The shadow result as JSON under data_dir/shadow/, written durably."""

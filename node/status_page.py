@@ -112,6 +112,30 @@ th{background:#f0f0f0}td.n{text-align:right}
 """
 
 
+def _nodes_section(db: Database, now: dt.datetime) -> list[str]:
+    """Every node sharing this queue: roles, last heartbeat, what it holds now."""
+    from node.cluster import describe_nodes
+
+    with db.session() as s:
+        nodes = describe_nodes(s, now)
+    out = [f"<h2>Nodes ({len(nodes)})</h2>",
+           '<table id="nodes"><thead><tr><th>Node</th><th>Roles</th><th>Host</th>'
+           "<th>State</th><th>Last heartbeat (s ago)</th><th>Holds</th><th>Version</th>"
+           "</tr></thead><tbody>"]
+    for n in nodes:
+        holds = ", ".join(f"{v} {k}" + ("s" if v != 1 else "")
+                          for k, v in sorted(n["holds"].items())) or "nothing"
+        out.append(f'<tr class="node"><td class=uid>{_e(n["name"])}</td>'
+                   f'<td>{_e(",".join(n["roles"]))}</td><td>{_e(n["host"])} (pid '
+                   f'{n["pid"]})</td><td>{_e(n["state"])}</td>'
+                   f'<td class=n>{n["heartbeat_age_s"]:.1f}</td><td>{_e(holds)}</td>'
+                   f'<td>{_e(n["version"])}</td></tr>')
+    if not nodes:
+        out.append('<tr><td colspan="7">No node has registered.</td></tr>')
+    out.append("</tbody></table>")
+    return out
+
+
 def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
            refresh_seconds: int = 10, now: dt.datetime | None = None,
            models: Callable[[], dict[str, Any]] | None = None) -> str:
@@ -159,6 +183,7 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
     if not rows:
         out.append('<tr><td colspan="12">No studies received yet.</td></tr>')
     out.append("</tbody></table>")
+    out += _nodes_section(db, now)
     out.append(f"<h2>Failed and retrying deliveries ({len(failed)})</h2>")
     if failed:
         out.append('<table id="failed"><thead><tr><th>Study Instance UID</th>'

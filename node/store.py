@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO
@@ -37,13 +38,19 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, _DIR_MODE)
 
-    def clear_incoming(self) -> int:
-        """Delete transfers that were in flight when the node stopped (never acknowledged)."""
+    def clear_incoming(self, min_age_seconds: float = 0.0) -> int:
+        """Delete transfers that were in flight when the node stopped (never acknowledged);
+        with ``min_age_seconds`` (a data_dir shared by several nodes) only older ones, so
+        another node's transfer in progress is not touched."""
         n = 0
+        now = time.time()
         for path in self.incoming.iterdir():
-            if path.is_file():
-                path.unlink()
-                n += 1
+            try:
+                if path.is_file() and now - path.stat().st_mtime >= min_age_seconds:
+                    path.unlink()
+                    n += 1
+            except FileNotFoundError:  # another node finished or removed it meanwhile
+                continue
         return n
 
     def free_mb(self) -> float:

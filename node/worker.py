@@ -40,20 +40,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from node import faults, metrics
+from node import faults, metrics, queue
 from node.analysis.result import ImageInput, ModelInfo, StudyAnalyser, StudyAnalysis
 from node.charset import normalise_for_copy
 from node.db import (
     Database,
-    Delivery,
     Instance,
     Job,
     Result,
     ResultKind,
     ResultObject,
     Study,
-    claim,
-    utcnow,
 )
 from node.log import event
 from node.memory import release_free_memory
@@ -108,8 +105,8 @@ class Checkpoint:
     deadline. The database is asked at most every :data:`CHECK_EVERY_SECONDS`."""
 
     def __init__(self, db: Database, job_id: int, input_key: str, deadline: float,
-                 stopping: threading.Event) -> None:
-        self.db, self.job_id, self.input_key = db, job_id, input_key
+                 stopping: threading.Event, holder: str | None = None) -> None:
+        self.db, self.job_id, self.input_key, self.holder = db, job_id, input_key, holder
         self.deadline, self.stopping = deadline, stopping
         self._lock = threading.Lock()
         self._next = 0.0
@@ -129,17 +126,8 @@ class Checkpoint:
             raise verdict
 
     def _ask(self) -> Exception | None:
-        with self.db.session() as s:
-            row = s.execute(select(Job.input_key, Study.state).join(Study, Study.id == Job.study_id)
-                            .where(Job.id == self.job_id)).first()
-        if row is None:
-            return Superseded("job gone")
-        key, study_state = row
-        if study_state == "receiving":
-            return Superseded("study re-opened by a new instance")
-        if key != self.input_key:
-            return Superseded("study content changed")
-        return None
+        why = queue.job_verdict(self.db, self.job_id, self.input_key, self.holder)
+        return None if why is None else Superseded(why)
 
 
 @dataclass(frozen=True)
@@ -166,8 +154,12 @@ class AnalysisWorker:
         options: ReportOptions,
         destinations: Sequence[str],
         bounds: StudyBounds | None = None,
+        holder: queue.Holder | None = None,
     ) -> None:
         self.db = db
+        # This node's name on its claims and how long a lease lasts unrenewed (node.cluster
+        # renews it while the analysis runs).
+        self.holder = holder or queue.Holder("local")
         self.spool = spool
         self.analyser = analyser
         self.build_reports = build_reports
@@ -193,14 +185,14 @@ class AnalysisWorker:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def recover(self) -> int:
-        """Re-queue jobs that were running when the node stopped."""
-        with self.db.session() as s:
-            n = s.execute(
-                update(Job).where(Job.state == "running").values(state="queued")
-            ).rowcount
-        if n:
-            event(log, "worker.recovered", jobs=n, reason="interrupted by a restart")
-        return n
+        """Re-queue the jobs this node's previous run held (it was killed) and any job whose
+        lease expired; another node's live claims stay its own."""
+        mine = queue.release_holder(self.db, self.holder.name).get("job", 0)
+        expired = queue.reap_expired(self.db).get("job", 0)
+        if mine or expired:
+            event(log, "worker.recovered", jobs=mine + expired, own=mine, expired=expired,
+                  reason="interrupted by a restart or a lost node")
+        return mine + expired
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="analysis-worker", daemon=True)
@@ -242,18 +234,7 @@ class AnalysisWorker:
         job waits: completion absorbs the new instances into it); False when there was none."""
         if self._stop.is_set():
             return False
-        with self.db.session() as s:
-            job_ids = s.execute(
-                select(Job.id).join(Study, Study.id == Job.study_id)
-                .where(Job.state == "queued", Study.state != "receiving")
-                .order_by(Job.id).limit(5)
-            ).scalars().all()
-            job_id = None
-            for candidate in job_ids:
-                if claim(s, Job, candidate, "queued", "running", started_at=utcnow(),
-                         attempts=Job.attempts + 1):
-                    job_id = candidate
-                    break
+        job_id = queue.claim_job(self.db, self.holder)
         if job_id is None:
             return False
         self.current_job = job_id
@@ -270,8 +251,7 @@ class AnalysisWorker:
             job = s.get(Job, job_id)
             study = s.get(Study, job.study_id)
             study_uid, attempts, input_key = study.study_uid, job.attempts, job.input_key
-            if study.state == "complete":
-                study.state = "analysing"
+            queue.begin_analysis(s, study)
             instances = list(s.execute(
                 select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
             ).scalars())
@@ -279,7 +259,7 @@ class AnalysisWorker:
         event(log, "analysis.started", study=study_uid, job=job_id, images=len(chosen),
               not_analysed=len(over) or None, attempt=attempts)
         check = Checkpoint(self.db, job_id, input_key, time.monotonic() + self.bounds.max_seconds,
-                           self._stop)
+                           self._stop, self.holder.name)
         written: list[tuple[Dataset, str]] = []
         try:
             inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
@@ -426,17 +406,9 @@ class AnalysisWorker:
 
     def _requeue(self, job_id: int, reason: str) -> None:
         """Back to the queue without counting the attempt (superseded or interrupted)."""
-        with self.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.state != "running":
-                return
-            job.state = "queued"
-            job.attempts = max(0, job.attempts - 1)
-            job.started_at = None
-            study = s.get(Study, job.study_id)
-            if study.state == "analysing":
-                study.state = "complete"
-            study_uid = study.study_uid
+        study_uid = queue.requeue_job(self.db, job_id, reason, self.holder.name)
+        if study_uid is None:  # not ours any more (lease lost) or not running
+            return
         metrics.analysis_superseded("stopping" if reason == "node stopping" else "changed")
         event(log, "analysis.superseded", study=study_uid, job=job_id, reason=reason,
               next="waits for the study to be complete" if "re-opened" in reason else
@@ -519,27 +491,14 @@ class AnalysisWorker:
             with self.db.session() as s:
                 # The first write, and conditional: a study re-opened or changed since the
                 # analysis started is not recorded (nothing of this transaction is kept).
-                finished = s.execute(
-                    update(Job).where(Job.id == job_id, Job.state == "running",
-                                      *([Job.input_key == input_key] if input_key else []),
-                                      Job.study_id.in_(select(Study.id)
-                                                       .where(Study.state != "receiving")))
-                    .values(state="done", finished_at=utcnow(), error=None)).rowcount
-                if finished != 1:
+                if not queue.finish_job(s, job_id, input_key, self.holder.name):
                     raise _Stale()
                 job = s.get(Job, job_id)
                 study = s.get(Study, job.study_id)
                 _record_outcomes(s, study.id, outcomes or {})
                 existing = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
                 if existing is None:
-                    old_ids = s.execute(select(Result.id).where(
-                        Result.study_id == study.id, Result.current.is_(True))).scalars().all()
-                    if old_ids:
-                        s.execute(update(Result).where(Result.id.in_(old_ids))
-                                  .values(current=False))
-                        s.execute(update(Delivery).where(
-                            Delivery.result_id.in_(old_ids),
-                            Delivery.state == "pending").values(state="superseded"))
+                    queue.replace_current_results(s, study.id)
                     result = Result(study_id=study.id, job_id=job.id, analysis_key=key,
                                     current=True, roi_count=len(findings),
                                     max_probability=max_p, analysis_ms=ms,
@@ -558,12 +517,12 @@ class AnalysisWorker:
                 for ds, relpath in added:
                     s.add(ResultObject(result_id=result.id, sop_class_uid=str(ds.SOPClassUID),
                                        sop_uid=str(ds.SOPInstanceUID), relpath=relpath))
-                _record_kinds(s, result.id, {kind_of(str(ds.SOPClassUID)) for ds, _ in added},
-                              failed or {})
+                queue.record_result_kinds(s, result.id,
+                                          {kind_of(str(ds.SOPClassUID)) for ds, _ in added},
+                                          failed or {})
                 if added:
-                    _queue_deliveries(s, result.id, self.destinations)
-                if study.state in ("complete", "analysing"):
-                    study.state = "done"
+                    queue.queue_deliveries(s, result.id, self.destinations)
+                queue.study_analysed(s, study)
         except _Stale:
             for _, relpath in written:
                 self.spool.remove(relpath)
@@ -588,7 +547,8 @@ class AnalysisWorker:
         with self.db.session() as s:
             row = s.execute(select(Study.state).join(Job, Job.study_id == Study.id)
                             .where(Job.id == job_id)).first()
-        return "study re-opened by a new instance" if row and row[0] == "receiving" else \
+        return "study re-opened by a new instance" if row and \
+            row[0] == queue.StudyState.RECEIVING else \
             "study content changed"
 
     def _fail(self, job_id: int, study_uid: str, attempts: int, exc: Exception,
@@ -600,14 +560,10 @@ class AnalysisWorker:
             log.exception("analysis.error study=%s job=%s", study_uid, job_id)
         metrics.analysis_failed()
         with self.db.session() as s:
-            job = s.get(Job, job_id)
-            job.state = "failed" if final else "queued"
-            job.error = message
-            job.finished_at = utcnow()
+            job = queue.fail_job(s, job_id, message, final, self.holder.name)
+            if job is None:  # another node holds it now (this node's lease expired)
+                return
             if final:
-                study = s.get(Study, job.study_id)
-                if study.state != "receiving":
-                    study.state = "failed"
                 if outcomes:  # each image's own reason
                     _record_outcomes(s, job.study_id, outcomes)
                 else:  # the study's analysis failed as a whole: its images with it
@@ -619,43 +575,6 @@ class AnalysisWorker:
               attempt=attempts, final=final, error=message[:300])
         if final and self.preanalysis is not None:
             self.preanalysis.drop_study(study_uid)
-
-
-def _record_kinds(s: Session, result_id: int, built: set[str | None],
-                  failed: dict[str, str]) -> None:
-    """Per-kind bookkeeping of a result: kinds just built, kinds that failed (with why)."""
-    rows = {r.kind: r for r in s.execute(select(ResultKind).where(
-        ResultKind.result_id == result_id)).scalars()}
-    now = utcnow()
-    for kind in sorted(k for k in built if k):
-        row = rows.get(kind)
-        if row is None:
-            s.add(ResultKind(result_id=result_id, kind=kind, state="built", updated_at=now))
-        else:
-            row.state, row.error, row.updated_at = "built", None, now
-    for kind, error in sorted(failed.items()):
-        row = rows.get(kind)
-        if row is None:
-            s.add(ResultKind(result_id=result_id, kind=kind, state="failed", error=error,
-                             attempts=1, updated_at=now))
-        else:
-            row.state, row.error, row.updated_at = "failed", error, now
-            row.attempts += 1
-
-
-def _queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -> None:
-    """A delivery per destination; an existing one (a kind was added to a delivered result)
-    goes back to pending: only the kinds it has not delivered yet are sent."""
-    existing = {d.destination: d for d in s.execute(select(Delivery).where(
-        Delivery.result_id == result_id)).scalars()}
-    for name in destinations:
-        d = existing.get(name)
-        if d is None:
-            s.add(Delivery(result_id=result_id, destination=name, state="pending",
-                           next_attempt_at=utcnow()))
-        elif d.state not in ("superseded", "sending"):
-            # (a delivery in flight sees the added objects when it finishes: deliver.py)
-            d.state, d.attempts, d.next_attempt_at = "pending", 0, utcnow()
 
 
 class _Stale(Exception):
