@@ -12,9 +12,9 @@ from pathlib import Path
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Job, Result, ResultObject, Study
 from node.deliver import Deliverer, SendOutcome
+from node.queue import queue_deliveries
 from node.reports.kinds import GRAYSCALE_SOFTCOPY_PS, SECONDARY_CAPTURE
 from node.store import Spool
-from node.worker import _queue_deliveries
 
 
 class RebuildWhileSending:
@@ -29,7 +29,7 @@ class RebuildWhileSending:
             with self.db.session() as s:  # what the worker does when a retried kind is built
                 s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
                                    sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
-                _queue_deliveries(s, self.result_id, [dest.name])
+                queue_deliveries(s, self.result_id, [dest.name])
         return SendOutcome(True, False, "0x0000", "")
 
 
