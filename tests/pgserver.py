@@ -58,7 +58,10 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = require_postgres()
         self.run_as: list[str] = []
-        self.root = Path(tempfile.mkdtemp(prefix="mammo-pg-"))
+        # Not tempfile's current default: an in-process Receiver points tempfile.tempdir at its
+        # incoming/ (pynetdicom streams datasets there), a folder the postgres user cannot enter.
+        system_tmp = os.environ.get("TMPDIR") or "/tmp"
+        self.root = Path(tempfile.mkdtemp(prefix="mammo-pg-", dir=system_tmp))
         if os.geteuid() == 0:
             try:
                 account = pwd.getpwnam("postgres")
