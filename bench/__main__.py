@@ -20,10 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 SECTIONS = ("ingest", "turnaround", "sustained", "classifier")
 
 FULL = {

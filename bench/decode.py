@@ -31,19 +31,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import imagecodecs
+import numpy as np
+import pydicom
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import HTJ2KLossless, JPEG2000Lossless
 
-import imagecodecs  # noqa: E402
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-from pydicom.encaps import encapsulate, generate_frames  # noqa: E402
-from pydicom.uid import HTJ2KLossless, JPEG2000Lossless  # noqa: E402
-
-from bench.studies import FORMATS, synthetic_mammogram  # noqa: E402
-from node.analysis.jpeg2000 import decode_pixels, decode_threads  # noqa: E402
-from node.testdata import mg_dataset  # noqa: E402
+from bench.report import publish
+from bench.studies import FORMATS, synthetic_mammogram
+from node.analysis.jpeg2000 import decode_pixels, decode_threads
+from node.testdata import mg_dataset
 
 
 def _datasets(fmt: str) -> dict[str, pydicom.Dataset]:
@@ -164,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
            f"- command: `python -m bench.decode "
            f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "", *rows, "",
            f"({time.monotonic() - t0:.0f} s)", ""]
-    print("\n".join(out), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(out) + "\n")
+    publish(out, args.out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Monitoring endpoints under a large history: latency of /, /health and /metrics.
 
-    .venv/bin/python bench/http_endpoints.py [--studies 20000] [--requests 50]
+    .venv/bin/python -m bench.http_endpoints [--studies 20000] [--requests 50]
 
 Fills a fresh SQLite database (WAL, as the node runs it) with ``--studies`` finished studies,
 each with 4 instances, a job, a current result and deliveries to two destinations (5 % of them
@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from sqlalchemy import insert
 
-from sqlalchemy import insert  # noqa: E402
-
-from node import health, metrics, status_page  # noqa: E402
-from node.db import Database, Delivery, Instance, Job, Result, Series, Study  # noqa: E402
-from node.httpd import MonitoringServer  # noqa: E402
-from node.store import Spool  # noqa: E402
+from node import health, metrics, status_page
+from node.db import Database, Delivery, Instance, Job, Result, Series, Study
+from node.httpd import MonitoringServer
+from node.store import Spool
 
 
 def fill(db: Database, n: int) -> None:

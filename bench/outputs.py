@@ -1,6 +1,6 @@
 """Output build benchmark: milliseconds to build each output kind for one study.
 
-    .venv/bin/python bench/outputs.py [--rows 4096 --cols 3328] [--rois 5] [--repeats 5]
+    .venv/bin/python -m bench.outputs [--rows 4096 --cols 3328] [--rois 5] [--repeats 5]
 
 A four-view study (L/R x CC/MLO MG For Presentation headers, 3328 x 4096 by default) with
 ``--rois`` calcification clusters per image; the display image and Grad-CAM map are what the
@@ -16,19 +16,14 @@ import datetime as dt
 import io
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis  # noqa: E402
-from node.reports import build_reports  # noqa: E402
-from node.reports.kinds import KINDS  # noqa: E402
-from node.testdata import mg_dataset, uid_from  # noqa: E402
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
+from node.reports import build_reports
+from node.reports.kinds import KINDS
+from node.testdata import mg_dataset, uid_from
 
 MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
 

@@ -27,14 +27,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.harness import STAGES, Harness, StudyTiming
+from bench.proc import peak_rss_mib
+from bench.report import publish
+from bench.studies import StudyFactory
+from bench.turnaround import TurnaroundResult
 
-from bench.harness import STAGES, Harness, StudyTiming  # noqa: E402
-from bench.proc import peak_rss_mib  # noqa: E402
-from bench.studies import StudyFactory  # noqa: E402
-from bench.turnaround import TurnaroundResult  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
            f"- command: `python -m bench.turnaround_baseline "
            f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
            *table(pairs), "", f"({time.monotonic() - t0:.0f} s)", ""]
-    print("\n".join(out), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(out) + "\n")
+    publish(out, args.out)
     return 0
 
 
