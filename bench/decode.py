@@ -40,7 +40,7 @@ from pydicom.uid import HTJ2KLossless, JPEG2000Lossless
 from bench.report import publish
 from bench.studies import FORMATS, synthetic_mammogram
 from node.analysis.jpeg2000 import decode_pixels, decode_threads
-from node.testdata import mg_dataset
+from tests.testdata import mg_dataset
 
 
 def _datasets(fmt: str) -> dict[str, pydicom.Dataset]:

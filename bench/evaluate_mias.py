@@ -1,6 +1,6 @@
 """Through the node: mini-MIAS in over DICOM, SRs out, scored against the ground truth.
 
-``.venv/bin/python -m bench.evaluate_mias`` (also ``python -m node.analysis.evaluate_mias``):
+``.venv/bin/python -m bench.evaluate_mias``:
 
 1. the 22 mini-MIAS images with located clusters and the held-out normal images of the
    detector's split (women never used to train it), one study per woman, are written as MG For
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     truths = read_truths(a.mias_dir)
     s = split(a.mias_dir, seed=int(detector.training.get("seed", 0)))
     refs = sorted(set(s.cluster_images) | set(s.test_normals))
-    from node.testdata import mias_to_mg, uid_from
+    from tests.testdata import mias_to_mg, uid_from
 
     with tempfile.TemporaryDirectory(prefix="mias-node-eval-") as tmp:
         work = Path(tmp)

@@ -23,7 +23,7 @@ import numpy as np
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
 from node.reports import build_reports
 from node.reports.kinds import KINDS
-from node.testdata import mg_dataset, uid_from
+from tests.testdata import mg_dataset, uid_from
 
 MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
 

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
-from node.testdata import mg_dataset, uid_from
+from tests.testdata import mg_dataset, uid_from
 
 
 def storescu_args(files: list[Path]) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from node.testdata import mg_dataset, uid_from
+from tests.testdata import mg_dataset, uid_from
 
 BOMBS = Path(__file__).resolve().parent / "data" / "bombs"
 SIDE = 20000

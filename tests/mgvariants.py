@@ -7,7 +7,7 @@ header takes one legal (or, marked, common but non-conformant) form of what the 
   coded in ViewCodeSequence (current SCT, legacy SRT and SNM3 designators), in View Position
   alone (MQCM abbreviations such as "SCC", "MMLO"), or in neither;
 * Patient Orientation per PS3.3 C.7.6.1.1.1 for every view (combined oblique values A\\FR,
-  P\\FL, ...; see :func:`node.testdata.standard_orientation`), a vendor's rotated form, empty,
+  P\\FL, ...; see :func:`tests.testdata.standard_orientation`), a vendor's rotated form, empty,
   and the digitised-film habit of a view name there;
 * Image Laterality vs Laterality vs neither;
 * MONOCHROME1/2 with Presentation LUT Shape INVERSE/IDENTITY (PS3.3 C.8.11.3: INVERSE goes with
@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DigitalMammographyXRayImageStorageForProcessing
 
 from node.dicom_header import modifier_term, view_term
-from node.testdata import mg_dataset, mias_pixels, standard_orientation, uid_from
+from tests.testdata import mg_dataset, mias_pixels, standard_orientation, uid_from
 
 Mutator = Callable[[Dataset], None]
 

@@ -1,6 +1,6 @@
 """A screening study as a PACS holds it: the four 2D views plus everything that comes with them.
 
-Besides the four mini-MIAS MG views (node.testdata.mias_four_view): a Breast Projection X-Ray
+Besides the four mini-MIAS MG views (tests.testdata.mias_four_view): a Breast Projection X-Ray
 image (a fifth, analysed view), a synthesized 2D view (Image Type ...\\GENERATED_2D), a breast
 tomosynthesis object, a vendor quality-control Secondary Capture (flat field, as Hologic sends),
 an X-Ray Radiation Dose SR, a Grayscale Softcopy Presentation State and another system's
@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.testdata import mias_four_view, mias_to_mg, uid_from
+from tests.testdata import mias_four_view, mias_to_mg, uid_from
 
 TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
 BPX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.testdata import MIAS_SPACING_MM, mg_dataset, mias_pixels, uid_from
+from tests.testdata import MIAS_SPACING_MM, mg_dataset, mias_pixels, uid_from
 
 SIZE = 256
 _VIEWS = [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]

@@ -16,7 +16,7 @@ from node.analysis.classify import Classifier
 from node.analysis.gradcam import logits_and_cam
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
-from node.testdata import mias_four_view
+from tests.testdata import mias_four_view
 
 ARCH = "tf_efficientnet_lite0"
 

@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 
 from node.analysis.prepare import SkipImage, laterality_and_view, pixel_spacing, prepare
-from node.testdata import mg_dataset, mias_pixels, mias_to_mg
+from tests.testdata import mg_dataset, mias_pixels, mias_to_mg
 from tests.tools import require_binary, require_shared
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from node.analysis.prepare import prepare
 from node.analysis.rois import DetectorParams, find_clusters, load_detector
-from node.testdata import mias_clusters, mias_to_mg
+from tests.testdata import mias_clusters, mias_to_mg
 
 REF = "mdb241"  # malignant cluster, radius 38 px (7.6 mm) at (x 453, y 345)
 

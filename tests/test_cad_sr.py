@@ -18,7 +18,6 @@ from node.reports.cad_sr import (
     read_cad_findings,
 )
 from node.reports.uids import ResultUIDs
-from node.testdata import mg_dataset, mias_four_view, mias_pixels
 from tests.srfindings import sr_findings
 from tests.test_reports import (
     CREATED,
@@ -31,6 +30,7 @@ from tests.test_reports import (
     mias_four_view_analysis,
     save_all,
 )
+from tests.testdata import mg_dataset, mias_four_view, mias_pixels
 from tests.tools import dciodvfy_problems, dsrdump
 
 CAD_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"

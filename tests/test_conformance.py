@@ -21,8 +21,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, e
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeSettings
-from node.testdata import mias_to_mg
 from tests.netutil import REPO, NodeProcess, free_port, storescu, wait_until
+from tests.testdata import mias_to_mg
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 

@@ -23,8 +23,8 @@ from node.config import Destination
 from node.deliver import CStoreTransport
 from node.reports import build_reports
 from node.store import Spool
-from node.testdata import mg_dataset
 from tests.netutil import free_port
+from tests.testdata import mg_dataset
 
 
 def _built(tmp_path: Path) -> list[Path]:

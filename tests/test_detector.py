@@ -20,7 +20,7 @@ from models.detector.insert import insert_clusters
 from models.detector.model import DetectorModel, feature_fingerprint
 from models.detector.trees import Forest, export_hgb, fit_forest
 from node.analysis.rois import DEFAULT_DETECTOR, find_clusters, load_detector
-from node.testdata import mias_clusters, mias_pixels
+from tests.testdata import mias_clusters, mias_pixels
 
 
 def _img(ref: str) -> np.ndarray:
@@ -216,7 +216,7 @@ def test_training_reads_images_as_the_node_prepares_them(shipped: DetectorModel)
     image through prepare(): the pixels agree and so do the detections."""
     from models.detector.train import read_png01
     from node.analysis.prepare import prepare
-    from node.testdata import MIAS_DIR, mias_to_mg
+    from tests.testdata import MIAS_DIR, mias_to_mg
 
     im = prepare(None, ds=mias_to_mg("mdb241"))
     png = read_png01(MIAS_DIR / "png" / "mdb241.png")

@@ -22,8 +22,8 @@ from node.dicom_header import (
     patient_orientation,
 )
 from node.intake import ANALYSE, OTHER, REFUSE, IntakePolicy, decide
-from node.testdata import standard_orientation
 from tests.mgvariants import baseline, build, matrix
+from tests.testdata import standard_orientation
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -30,11 +30,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from node.testdata import mias_four_view
 from tests.cdp import Browser, CDPError
 from tests.netutil import REPO, NodeProcess, storescu, wait_until
 from tests.orthanc import DICOMWEB_PLUGIN, DeployedOrthanc, require_dicomweb_plugin
 from tests.srfindings import sr_findings
+from tests.testdata import mias_four_view
 from tests.viewer import Viewer, basic, ohif_dist
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]

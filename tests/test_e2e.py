@@ -15,8 +15,8 @@ import pydicom
 import pydicom.errors
 import pytest
 
-from node.testdata import mias_four_view, mias_to_mg
 from tests.netutil import NodeProcess, StoreSCP, storescu, wait_until
+from tests.testdata import mias_four_view, mias_to_mg
 from tests.tools import dciodvfy_problems, dsrdump, run_tool
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.dicom3tools, pytest.mark.slow]

@@ -12,9 +12,9 @@ import pytest
 from node.analysis.result import Finding
 from node.reports import build_gsps
 from node.reports.gsps import LAYER_NAME, label_for
-from node.testdata import mg_dataset, mias_pixels
 from tests.test_cad_sr import four_view_case
 from tests.test_reports import CREATED, MODEL, circle, image_analysis
+from tests.testdata import mg_dataset, mias_pixels
 from tests.tools import dciodvfy_problems
 
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"

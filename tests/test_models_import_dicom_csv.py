@@ -15,8 +15,8 @@ import pytest
 
 from models.__main__ import main
 from models.importers import dicom_io, import_dicom_csv
-from node.testdata import mg_dataset, uid_from
 from tests.importfixtures import mammogram, write_csv
+from tests.testdata import mg_dataset, uid_from
 
 PATIENTS = ("12345678", "87654321")
 

@@ -14,7 +14,6 @@ import pytest
 
 from models.data import load_rois
 from models.importers import import_cmmd, import_inbreast, import_vindr
-from node.testdata import mg_dataset, uid_from
 from tests.importfixtures import (
     CMMD_HEADER,
     INBREAST_HEADER,
@@ -24,6 +23,7 @@ from tests.importfixtures import (
     mammogram,
     write_csv,
 )
+from tests.testdata import mg_dataset, uid_from
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

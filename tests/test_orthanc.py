@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from node.testdata import mammograms_four_view
 from tests.netutil import NodeProcess, wait_until
 from tests.orthanc import Orthanc
+from tests.testdata import mammograms_four_view
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

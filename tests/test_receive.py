@@ -20,8 +20,8 @@ from node.analysis.jpeg2000 import decode_pixels
 from node.db import Database, Instance, OtherObject, Study
 from node.receive import TRANSFER_SYNTAXES, Receiver
 from node.store import Spool
-from node.testdata import mias_to_mg, uid_from
 from tests.netutil import REPO, free_port, storescu
+from tests.testdata import mias_to_mg, uid_from
 from tests.tools import require_binary
 
 pytestmark = pytest.mark.dcmtk
@@ -354,7 +354,7 @@ def test_large_mammogram_streams_to_disk(receiver: Receiver, tmp_path: Path) -> 
     """A 27 MB full-field image goes through the chunked path intact."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 4096, size=(4096, 3328), dtype=np.uint16)
-    from node.testdata import mg_dataset
+    from tests.testdata import mg_dataset
 
     ds = mg_dataset(pixels, patient_id="BIG", study_uid=uid_from("big"),
                     sop_uid=uid_from("big", "1"), laterality="L", view="CC", spacing_mm=0.07,

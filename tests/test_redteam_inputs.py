@@ -29,10 +29,10 @@ from node.charset import charset_problem, defined_term, normalise_for_copy
 from node.codestream import frame_header
 from node.decode_limits import DecodeBudget, ImageLimits, LimitExceeded
 from node.receive import STATUS_UNREADABLE, Receiver, Refused
-from node.testdata import mg_dataset, uid_from
 from tests.bombs import bomb_instance
 from tests.reliability import MG_FOR_PRESENTATION, file_meta_bytes
 from tests.test_hostile import _body, _image
+from tests.testdata import mg_dataset, uid_from
 
 
 def _elements(body: bytes) -> list[tuple[tuple[int, int], int, str, int]]:

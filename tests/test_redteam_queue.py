@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from node.testdata import uid_from
 from tests.netutil import NodeProcess, StoreSCP, storescu, wait_until
 from tests.reliability import delivered_studies, node_db
 from tests.smallstudies import big_study, small_study
+from tests.testdata import uid_from
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 

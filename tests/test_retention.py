@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from node.db import Database, Delivery, Instance, Job, Result, ResultObject, Series, Study, utcnow
 from node.retention import purge_expired
 from node.store import Spool
-from node.testdata import mias_to_mg
+from tests.testdata import mias_to_mg
 
 
 def _study(db: Database, spool: Spool, tmp: Path, uid: str, state: str, age_days: float,

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     from node.analysis.result import ImageInput
     from node.config import load_settings
     from node.service import load_analyser
-    from node.testdata import mg_dataset, mias_pixels
+    from tests.testdata import mg_dataset, mias_pixels
 
     settings = load_settings(Path("config.toml"))
     analyser = load_analyser(settings)

@@ -228,7 +228,7 @@ def test_shipped_card_states_its_evidence_and_domain() -> None:
 def test_pipeline_withholds_the_call_outside_the_validated_pixel_size(tmp_path: Path) -> None:
     from node.analysis.pipeline import AnalysisPipeline
     from node.analysis.result import ImageInput
-    from node.testdata import mias_to_mg
+    from tests.testdata import mias_to_mg
 
     pipe = AnalysisPipeline(SHIPPED, device="cpu", sc_max_side=512, max_rois_per_image=2)
     film, digital = tmp_path / "film.dcm", tmp_path / "digital.dcm"

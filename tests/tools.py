@@ -33,7 +33,7 @@ def require_shared(relative: str) -> Path:
 
     Missing: the test FAILS when ``CI`` is set (CI provides it) and is skipped otherwise, with
     the path it looked for."""
-    from node.testdata import SHARED_DATA_ENV, find_shared, shared_data_dir
+    from tests.testdata import SHARED_DATA_ENV, find_shared, shared_data_dir
 
     path = find_shared(relative)
     if path is None:

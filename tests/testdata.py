@@ -7,7 +7,8 @@
   Secondary Capture objects with Modality MG, one study per image in the original) into one study,
   keeping the pixels, transfer syntax and the SC form that digitised-film archives send.
 
-Nothing here is used by the running node.
+It lives with the tests: the service package never imports it (bench and the research
+evaluation do, from the repository root).
 """
 
 from __future__ import annotations
