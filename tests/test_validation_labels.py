@@ -228,9 +228,11 @@ def test_shipped_card_states_its_evidence_and_domain() -> None:
 def test_pipeline_withholds_the_call_outside_the_validated_pixel_size(tmp_path: Path) -> None:
     from node.analysis.pipeline import AnalysisPipeline
     from node.analysis.result import ImageInput
+    from node.config import AnalysisSettings, ModelSettings
     from tests.testdata import mias_to_mg
 
-    pipe = AnalysisPipeline(SHIPPED, device="cpu", sc_max_side=512, max_rois_per_image=2)
+    pipe = AnalysisPipeline(ModelSettings(card=SHIPPED, device="cpu"),
+                            AnalysisSettings(sc_max_side=512, max_rois_per_image=2))
     film, digital = tmp_path / "film.dcm", tmp_path / "digital.dcm"
     mias_to_mg("mdb241", film)
     mias_to_mg("mdb241", digital, upsample=2)  # 0.1 mm: outside the film-only validation
