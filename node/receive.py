@@ -173,7 +173,6 @@ class Receiver:
         study = study or StudySettings()
         analysis = analysis or AnalysisSettings()
         tls = tls or TLSSettings()
-        self.settings = node
         self.spool, self.db = context.spool, context.db
         self.intake = IntakePolicy.of(study.other_sop_classes, analysis.synthesized_2d)
         self.keep_other_objects = study.other_objects == "keep"
