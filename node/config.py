@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from node.kinds import KINDS
+
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
 
 
@@ -132,7 +134,7 @@ class OutputSettings:
     manufacturer: str = "mammo-node"
     sr_series_number: int = 9901
     sc_series_number: int = 9902
-    # Output kinds (node.reports.kinds): tid1500, mammo_cad, gsps, sc.
+    # Output kinds (node.kinds): tid1500, mammo_cad, gsps, sc.
     objects: list[str] = field(default_factory=lambda: ["tid1500", "sc"])
     cad_operating_point: str | float = "card"
     cad_sr_series_number: int = 9903
@@ -427,7 +429,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key} {msg}")
 
 
-_OUTPUT_KINDS = ("tid1500", "mammo_cad", "gsps", "sc")  # node.reports.kinds.KINDS
+_OUTPUT_KINDS = KINDS
 
 
 def _check_objects(objects: list[str], key: str) -> None:
