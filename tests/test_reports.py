@@ -6,7 +6,7 @@ import datetime as dt
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -308,6 +308,25 @@ def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> N
     # The SC is derived from the analysed (For Processing) pixels and says so.
     sc = pydicom.dcmread(out[1])
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == "2.25.11"
+
+    # The facts every builder uses were derived once, from the headers: the reference is the
+    # For Presentation image, the SC's source the analysed one; a second For Processing analysis
+    # of the same view is left out (it would mark every cluster twice).
+    twin = replace(image, sop_instance_uid="2.25.12", findings=[replace(f, index=2,
+                                                                        sop_instance_uid="2.25.12")])
+    reported = describe_study(StudyAnalysis(study, MODEL, [image, twin]), sources)
+    (described,) = reported.images
+    assert described.analysis.sop_instance_uid == "2.25.12" and described.number == 1
+    assert described.reference is pres and described.source is pres
+    reported = describe_study(analysis, sources)
+    (described,) = reported.images
+    assert (described.source is proc, described.reference is pres) == (True, True)
+    assert described.laterality == described.source_laterality == "R"
+    assert described.view is not None and described.view.meaning == "cranio-caudal"
+    assert described.spacing_mm == (0.2, 0.2) and described.site == "right breast CC"
+    assert reported.identity is pres
+    with pytest.raises(FrozenInstanceError):
+        described.laterality = "L"  # type: ignore[misc]
 
 
 def test_cbis_sc_sources_headers_only(tmp_path: Path) -> None:
