@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Protocol
 from pydicom.dataset import Dataset
 from pydicom.uid import MammographyCADSRStorage
 
-from node.kinds import GSPS, MAMMO_CAD, SC, TID1500
 from node.reports.uids import ResultUIDs
 
 if TYPE_CHECKING:
@@ -64,10 +63,6 @@ class SeriesNumbers:
             values[f.name] = value
         if len(set(values.values())) != len(values):
             raise ValueError(f"the series numbers of the output kinds must all differ: {values}")
-
-    def of(self, kind: str) -> int:
-        return {TID1500: self.tid1500, MAMMO_CAD: self.mammo_cad, GSPS: self.gsps,
-                SC: self.sc}[kind]
 
 
 @dataclass(frozen=True)
