@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
-from node.reports import build_reports
-from node.reports.kinds import KINDS
+from node.kinds import KINDS
+from node.reports import ReportContext, SeriesNumbers, build_reports
 from tests.testdata import mg_dataset, uid_from
 
 MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
@@ -72,6 +72,9 @@ def main() -> None:
     args = ap.parse_args()
     analysis, sources = study(args.rows, args.cols, args.rois)
     created = dt.datetime(2026, 1, 1, 12, 0, 0)
+    context = ReportContext(analysis_key="bench", created=created, manufacturer="mammo-node",
+                            software_version="bench", threshold=MODEL.threshold,
+                            series=SeriesNumbers(tid1500=9901, sc=9902))
     print(f"study: 4 views {args.cols}x{args.rows}, {args.rois} ROIs/image, "
           f"median of {args.repeats} runs")
     print(f"{'kind':<10} {'objects':>7} {'build ms':>9} {'encode ms':>10} {'MB':>7}")
@@ -79,10 +82,7 @@ def main() -> None:
         build, encode = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            objs = build_reports(analysis, sources, analysis_key="bench", created=created,
-                                 manufacturer="mammo-node", sr_series_number=9901,
-                                 sc_series_number=9902, threshold=MODEL.threshold,
-                                 software_version="bench", kinds=[kind])
+            objs = build_reports(analysis, sources, context, [kind])
             t1 = time.perf_counter()
             size = 0
             for ds in objs:
@@ -101,10 +101,7 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(3):
-            build_reports(analysis, sources, analysis_key="bench", created=created,
-                          manufacturer="mammo-node", sr_series_number=9901,
-                          sc_series_number=9902, threshold=MODEL.threshold,
-                          software_version="bench", kinds=[args.profile])
+            build_reports(analysis, sources, context, [args.profile])
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
+from node.kinds import KINDS
+
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
 
 
@@ -313,7 +315,11 @@ class ModelSettings(_Section):
 
 
 OutputKind = Literal["tid1500", "mammo_cad", "gsps", "sc"]
-_OUTPUT_KINDS: tuple[OutputKind, ...] = get_args(OutputKind)  # node.reports.kinds.KINDS
+# node.kinds.KINDS is the one list of output kinds; the Literal repeats it for the type checker,
+# and importing this module fails if the two ever differ.
+_OUTPUT_KINDS: tuple[OutputKind, ...] = get_args(OutputKind)
+if tuple(KINDS) != _OUTPUT_KINDS:
+    raise ImportError(f"config.OutputKind {_OUTPUT_KINDS} differs from node.kinds.KINDS {KINDS}")
 
 
 def _objects_problem(objects: list[str]) -> tuple[str, str] | None:
@@ -336,7 +342,7 @@ class OutputSettings(_Section):
     manufacturer: str = "mammo-node"
     sr_series_number: int = 9901
     sc_series_number: int = 9902
-    # Output kinds (node.reports.kinds): tid1500, mammo_cad, gsps, sc.
+    # Output kinds (node.kinds): tid1500, mammo_cad, gsps, sc.
     objects: list[OutputKind] = field(default_factory=lambda: ["tid1500", "sc"])
     cad_operating_point: Literal["card"] | float = "card"
     cad_sr_series_number: int = 9903

@@ -37,8 +37,8 @@ from sqlalchemy import select
 from node import faults, metrics, queue
 from node.config import DeliverySettings, Destination, NodeSettings, OutputSettings, Settings
 from node.db import Database, Delivery, Result, ResultObject, utcnow
+from node.kinds import kind_of, sop_classes_for
 from node.log import event
-from node.reports.kinds import kind_of, sop_classes_for
 from node.store import Spool
 
 log = logging.getLogger("node.deliver")

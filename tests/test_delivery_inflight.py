@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GRAYSCALE_SOFTCOPY_PS
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
+
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Job, Result, ResultObject, Study
 from node.deliver import Deliverer, DeliveryContext, SendOutcome
 from node.queue import queue_deliveries
-from node.reports.kinds import GRAYSCALE_SOFTCOPY_PS, SECONDARY_CAPTURE
 from node.store import Spool
 
 

@@ -20,11 +20,12 @@ import pytest
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
 from node.config import ModelSettings
-from node.reports.cad_sr import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED, read_cad_findings
-from node.reports.kinds import SOP_CLASS_OF_KIND
+from node.kinds import SOP_CLASS_OF_KIND
+from node.reports.codes import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED
 from tests.netutil import REPO, NodeProcess, StoreSCP, storescu, wait_until
 from tests.orthanc import Orthanc
 from tests.srfindings import sr_findings
+from tests.srread import read_cad_findings
 from tests.testdata import mias_four_view
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
