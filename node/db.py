@@ -28,7 +28,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -455,6 +455,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def rows_matched(result: object) -> int:
+    """Rows an UPDATE or DELETE (without RETURNING) matched. ``Session.execute()`` is typed to
+    return a ``Result``; for such statements it is a ``CursorResult``, which has the count
+    (SQLAlchemy's typing does not say so: sqlalchemy/sqlalchemy#9185)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"not the result of an UPDATE or DELETE: {type(result).__name__}")
+    return result.rowcount
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

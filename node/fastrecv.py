@@ -272,5 +272,7 @@ def install() -> None:
     from pynetdicom import dimse_messages, transport
 
     transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
-    dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[attr-defined,misc]
+    # pynetdicom's decoder calls NamedTemporaryFile(...) by name at each dataset: a class with
+    # the same call signature replaces the function (pinned: tests/test_fastrecv_patch_points.py)
+    dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[assignment]
     _installed = True
