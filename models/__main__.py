@@ -87,10 +87,11 @@ def cmd_model_card(a: argparse.Namespace) -> None:
 
     card = ModelCard.load(Path(a.card))
     detector = None
-    if card.detector_path(Path(a.card)) is not None:
+    detector_path = card.detector_path(Path(a.card))
+    if detector_path is not None:
         from models.detector.model import DetectorModel
 
-        detector = DetectorModel.load(card.detector_path(Path(a.card)))
+        detector = DetectorModel.load(detector_path)
     Path(a.out).write_text(render_model_card(card, Path(a.card).name, a.report, detector),
                            encoding="utf-8")
     print(f"wrote {a.out}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import timm
 import torch
@@ -59,6 +60,32 @@ def create(architecture: str, num_classes: int = 2, in_chans: int = 3) -> nn.Mod
     return timm.create_model(
         architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans
     )
+
+
+@runtime_checkable
+class TimmClassifier(Protocol):
+    """The split of a timm classifier at its last feature map, which Grad-CAM and feature
+    extraction call. Every timm model has both methods; nn.Module's type does not say so (its
+    attributes are typed ``Tensor | Module``)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def as_timm(model: nn.Module) -> TimmClassifier:
+    """``model`` as a :class:`TimmClassifier`; TypeError for a network not built by timm."""
+    if not isinstance(model, TimmClassifier):
+        raise TypeError(f"{type(model).__name__} is not a timm classifier "
+                        "(no forward_features/forward_head)")
+    return model
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """Name prefix of the classifier's parameters ("classifier" for EfficientNets, "fc" for
+    ResNets), from timm's ``default_cfg``; "classifier" for a model without one."""
+    cfg = getattr(model, "default_cfg", None)
+    return str(cfg.get("classifier", "classifier")) if isinstance(cfg, dict) else "classifier"
 
 
 def lite0_weights_path() -> Path:
@@ -137,9 +164,7 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _is_head(model: nn.Module, key: str) -> bool:
-    head = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") \
-        else "classifier"
-    return key.startswith(head + ".")
+    return key.startswith(classifier_prefix(model) + ".")
 
 
 def reset_head(model: nn.Module, std: float = 0.01) -> None:
@@ -149,7 +174,8 @@ def reset_head(model: nn.Module, std: float = 0.01) -> None:
     that is +-0.7 per weight, giving initial logits of +-10 on 1280 features and a huge, unstable
     first loss. A small head makes fine-tuning (and double transfer) start from p ~ 0.5.
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; None for other modules
+    head = get_classifier() if callable(get_classifier) else None
     if isinstance(head, nn.Linear):
         nn.init.normal_(head.weight, std=std)
         nn.init.zeros_(head.bias)

@@ -74,13 +74,14 @@ def cnn_features(net: str, crops: list[np.ndarray]) -> np.ndarray:
     model = arch.create(net, num_classes=2)
     arch.load_backbone(model, arch.lite_imagenet_state(net))
     model.eval()
+    split = arch.as_timm(model)
     mean, std = arch.normalisation(net)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     out = []
     for c in crops:
         x = torch.from_numpy(np.stack(dihedral(c))).unsqueeze(1).expand(-1, 3, -1, -1)
-        f = model.forward_head(model.forward_features((x - m) / s), pre_logits=True)
+        f = split.forward_head(split.forward_features((x - m) / s), pre_logits=True)
         out.append(f.numpy())
     return np.stack(out)
 

@@ -137,8 +137,11 @@ def load_rois(
     if workers > 0 and len(rows) > 1:
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_RowCrops(base, rows, roi_size_mm, input_size), batch_size=None,
-                            num_workers=workers, shuffle=False)
+        # _RowCrops is a map-style dataset (__len__ + __getitem__), all DataLoader needs; it does
+        # not subclass torch's Dataset so that importing this module does not import torch
+        loader: DataLoader[np.ndarray] = DataLoader(
+            _RowCrops(base, rows, roi_size_mm, input_size),  # type: ignore[arg-type]
+            batch_size=None, num_workers=workers, shuffle=False)
         crops = [np.asarray(c, dtype=np.float32) for c in loader]
     else:
         crops = [_crop_row(base, row, roi_size_mm, input_size) for row in rows]
@@ -226,7 +229,7 @@ def _breast_point(img01: np.ndarray, margin_px: int, rng: np.random.Generator) -
 
     small = cv2.resize(img01, (img01.shape[1] // 4, img01.shape[0] // 4),
                        interpolation=cv2.INTER_AREA)
-    mask = (cv2.GaussianBlur(small, (9, 9), 0) > 0.25).astype(np.uint8)
+    mask: np.ndarray = (cv2.GaussianBlur(small, (9, 9), 0) > 0.25).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
     if n > 1:
         biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))

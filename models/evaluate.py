@@ -241,13 +241,15 @@ def cross_validate(
         thr = youden_threshold(y, oof)
         clusters = rois.kinds != "normal"
         pooled = binary_metrics(y, oof, 0.5)
-        res = {
+        mean = {k: float(np.nanmean([m[k] for m in per_fold])) for k in METRICS}
+        sd = {k: _nansd([m[k] for m in per_fold]) for k in METRICS}
+        res: dict[str, object] = {
             "architecture": cfg.architecture,
             "init": cfg.init,
             "input_size": size,
             "per_fold": per_fold,
-            "mean": {k: float(np.nanmean([m[k] for m in per_fold])) for k in METRICS},
-            "sd": {k: _nansd([m[k] for m in per_fold]) for k in METRICS},
+            "mean": mean,
+            "sd": sd,
             "infer_ms": float(np.median(ms)),
             "pooled_oof": pooled,
             "pooled_auc_ci95": bootstrap_ci(y, oof, rois.patients, "auc", seed=seed),
@@ -263,7 +265,7 @@ def cross_validate(
         results["configs"][cfg.label] = res
         results["wall_s"] = round(time.perf_counter() - t0, 1)
         write_outputs(results, rois, out_dir)
-        log(f"[{cfg.label}] mean AUC {res['mean']['auc']:.3f} ± {res['sd']['auc']:.3f}, "
+        log(f"[{cfg.label}] mean AUC {mean['auc']:.3f} ± {sd['auc']:.3f}, "
             f"{res['wall_s']:.0f}s")
     return results
 

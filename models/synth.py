@@ -45,7 +45,7 @@ def background(size_px: int, rng: np.random.Generator, beta: float | None = None
     grad = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) * rng.uniform(0, 0.2)
     img = rng.uniform(0.4, 0.75) + rng.uniform(0.05, 0.12) * tex + grad
     # fibro-glandular strands / vessels: long faint curvilinear structures, mostly one direction
-    strands = np.zeros((size_px, size_px), np.float32)
+    strands: np.ndarray = np.zeros((size_px, size_px), np.float32)
     main = rng.uniform(0, np.pi)
     for _ in range(int(rng.integers(5, 20))):
         a = main + rng.normal(0, 0.35)
@@ -153,7 +153,7 @@ def synth_image(
     """
     n_fine = int(round(size_mm / FINE_MM))
     px_per_mm = 1.0 / FINE_MM
-    calc = np.zeros((n_fine, n_fine), np.float32)
+    calc: np.ndarray = np.zeros((n_fine, n_fine), np.float32)
     kind = (_draw_malignant if label else _draw_benign)(calc, rng, px_per_mm)
     calc = cv2.GaussianBlur(calc, (0, 0), rng.uniform(0.06, 0.12) * px_per_mm)
     n_out = int(round(size_mm / spacing_mm))

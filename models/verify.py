@@ -70,11 +70,12 @@ def verify_card(card_path: Path, *, load: bool = True) -> Verification:
         v.problems.append("weights_sha256 is empty: the weights cannot be verified")
     elif sha256_of(weights) != card.weights_sha256:
         v.problems.append(f"{card.weights_file} does not match the card's weights_sha256")
-    if card.detector_file:  # the cluster detector the card was evaluated with (models.detector)
+    detector_path = card.detector_path(v.card_path)
+    if detector_path is not None:  # the cluster detector the card was evaluated with
         from models.detector.model import DetectorModel
 
         try:
-            DetectorModel.load(card.detector_path(v.card_path))
+            DetectorModel.load(detector_path)
         except ValueError as exc:
             v.problems.append(f"detector: {exc}")
     import timm

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node import queue
 from node.db import ClusterSetting, Database, NodeRecord, utcnow
@@ -188,7 +189,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def describe_nodes(s, now: dt.datetime | None = None) -> list[dict]:  # type: ignore[no-untyped-def]
+def describe_nodes(s: Session, now: dt.datetime | None = None) -> list[dict]:
     """Every registered node with its roles, last heartbeat (seconds ago) and holdings."""
     now = now or utcnow()
     held = queue.holdings(s)

@@ -28,7 +28,8 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -37,6 +38,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.pool import ConnectionPoolEntry
 
 
 def utcnow() -> dt.datetime:
@@ -455,7 +457,16 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def rows_matched(result: object) -> int:
+    """Rows an UPDATE or DELETE (without RETURNING) matched. ``Session.execute()`` is typed to
+    return a ``Result``; for such statements it is a ``CursorResult``, which has the count
+    (SQLAlchemy's typing does not say so: sqlalchemy/sqlalchemy#9185)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"not the result of an UPDATE or DELETE: {type(result).__name__}")
+    return result.rowcount
+
+
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # a commit survives power loss before we ack

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Subquery
 
 from node.analysis.result import StudyAnalysis
 from node.db import Database, Outcome, ScoredBreast, ScoredFinding, Study, utcnow
@@ -180,7 +181,7 @@ def distribution(values: list[float], threshold: float | None = None) -> dict[st
 
 
 # -- outcomes against scores -----------------------------------------------------------------------
-def _truth_subquery():  # type: ignore[no-untyped-def]
+def _truth_subquery() -> Subquery:
     return (select(Outcome.study_uid, Outcome.laterality,
                    func.max(case((Outcome.truth == "malignant", 1), else_=0)).label("positive"))
             .group_by(Outcome.study_uid, Outcome.laterality).subquery())

@@ -271,6 +271,9 @@ def install() -> None:
         return
     from pynetdicom import dimse_messages, transport
 
+    # the socket's receive is replaced process-wide (pinned: tests/test_fastrecv_patch_points.py)
     transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
-    dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[attr-defined,misc]
+    # pynetdicom's decoder calls NamedTemporaryFile(...) by name at each dataset: a class with
+    # the same call signature replaces the function (pinned: tests/test_fastrecv_patch_points.py)
+    dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[assignment]
     _installed = True

@@ -19,7 +19,11 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+# what sys.exc_info() returns (logging.Formatter.formatException's argument)
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 _PATIENT_IDENTIFIERS = False
 
@@ -35,17 +39,15 @@ def escape(text: str) -> str:
 
 
 class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        t = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{t}.{int(record.msecs):03d}Z"
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
         record.message = escape(record.message)
         return super().formatMessage(record)
 
-    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+    def formatException(self, ei: _ExcInfo) -> str:  # noqa: N802
         return _indent(super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:  # noqa: N802

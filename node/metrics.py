@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,6 +29,9 @@ from node import queue
 from node.db import Database, Delivery, Instance, Job, Study
 from node.output_failures import failed_kind_counts
 from node.queue import DeliveryState, StudyState
+
+if TYPE_CHECKING:
+    from node.admission import Ticket  # node.admission imports this module
 
 log = logging.getLogger("node.metrics")
 
@@ -223,8 +227,12 @@ class StateCollector(Collector):
                 .group_by(Delivery.destination, Delivery.state)).all()
             last_ok = {name: last_success(s, name) for name in self.destinations}
             failed_kinds = failed_kind_counts(s)
-            outcomes = dict(s.execute(select(Instance.outcome, func.count())
-                                      .group_by(Instance.outcome)).all())
+            # outcome -> instances; None: not analysed yet (reported as "pending")
+            outcomes: dict[str, int] = {}
+            for outcome, count in s.execute(select(Instance.outcome, func.count())
+                                            .group_by(Instance.outcome)).all():
+                key = "pending" if outcome is None else outcome
+                outcomes[key] = outcomes.get(key, 0) + count
             from node.cluster import describe_nodes
 
             nodes = describe_nodes(s)
@@ -235,7 +243,6 @@ class StateCollector(Collector):
         g = GaugeMetricFamily("mammo_instances", "Stored instances by outcome: pending (not "
                               "analysed yet), analysed, skipped (a recorded reason), failed "
                               "(could not be analysed: a counted failure)", labels=["outcome"])
-        outcomes["pending"] = outcomes.pop(None, 0) + outcomes.get("pending", 0)
         for outcome in sorted(set(INSTANCE_OUTCOMES) | set(outcomes)):
             g.add_metric([outcome], float(outcomes.get(outcome, 0)))
         yield g
@@ -294,7 +301,7 @@ def last_success(session: Session, destination: str) -> dt.datetime | None:
 class AdmissionCollector(Collector):
     """Connections holding a slot now, from node.admission (trusted: in the reserve)."""
 
-    def __init__(self, open_tickets) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, open_tickets: Callable[[], Sequence[Ticket]]) -> None:
         self.open_tickets = open_tickets
 
     def describe(self) -> list[Metric]:
@@ -314,7 +321,7 @@ _state: StateCollector | None = None
 _admission: AdmissionCollector | None = None
 
 
-def bind_admission(open_tickets) -> None:  # type: ignore[no-untyped-def]
+def bind_admission(open_tickets: Callable[[], Sequence[Ticket]]) -> None:
     """Report ``open_tickets()`` (node.admission.Admission.snapshot) at each scrape."""
     global _admission
     if _admission is not None:

@@ -20,6 +20,7 @@ from node.log import event
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from sqlalchemy import Connection
 
 _LOCK_KEY = 1919_0019  # pg_advisory_lock key of the node's schema migrations
 log = logging.getLogger("node.migrate")
@@ -88,7 +89,7 @@ def upgrade(db: Database, revision: str = "head", *, replay: bool = False
     return before, after
 
 
-def _add_missing(conn) -> None:  # type: ignore[no-untyped-def]
+def _add_missing(conn: Connection) -> None:
     """A safety net after the revisions: columns and indexes the models have and the database
     lacks (a hand-repaired or partly restored database) are added, nullable with their scalar
     default, as the node did before migrations. Nothing is ever dropped or altered."""

@@ -24,9 +24,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from node.modelstore import ModelRef
 
 
 def _open(args: argparse.Namespace) -> tuple[Settings, Any, Any]:
@@ -41,7 +44,7 @@ def _open(args: argparse.Namespace) -> tuple[Settings, Any, Any]:
     return settings, db, ModelStore(db, settings.node.data_dir)
 
 
-def _default_ref(settings: Settings):  # type: ignore[no-untyped-def]
+def _default_ref(settings: Settings) -> ModelRef | None:
     from models.card import ModelCard
     from node.modelstore import ModelRef
 

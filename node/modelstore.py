@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from models.card import ModelCard, sha256_of
 from node.db import Database, InstalledModel, ModelEvent, ModelRole, utcnow
@@ -114,11 +115,12 @@ class ModelStore:
                                   f"letters, digits and . _ + - (and not {CARD_FILE})")
         files = [(weights_src, weights_name, card.weights_sha256)]
         detector_name = Path(card.detector_file).name if card.detector_file else ""
-        if detector_name:  # verified above (models.verify): kept beside the card too
+        detector_src = card.detector_path(card_path)  # None when the card names no detector
+        # verified above (models.verify): the detector is kept beside the card too
+        if detector_name and detector_src is not None:
             if not _SAFE_FILE.match(detector_name) or detector_name in (CARD_FILE, weights_name):
                 raise ModelStoreError(f"detector file name {card.detector_file!r} cannot be "
                                       "kept: use letters, digits and . _ + -")
-            detector_src = card.detector_path(card_path)
             files.append((detector_src, detector_name, sha256_of(detector_src)))
         stored = card if (card.weights_file, card.detector_file) == (
             weights_name, detector_name) else replace(
@@ -323,7 +325,7 @@ class ModelStore:
                                   .limit(limit)).scalars())
 
 
-def _set_role(s, role: str, ref: ModelRef) -> None:  # type: ignore[no-untyped-def]
+def _set_role(s: Session, role: str, ref: ModelRef) -> None:
     row = s.get(ModelRole, role)
     if row is None:
         s.add(ModelRole(role=role, name=ref.name, version=ref.version, changed_at=utcnow()))

@@ -155,7 +155,7 @@ def backfill_accessions(db: Database, data_dir: Path) -> int:
                     value = str(ds.get("AccessionNumber", "") or "")[:64]
                 except Exception:  # noqa: BLE001 - unreadable: no accession number
                     value = ""
-            s.get(Study, study_id).accession_number = value
+            s.get_one(Study, study_id).accession_number = value
             n += 1
     return n
 
@@ -174,11 +174,13 @@ def import_outcomes(db: Database, path: Path, *, data_dir: Path, dry_run: bool =
         for uid, acc in s.execute(select(Study.study_uid, Study.accession_number)
                                   .where(Study.accession_number.is_not(None),
                                          Study.accession_number != "")).all():
-            by_accession[acc].add(uid)
+            if acc is not None:  # always (the query's condition): narrows its type
+                by_accession[acc].add(uid)
         for uid, acc in s.execute(select(ScoredBreast.study_uid, ScoredBreast.accession_number)
                                   .where(ScoredBreast.accession_number.is_not(None)).distinct()
                                   ).all():
-            by_accession[acc].add(uid)
+            if acc is not None:  # always (the query's condition)
+                by_accession[acc].add(uid)
         accession_of = {u: a for a, us in by_accession.items() for u in us}
         analysed = set(s.execute(select(ScoredBreast.study_uid).distinct()).scalars())
         findings = defaultdict(set)
@@ -306,8 +308,8 @@ def export_training_csv(db: Database, out: Path, *, model: ModelRef | None = Non
     with db.session() as s:
         outcomes = s.execute(select(Outcome)).scalars().all()
         by_breast: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
-        for o in outcomes:
-            by_breast[(o.study_uid, o.laterality)].append(o)
+        for outcome in outcomes:
+            by_breast[(outcome.study_uid, outcome.laterality)].append(outcome)
         uids = sorted({u for u, _ in by_breast})
         found: dict[str, list[ScoredFinding]] = defaultdict(list)
         stored: set[str] = set()

@@ -17,24 +17,24 @@ def failed_output_kinds(s: Session, limit: int = 50) -> list[dict[str, object]]:
     ``mammo-node retry`` queued it) or "delivery" (``destination`` refused it), with the
     study, the kind and the error."""
     out: list[dict[str, object]] = []
-    for k, uid in s.execute(
+    for rk, uid in s.execute(
         select(ResultKind, Study.study_uid).join(Result, Result.id == ResultKind.result_id)
         .join(Study, Study.id == Result.study_id)
         .where(Result.current.is_(True), ResultKind.state.in_(("failed", "rebuild")))
         .order_by(ResultKind.id.desc()).limit(limit)
     ).all():
-        out.append({"stage": "build", "study": uid, "kind": k.kind, "state": k.state,
-                    "attempts": k.attempts, "error": k.error})
-    for k, d, uid in s.execute(
+        out.append({"stage": "build", "study": uid, "kind": rk.kind, "state": rk.state,
+                    "attempts": rk.attempts, "error": rk.error})
+    for dk, d, uid in s.execute(
         select(DeliveryKind, Delivery, Study.study_uid)
         .join(Delivery, Delivery.id == DeliveryKind.delivery_id)
         .join(Result, Result.id == Delivery.result_id).join(Study, Study.id == Result.study_id)
         .where(Result.current.is_(True), DeliveryKind.state == "failed")
         .order_by(DeliveryKind.id.desc()).limit(limit)
     ).all():
-        out.append({"stage": "delivery", "study": uid, "kind": k.kind, "state": k.state,
-                    "destination": d.destination, "status": k.last_status,
-                    "error": k.last_error})
+        out.append({"stage": "delivery", "study": uid, "kind": dk.kind, "state": dk.state,
+                    "destination": d.destination, "status": dk.last_status,
+                    "error": dk.last_error})
     return out
 
 

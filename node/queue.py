@@ -48,6 +48,7 @@ from node.db import (
     ResultObject,
     ShadowRun,
     Study,
+    rows_matched,
     utcnow,
 )
 
@@ -121,6 +122,7 @@ def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Stud
         # node cannot complete the study under this instance (it skips locked studies).
         from sqlalchemy.dialects.postgresql import insert
 
+        study: Study | None
         s.execute(insert(Study).values(
             study_uid=study_uid, state=StudyState.RECEIVING, generation=1, created_at=now,
             last_received_at=now).on_conflict_do_nothing(index_elements=["study_uid"]))
@@ -194,7 +196,10 @@ def complete_study(s: Session, study: Study, key: str) -> Completion:
 
 
 # -- claims (shared by jobs, deliveries, shadow runs) ------------------------------------------
-_CLAIMABLE = {
+#: the tables whose rows are claimed under a lease (columns id, state, holder, lease_until)
+_LeasedModel = type[Job] | type[Delivery] | type[ShadowRun]
+
+_CLAIMABLE: dict[str, tuple[_LeasedModel, str, str]] = {
     "job": (Job, JobState.QUEUED, JobState.RUNNING),
     "delivery": (Delivery, DeliveryState.PENDING, DeliveryState.SENDING),
     "shadow": (ShadowRun, ShadowState.QUEUED, ShadowState.RUNNING),
@@ -214,9 +219,10 @@ def _claim_first(db: Database, kind: str, candidates: Select, holder: Holder,
         else:
             ids = s.execute(candidates.limit(5)).scalars().all()
         for row_id in ids:
-            won = s.execute(update(model).where(model.id == row_id, model.state == free)
-                            .values(state=held, holder=holder.name,
-                                    lease_until=holder.lease_until(now), **values)).rowcount
+            won = rows_matched(s.execute(
+                update(model).where(model.id == row_id, model.state == free)
+                .values(state=held, holder=holder.name, lease_until=holder.lease_until(now),
+                        **values)))
             if won == 1:
                 s.add(ClaimRecord(kind=kind, row_id=row_id, holder=holder.name, claimed_at=now))
                 return row_id
@@ -279,7 +285,7 @@ def requeue_job(db: Database, job_id: int, reason: str = "requeued",
         job.attempts = max(0, job.attempts - 1)
         job.started_at = None
         job.holder = job.lease_until = None
-        study = s.get(Study, job.study_id)
+        study = s.get_one(Study, job.study_id)
         if study.state == StudyState.ANALYSING:
             study.state = StudyState.COMPLETE
         _release_claim(s, "job", job_id, "superseded" if "stopping" not in reason
@@ -296,9 +302,9 @@ def finish_job(s: Session, job_id: int, input_key: str | None, holder: str | Non
         conds.append(Job.input_key == input_key)
     if holder is not None:
         conds.append(Job.holder == holder)
-    done = s.execute(update(Job).where(*conds).values(
+    done = rows_matched(s.execute(update(Job).where(*conds).values(
         state=JobState.DONE, finished_at=utcnow(), error=None, holder=None,
-        lease_until=None)).rowcount == 1
+        lease_until=None))) == 1
     if done:
         _release_claim(s, "job", job_id, "done")
     return done
@@ -334,7 +340,7 @@ def fail_job(s: Session, job_id: int, message: str, final: bool,
     job.finished_at = utcnow()
     job.holder = job.lease_until = None
     if final:
-        study = s.get(Study, job.study_id)
+        study = s.get_one(Study, job.study_id)
         if study.state != StudyState.RECEIVING:
             study.state = StudyState.FAILED
     _release_claim(s, "job", job_id, "failed")
@@ -478,9 +484,10 @@ def finish_shadow_run(db: Database, run_id: int, state: ShadowState, **values: o
 
 
 # -- leases ------------------------------------------------------------------------------------
-_HELD = ((Job, JobState.RUNNING, JobState.QUEUED, "job"),
-         (Delivery, DeliveryState.SENDING, DeliveryState.PENDING, "delivery"),
-         (ShadowRun, ShadowState.RUNNING, ShadowState.QUEUED, "shadow"))
+_HELD: tuple[tuple[_LeasedModel, str, str, str], ...] = (
+    (Job, JobState.RUNNING, JobState.QUEUED, "job"),
+    (Delivery, DeliveryState.SENDING, DeliveryState.PENDING, "delivery"),
+    (ShadowRun, ShadowState.RUNNING, ShadowState.QUEUED, "shadow"))
 
 
 def renew_leases(db: Database, holder: Holder) -> int:
@@ -489,13 +496,13 @@ def renew_leases(db: Database, holder: Holder) -> int:
     n = 0
     with db.session() as s:
         for model, held, _free, _kind in _HELD:
-            n += s.execute(update(model).where(model.holder == holder.name,
-                                               model.state == held)
-                           .values(lease_until=until)).rowcount
+            n += rows_matched(s.execute(update(model).where(model.holder == holder.name,
+                                                            model.state == held)
+                                        .values(lease_until=until)))
     return n
 
 
-def _put_back(s: Session, model: type, held: str, free: str, kind: str, where: list,
+def _put_back(s: Session, model: _LeasedModel, held: str, free: str, kind: str, where: list,
               outcome: str) -> int:
     ids = s.execute(select(model.id).where(model.state == held, *where)).scalars().all()
     if not ids:
@@ -545,7 +552,8 @@ def holdings(s: Session) -> dict[str, dict[str, int]]:
     for model, held, _free, kind in _HELD:
         for name, n in s.execute(select(model.holder, func.count()).where(
                 model.state == held, model.holder.is_not(None)).group_by(model.holder)):
-            out.setdefault(name, {})[kind] = n
+            if name is not None:  # always (the query's condition): narrows the holder's type
+                out.setdefault(name, {})[kind] = n
     return out
 
 
@@ -572,8 +580,8 @@ def retry_failed(s: Session, study_ids: list[int] | None = None) -> Retried:
             select(Result.id).where(Result.study_id.in_(study_ids))))
         jq = jq.where(Job.study_id.in_(study_ids))
     failed_deliveries = s.execute(select(Delivery.id).where(*dwhere)).scalars().all()
-    n_d = s.execute(update(Delivery).where(*dwhere).values(
-        state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow())).rowcount
+    n_d = rows_matched(s.execute(update(Delivery).where(*dwhere).values(
+        state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow())))
     if failed_deliveries:
         s.execute(update(DeliveryKind).where(
             DeliveryKind.delivery_id.in_(failed_deliveries),
@@ -582,8 +590,8 @@ def retry_failed(s: Session, study_ids: list[int] | None = None) -> Retried:
     live = select(Job.study_id).where(Job.state.in_(LIVE_JOB_STATES))
     newest = select(func.max(Job.id)).where(Job.state == JobState.FAILED,
                                             Job.study_id.not_in(live)).group_by(Job.study_id)
-    n_j = s.execute(jq.where(Job.id.in_(newest)).values(state=JobState.QUEUED, attempts=0)
-                    ).rowcount
+    n_j = rows_matched(s.execute(jq.where(Job.id.in_(newest))
+                                 .values(state=JobState.QUEUED, attempts=0)))
     if n_j:
         s.execute(update(Study).where(
             Study.state == StudyState.FAILED,
@@ -600,11 +608,11 @@ def retry_failed(s: Session, study_ids: list[int] | None = None) -> Retried:
         if result.study_id in studies:
             continue
         studies.add(result.study_id)
-        original = s.get(Job, result.job_id)
         pending = s.execute(select(Job.id).where(
             Job.study_id == result.study_id, Job.state.in_(LIVE_JOB_STATES))).first()
         if pending is None:  # a live job analyses the study's latest content anyway
-            study = s.get(Study, result.study_id)
+            original = s.get_one(Job, result.job_id)
+            study = s.get_one(Study, result.study_id)
             s.add(Job(study_id=result.study_id, generation=study.generation,
                       input_key=original.input_key, state=JobState.QUEUED,
                       created_at=utcnow()))

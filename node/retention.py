@@ -62,7 +62,7 @@ def purge_expired(db: Database, spool: Spool, days: float, now: dt.datetime | No
             s.execute(delete(Job).where(Job.study_id == study_id))
             s.execute(delete(Instance).where(Instance.study_id == study_id))
             s.execute(delete(Series).where(Series.study_id == study_id))
-            study_uid = s.get(Study, study_id).study_uid
+            study_uid = s.get_one(Study, study_id).study_uid
             s.execute(delete(Study).where(Study.id == study_id))
         for relpath in files:  # rows are gone (committed): the files follow
             spool.remove(relpath)

@@ -90,6 +90,7 @@ class _AssociationHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
+        # the node's own attribute on pynetdicom's Association (node.receive reads it back)
         assoc.admission_ticket = self.server.tickets.get(id(self.request))  # type: ignore[attr-defined]
         self.server.associations.add(assoc)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -138,7 +139,9 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.socket is None:  # pynetdicom types it optional; it is bound in __init__
+            raise OSError("the association server has no listening socket")
+        sock, address = self.socket.accept()
         if not peer_allowed(str(address[0]), self.networks):
             event(log, "connection.refused", logging.WARNING, peer=f"{address[0]}:{address[1]}",
                   reason="peer IP not in node.allowed_peer_ips")

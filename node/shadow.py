@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 
 from node import queue
-from node.activemodel import ModelManager
+from node.activemodel import LoadedModel, ModelManager
 from node.analysis.result import ImageInput, StudyAnalysis
 from node.db import Database, Instance, Job, ShadowRun, Study, utcnow
 from node.evaluation import record_analysis
@@ -155,9 +155,9 @@ class ShadowRunner:
         self._run(run_id, loaded)
         return True
 
-    def _run(self, run_id: int, loaded) -> None:  # type: ignore[no-untyped-def]
+    def _run(self, run_id: int, loaded: LoadedModel) -> None:
         with self.db.session() as s:
-            run = s.get(ShadowRun, run_id)
+            run = s.get_one(ShadowRun, run_id)
             study_uid, job_id, attempts = run.study_uid, run.job_id, run.attempts
             job_key = s.execute(select(Job.input_key).where(Job.id == job_id)).scalar()
             uids = json.loads(run.inputs)

@@ -204,12 +204,12 @@ def render(db: Database, *, ae_title: str, version: str, limit: int = 50,
         out.append('<table id="failed-outputs"><thead><tr><th>Study Instance UID</th>'
                    "<th>Kind</th><th>Stage</th><th>Destination</th><th>State</th>"
                    "<th>Error</th></tr></thead><tbody>")
-        for f in outputs:
+        for kind in outputs:
             out.append(
-                f'<tr class="failed-output"><td class=uid>{_e(f["study"])}</td>'
-                f'<td>{_e(f["kind"])}</td><td>{_e(f["stage"])}</td>'
-                f'<td>{_e(f.get("destination", ""))}</td>'
-                f'<td class="d-failed">{_e(f["state"])}</td><td>{_e(f["error"])}</td></tr>')
+                f'<tr class="failed-output"><td class=uid>{_e(kind["study"])}</td>'
+                f'<td>{_e(kind["kind"])}</td><td>{_e(kind["stage"])}</td>'
+                f'<td>{_e(kind.get("destination", ""))}</td>'
+                f'<td class="d-failed">{_e(kind["state"])}</td><td>{_e(kind["error"])}</td></tr>')
         out.append("</tbody></table><p>The other kinds of these results were delivered; "
                    "<code>mammo-node retry</code> rebuilds or re-sends these.</p>")
     else:
@@ -244,15 +244,22 @@ def outcome_counts(db: Database) -> tuple[dict[str, int], list[tuple[str, str, i
     from node.db import Instance
 
     with db.session() as s:
-        counts = dict(s.execute(select(Instance.outcome, func.count())
-                                .group_by(Instance.outcome)).all())
+        counts: dict[str, int] = {}
+        pending = 0  # outcome None: not analysed yet
+        for outcome, n in s.execute(select(Instance.outcome, func.count())
+                                    .group_by(Instance.outcome)).all():
+            if outcome is None:
+                pending = n
+            else:
+                counts[outcome] = n
         reasons = s.execute(
             select(Instance.outcome, Instance.outcome_reason, func.count())
             .where(Instance.outcome.in_(("skipped", "failed")))
             .group_by(Instance.outcome, Instance.outcome_reason)
             .order_by(func.count().desc()).limit(20)).all()
-    counts["pending"] = counts.pop(None, 0)
-    return counts, [(o, r or "", n) for o, r, n in reasons]
+    counts["pending"] = pending
+    # (the query keeps skipped and failed instances only: the outcome is never None)
+    return counts, [(o, r or "", n) for o, r, n in reasons if o is not None]
 
 
 def _not_analysed_section(db: Database) -> list[str]:

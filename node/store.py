@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import os
 import shutil
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -139,7 +139,7 @@ class _Fsync:
             raise self._error
 
 
-def _sha256(fh: BinaryIO) -> tuple[int, str]:
+def _sha256(fh: io.BufferedIOBase) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
     buf = bytearray(1 << 20)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import ipaddress
 import json
 import logging
@@ -30,10 +31,10 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pydicom
 
@@ -156,10 +157,15 @@ class StowServer:
 
 
 # -- request body ------------------------------------------------------------------------------
+#: one STOW-RS part: (SOP Class UID, SOP Instance UID, failure reason or None)
+_PartOutcome = tuple[str, str, int | None]
+
+
 class _Body:
     """The request body as a byte stream (Content-Length or chunked), capped at ``limit``."""
 
-    def __init__(self, rfile: BinaryIO, length: int | None, chunked: bool, limit: int) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, length: int | None, chunked: bool,
+                 limit: int) -> None:
         self.rfile, self.remaining, self.chunked, self.limit = rfile, length, chunked, limit
         self.read_total = 0
         self._chunk_left = 0
@@ -220,7 +226,8 @@ def _boundary(content_type: str) -> str:
     return boundary
 
 
-def split_parts(body: _Body, boundary: str, directory: Path) -> Iterator[tuple[Path, str]]:
+def split_parts(body: _Body, boundary: str, directory: Path
+                ) -> Generator[tuple[Path, str], None, None]:
     """Stream the parts of a multipart body into files in ``directory``; yields (file, content
     type) as each part is complete. Only a few KiB more than one read are ever in memory."""
     delimiter = b"\r\n--" + boundary.encode()
@@ -384,7 +391,8 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
                 raise RequestError(503, f"less than {rcv.min_free_mb} MiB free in data_dir")
             body = _Body(self.rfile, None if chunked else int(length or 0), chunked, limit)
             study_in_path = match.group(1)
-            stored, failed = [], []
+            stored: list[_PartOutcome] = []
+            failed: list[_PartOutcome] = []
             parts = split_parts(body, boundary, rcv.spool.incoming)
             try:
                 for path, ctype in parts:
@@ -397,7 +405,7 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
             self._answer(stored, failed, user, t0)
 
         def _one_part(self, path: Path, ctype: str, study_in_path: str | None
-                      ) -> tuple[str, str, int | None]:
+                      ) -> _PartOutcome:
             """Store one part; (SOP Class, SOP Instance UID, failure reason or None)."""
             rcv = server.receiver
             sop_class, sop_uid, study_uid, ts = _uids(path)
@@ -426,7 +434,8 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
             metrics.instance_rejected(code)
             return sop_class, sop_uid, code
 
-        def _answer(self, stored: list, failed: list, user: str, t0: float) -> None:
+        def _answer(self, stored: list[_PartOutcome], failed: list[_PartOutcome], user: str,
+                    t0: float) -> None:
             body: dict[str, Any] = {}
             if stored:
                 body["00081199"] = {"vr": "SQ", "Value": [_ref_item(c, u, None)

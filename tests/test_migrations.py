@@ -99,3 +99,12 @@ def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
     assert f"none -> {migrate.head_revision()}" in out.stdout
     out = cli("current")
     assert out.returncode == 0 and f"revision {migrate.head_revision()}" in out.stdout
+
+
+def test_the_alembic_environment_without_a_database_says_so() -> None:
+    """The alembic command line with neither a connection nor sqlalchemy.url: a clear error,
+    not SQLAlchemy's failure on create_engine(None) (found by mypy, issue 20)."""
+    from alembic import command
+
+    with pytest.raises(RuntimeError, match="sqlalchemy.url"):
+        command.upgrade(migrate.alembic_config(), "head")

@@ -98,7 +98,7 @@ def anatomy(image01: np.ndarray, mask: np.ndarray, spacing_mm: float, view: str 
     scale = size[0] / cols
     edge = cv2.distanceTransform(msmall, cv2.DIST_L2, 5).astype(np.float32) * grid
     side = chest_wall_side(msmall.astype(bool))
-    pect = np.full(msmall.shape, -np.inf, dtype=np.float32)
+    pect: np.ndarray = np.full(msmall.shape, -np.inf, dtype=np.float32)
     found = False
     if view.upper() not in ("CC", "XCCL", "XCCM", "FB"):
         line = pectoral_line(small, msmall.astype(bool), side)
@@ -137,7 +137,8 @@ def pectoral_line(small: np.ndarray, mask: np.ndarray, side: str
     # chest-wall edge of the breast per row: its first mask column; the muscle is the run of
     # bright pixels starting there, in consecutive rows from the top of the breast
     first = np.where(msub.any(axis=1), msub.argmax(axis=1), -1)
-    ys, xs = [], []
+    ys: list[int] = []
+    xs: list[float] = []
     for y in range(sub.shape[0]):
         x0 = int(first[y])
         if x0 < 0 or not bright[y, x0]:

@@ -118,7 +118,8 @@ def cluster_features(cands: Candidates, members: np.ndarray, p_cand: np.ndarray,
     if n >= 3:
         ev = np.linalg.eigvalsh(np.cov((pts - centre_mm).T))
         linearity = float(1.0 - math.sqrt(max(ev[0], 0) / max(ev[1], 1e-9)))
-        nn = cKDTree(pts).query(pts, k=2)[0][:, 1]
+        # distances (an array: many query points) to the nearest other member
+        nn = np.asarray(cKDTree(pts).query(pts, k=2)[0])[:, 1]
     else:  # pragma: no cover - groups have >= 3 members
         linearity, nn = 0.0, np.zeros(1)
     # background candidate rate: all candidates (any score) within 15 mm, per cm^2, and the

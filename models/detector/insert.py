@@ -67,15 +67,15 @@ def _draw_cluster(canvas: np.ndarray, rng: np.random.Generator, px_per_mm: float
     linear = rng.random() < 0.25
     shapes = rng.dirichlet(np.ones(4))  # round, oval, irregular, rod
     if linear:
-        pts = []
+        points: list[np.ndarray] = []
         for _ in range(int(rng.integers(1, 4))):
             p0 = ctr + rng.normal(0, 1.5 * px_per_mm, 2)
             ang = rng.uniform(0, 2 * math.pi)
             length = rng.uniform(3, 12) * px_per_mm
             for t in rng.uniform(0, 1, max(2, n // 2)):
-                pts.append(p0 + t * length * np.array([math.sin(ang), math.cos(ang)])
+                points.append(p0 + t * length * np.array([math.sin(ang), math.cos(ang)])
                            + rng.normal(0, 0.3 * px_per_mm, 2))
-        pts = np.array(pts[:max(n, 3)])
+        pts = np.array(points[:max(n, 3)])
     else:
         pts = ctr + rng.normal(0, rng.uniform(1.0, 5.0) * px_per_mm, (n, 2))
     for p in pts:
@@ -109,7 +109,7 @@ def _render(rng: np.random.Generator, spacing_mm: float, mtf_mm: float
     """One cluster's calcium map on a CANVAS_MM square at ``spacing_mm`` (values in [0, 1])."""
     fine = spacing_mm / 4.0
     n_fine = int(round(CANVAS_MM / fine))
-    canvas = np.zeros((n_fine, n_fine), np.float32)
+    canvas: np.ndarray = np.zeros((n_fine, n_fine), np.float32)
     kind, label = _draw_cluster(canvas, rng, 1.0 / fine)
     canvas = cv2.GaussianBlur(canvas, (0, 0), mtf_mm / fine)
     n_out = n_fine // 4
@@ -120,7 +120,7 @@ def _place(mask: np.ndarray, spacing_mm: float, taken: list[tuple[float, float]]
            rng: np.random.Generator, margin_mm: float = 6.0, apart_mm: float = 30.0
            ) -> tuple[int, int] | None:
     step = max(1, int(round(2.0 / spacing_mm)))
-    small = mask[::step, ::step].astype(np.uint8)
+    small: np.ndarray = mask[::step, ::step].astype(np.uint8)
     k = max(1, int(round(margin_mm / (spacing_mm * step))))
     small = cv2.erode(small, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
     rr, cc = np.nonzero(small)
@@ -140,7 +140,7 @@ def to_digital(image01: np.ndarray, spacing_mm: float, target_mm: float,
     rows, cols = image01.shape
     f = spacing_mm / target_mm
     size = (int(round(cols * f)), int(round(rows * f)))
-    out = cv2.resize(image01, size, interpolation=cv2.INTER_CUBIC)
+    out: np.ndarray = cv2.resize(image01, size, interpolation=cv2.INTER_CUBIC)
     out += rng.normal(0.0, rng.uniform(0.002, 0.008), out.shape).astype(np.float32)
     return np.clip(out, 0.0, 1.0)
 

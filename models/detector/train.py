@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -69,11 +70,13 @@ def _cache_version() -> str:
 
     h = hashlib.sha256()
     for mod in (anatomy, candidates, insert, synth_module()):
+        if mod.__file__ is None:  # only a namespace package has none; these are source files
+            raise RuntimeError(f"{mod.__name__} has no source file to hash")
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def synth_module():
+def synth_module() -> ModuleType:
     from models import synth
 
     return synth
@@ -349,7 +352,7 @@ def synthetic_froc(records: Sequence[Record], scored: dict[str, list[tuple[float
 
 def score_records(records: Sequence[Record], cand_scores: dict[str, np.ndarray], keep: float,
                   forest: Forest) -> dict[str, list[tuple[float, float, float]]]:
-    out = {}
+    out: dict[str, list[tuple[float, float, float]]] = {}
     for rec in records:
         cls = clusters_of(rec, cand_scores[rec.key], keep)
         if not cls:
@@ -381,10 +384,10 @@ def train_detector(records: Sequence[Record], *, seed: int = 0, target_fp: float
             oof2.update(score_records([r for r in records if r.patient in test_p], oof1, keep,
                                       forest2))
         best, fps, n_norm = synthetic_froc(records, oof2)
-        sens, thr = sensitivity_at(best, fps, n_norm, (target_fp,))
-        choice[keep] = (float(sens[0]), float(thr[0]), best, fps, n_norm)
+        sens_k, thr_k = sensitivity_at(best, fps, n_norm, (target_fp,))
+        choice[keep] = (float(sens_k[0]), float(thr_k[0]), best, fps, n_norm)
         log(f"  keep {keep:.2f}: {len(y)} training clusters ({int(y.sum())} positive); "
-            f"out-of-fold synthetic sensitivity {sens[0]:.1%} at {target_fp:g} FP/normal")
+            f"out-of-fold synthetic sensitivity {sens_k[0]:.1%} at {target_fp:g} FP/normal")
     keep = max(keep_grid, key=lambda k: (choice[k][0], -k))
     sens, op, best, fps, n_norm = choice[keep]
     forest1 = fit_forest(*_xy1(records), CANDIDATE_FEATURES, seed=seed,

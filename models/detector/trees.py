@@ -101,7 +101,13 @@ def export_hgb(model: Any, features: tuple[str, ...]) -> Forest:
     Reads the fitted predictors' node arrays (``value``, ``feature_idx``, ``num_threshold``,
     ``missing_go_to_left``, ``left``, ``right``, ``is_leaf``); numeric features only.
     """
-    feature, threshold, left, right, missing, value, roots = [], [], [], [], [], [], []
+    feature: list[int] = []
+    threshold: list[float] = []
+    left: list[int] = []
+    right: list[int] = []
+    missing: list[bool] = []
+    value: list[float] = []
+    roots: list[int] = []
     depth = 0
     for (predictor,) in model._predictors:  # binary: one tree per iteration
         nodes = predictor.nodes

@@ -53,10 +53,10 @@ def import_cmmd(src: Path, out: Path, *, clinical: Path | None = None, abnormali
         clinical = tables[0]
     labels: dict[tuple[str, str], dict[str, str]] = {}
     for row in read_spreadsheet(Path(clinical)):
-        r = _norm(row)
-        pid, side = r.get("id1", "").strip(), r.get("leftright", "").strip().upper()[:1]
+        norm = _norm(row)
+        pid, side = norm.get("id1", "").strip(), norm.get("leftright", "").strip().upper()[:1]
         if pid and side:
-            labels[(pid, side)] = r
+            labels[(pid, side)] = norm
     writer = DatasetWriter(out, "CMMD", patch_mm=patch_mm, store_spacing_mm=store_spacing_mm,
                            breast_px=breast_px,
                            options={"clinical": Path(clinical).name, "abnormality": abnormality,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class StoredImage:
     patient_id: str = ""  # filled from the header when needed
 
 
-def _columns(fieldnames: list[str]) -> dict[str, str]:
+def _columns(fieldnames: Sequence[str]) -> dict[str, str]:
     low = {f.strip().lower(): f for f in fieldnames if f}
     out = {}
     for key, names in ALIASES.items():

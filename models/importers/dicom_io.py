@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import SupportsFloat
 
 import cv2
 import numpy as np
@@ -123,9 +124,14 @@ def is_for_processing(ds) -> bool:
 
 
 def _first(value: object) -> float:
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return float(value[0])  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
+    """The first value of a (possibly multi-valued) numeric DICOM attribute."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, list | tuple | MultiValue):
+        value = value[0]
+    if isinstance(value, str | bytes | SupportsFloat):
+        return float(value)
+    raise TypeError(f"not a number: {type(value).__name__}")
 
 
 def to_unit_range(raw: np.ndarray, ds, *, for_presentation: bool) -> np.ndarray:

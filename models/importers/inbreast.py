@@ -195,6 +195,7 @@ def import_inbreast(src: Path, out: Path, *, benign_birads: str = "1,2",
             writer.add_breast(mg.image01, name=f"INbreast_{file_name}", abnormality="breast",
                               source=f"INbreast {file_name} whole breast", **common)
             continue
+        assert xml is not None  # an annotation ROI without its XML was skipped above
         try:
             annotations = read_rois(xml)
         except (ValueError, plistlib.InvalidFileException, OSError) as exc:

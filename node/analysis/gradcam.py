@@ -21,8 +21,9 @@ from torch import nn
 
 def target_layer(model: nn.Module) -> nn.Module:
     """The last convolutional block: ``bn2`` of timm EfficientNets, else the last Conv2d."""
-    if hasattr(model, "bn2") and hasattr(model, "conv_head"):
-        return model.bn2
+    bn2 = getattr(model, "bn2", None)
+    if isinstance(bn2, nn.Module) and hasattr(model, "conv_head"):
+        return bn2
     last = None
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

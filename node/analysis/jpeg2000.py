@@ -26,7 +26,7 @@ HTJ2K = {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.
 try:  # a declared dependency; the node still decodes through pydicom without it
     import imagecodecs
 except ImportError:  # pragma: no cover - exercised only where imagecodecs is missing
-    imagecodecs = None
+    imagecodecs = None  # type: ignore[assignment]  # None marks the optional module missing
 
 
 def decode_threads() -> int:

@@ -270,7 +270,10 @@ def upgrade() -> None:
         for column in table.columns:
             if column.name in have:
                 continue
-            default = column.server_default.arg if column.server_default is not None else None
+            # a copy of the model's default clause (the model's own stays bound to its column)
+            server_default = column.server_default
+            default = (sa.DefaultClause(server_default.arg)
+                       if isinstance(server_default, sa.DefaultClause) else None)
             op.add_column(table.name, sa.Column(column.name, column.type, nullable=True,
                                                 server_default=default))
     jobs_indexes = {ix["name"] for ix in sa.inspect(bind).get_indexes("jobs")}
@@ -281,7 +284,7 @@ def upgrade() -> None:
             index.create(bind, checkfirst=True)
 
 
-def _merge_duplicate_live_jobs(bind) -> None:  # type: ignore[no-untyped-def]
+def _merge_duplicate_live_jobs(bind: sa.Connection) -> None:
     """Of each study's live jobs the newest stays, the others become ``superseded``."""
     jobs = metadata.tables["jobs"]
     live = bind.execute(sa.select(jobs.c.id, jobs.c.study_id)
