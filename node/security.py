@@ -104,7 +104,7 @@ class _AssociationHandler(RequestHandler):
                         and assoc.dul.state_machine.current_state == "Sta1"):
                     # The peer closed before its A-ASSOCIATE-RQ (a port probe, a scanner):
                     # pynetdicom would wait node.acse_timeout for it; end it now, free the slot.
-                    assoc.dul.to_user_queue.put(None)
+                    assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # ACSE reads None as "no primitive"
             assoc.dul.join(5.0)
         finally:
             self.server.associations.discard(assoc)
