@@ -22,6 +22,7 @@ from node.reports.common import (
     presentation_image_for,
 )
 from node.reports.labels import NOT_VALIDATED, cluster_score, is_malignant
+from node.reports.sr_document import comprehensive_sr
 from node.reports.uids import ResultUIDs
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ def build_sr(
                                 else [_not_validated_item()])
     if evaluations:
         root.ContentSequence.append(_qualitative_evaluations(evaluations))
-    sr = hd.sr.ComprehensiveSR(
+    sr = comprehensive_sr(  # highdicom's ComprehensiveSR, built once (sr_document)
         evidence=headers,
         content=root,
         series_instance_uid=uids.sr_series,
