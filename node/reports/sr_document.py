@@ -75,7 +75,8 @@ def _evidence_items(evidence: Sequence[Dataset], study_uid: str
         group = same if evd.StudyInstanceUID == study_uid else other
         group.setdefault((evd.StudyInstanceUID, evd.SeriesInstanceUID), []).append(item)
         seen.add(evd.SOPInstanceUID)
-    return _create_references(same), _create_references(other), seen
+    return (_create_references(same), _create_references(other),  # type: ignore[arg-type]
+            seen)
 
 
 class ComprehensiveSRDocument(hd.sr.ComprehensiveSR):
@@ -155,7 +156,6 @@ def comprehensive_sr(
     sr.VerificationFlag = "UNVERIFIED"
     sr.PreliminaryFlag = "PRELIMINARY"
     sr._root = content
-    sr._content = None
     for tag, value in content.items():
         sr[tag] = value
 
