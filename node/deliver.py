@@ -14,6 +14,10 @@ class not accepted at negotiation) is marked failed at once, since repeating it 
 the answer, and the other kinds are still sent; a kind already sent is never sent again. A
 connection failure is retried with exponential backoff up to ``delivery.max_attempts``.
 ``mammo-node retry`` puts failed deliveries back (only their unsent kinds go).
+
+A result's kinds reach the deliverer one by one, as each is written (node.worker): the first
+kind is on its way while the next is built; the delivery is ``done`` once the result is
+complete and every kind went (node.queue.finish_delivery).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ from node.store import Spool
 log = logging.getLogger("node.deliver")
 
 OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+_MAX_PASSES = 8  # of run_due over the due deliveries (see there)
 # A file path given to send_c_store is streamed from the file as it is (no decode, no
 # re-encode: a 12 MB Secondary Capture costs a read, not a dcmread + encode); the node passes a
 # path only when the accepted context has the file's own transfer syntax (_as_built).
@@ -72,6 +78,7 @@ class Deliverer:
                  transports: dict[str, Transport] | None = None,
                  holder: queue.Holder | None = None) -> None:
         self.db = db
+        self._more = threading.Event()  # see wake()
         self.holder = holder or queue.Holder("local")  # this node's name on its claims
         self.default_objects = list(default_objects)  # kinds for destinations without `objects`
         self.spool = spool
@@ -100,14 +107,26 @@ class Deliverer:
 
     def run_due(self) -> int:
         """Send every delivery that is due; returns how many were attempted."""
-        now = utcnow()
-        n, last = 0, 0
+        n = 0
         # Oldest first, each claimed (under this node's lease) just before it is sent; a
-        # delivery another node holds is skipped. Ids rise, so one pass ends.
-        while (delivery_id := queue.claim_delivery(self.db, self.holder, now, last)) is not None:
-            n, last = n + 1, delivery_id
-            self._deliver(delivery_id)
+        # delivery another node holds is skipped. Ids rise, so one pass ends. Another pass
+        # follows when a result kind was recorded during this one (wake(): each kind is
+        # queued as soon as it is written): it goes now, not at the next tick.
+        for _ in range(_MAX_PASSES):
+            self._more.clear()
+            now, last = utcnow(), 0
+            while (delivery_id := queue.claim_delivery(self.db, self.holder, now, last)
+                   ) is not None:
+                n, last = n + 1, delivery_id
+                self._deliver(delivery_id)
+            if not self._more.is_set():
+                break
         return n
+
+    def wake(self) -> None:
+        """A result kind was just recorded (any thread): a :meth:`run_due` under way makes
+        another pass for it."""
+        self._more.set()
 
     def _deliver(self, delivery_id: int) -> None:
         with self.db.session() as s:
