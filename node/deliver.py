@@ -131,7 +131,9 @@ class Deliverer:
     def _deliver(self, delivery_id: int) -> None:
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
-            result = s.get(Result, d.result_id)
+            result = s.get(Result, d.result_id) if d is not None else None
+            if d is None or result is None:  # pragma: no cover - claimed just now
+                return
             objects = s.execute(select(ResultObject).where(
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
@@ -181,23 +183,34 @@ class Deliverer:
                 {k: queue.KindOutcome(o.ok, o.permanent, o.status, o.error)
                  for k, o in outcomes.items()}, ok, retry_at, errors, seen)
             d = s.get(Delivery, delivery_id)
+            last_status = d.last_status if d is not None else None
+            last_error = d.last_error if d is not None else None
         if state is None:
             event(log, "delivery.lease_lost", logging.WARNING, destination=name,
                   study_id=study_id, effect="another node took this delivery over; its "
                   "outcome is not recorded here")
             return
-        for kind, o in refused.items():
+        for kind, out in refused.items():
             event(log, "delivery.kind_failed", logging.ERROR, destination=name,
-                  study_id=study_id, kind=kind, status=o.status or None, error=o.error,
+                  study_id=study_id, kind=kind, status=out.status or None, error=out.error,
                   effect="the other kinds are delivered; `mammo-node retry` re-sends this one")
-        if ok:
+        if ok and state == "done":
+            if not outcomes:  # the result's end: its kinds went in the attempts before
+                sent = len(objects)
+                kinds = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
+                                               for o in objects)) or "none"
+            else:
+                kinds = ",".join(outcomes)
             event(log, "delivery.sent", destination=name, study_id=study_id,
-                  objects=sent, kinds=",".join(outcomes) or "none", status=d.last_status,
-                  attempt=attempts, ms=ms)
+                  objects=sent, kinds=kinds, status=last_status, attempt=attempts, ms=ms)
+        elif ok:  # pending: the result is still being built, or grew meanwhile
+            event(log, "delivery.kinds_sent", destination=name, study_id=study_id,
+                  objects=sent, kinds=",".join(outcomes) or "none", status=last_status,
+                  ms=ms, next="the result's next kind")
         else:
             event(log, "delivery.failed", logging.WARNING if state == "pending" else logging.ERROR,
                   destination=name, study_id=study_id, attempt=attempts, state=state,
-                  sent_objects=sent, status=d.last_status, error=errors,
+                  sent_objects=sent, status=last_status, error=errors or last_error,
                   next_retry_s=self.backoff(attempts) if state == "pending" else None)
 
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:

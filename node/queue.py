@@ -371,7 +371,9 @@ def record_result_kinds(s: Session, result_id: int, built: Iterable[str | None],
 
 def queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -> None:
     """A delivery per destination; an existing one (a kind was added to a delivered result)
-    goes back to pending: only the kinds it has not delivered yet are sent."""
+    goes back to pending: only the kinds it has not delivered yet are sent. One already
+    pending is due now, unless it waits out a backoff after a failed attempt (the
+    destination is down: a new kind does not hurry the retries)."""
     existing = {d.destination: d for d in s.execute(select(Delivery).where(
         Delivery.result_id == result_id)).scalars()}
     for name in destinations:
@@ -379,6 +381,9 @@ def queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) ->
         if d is None:
             s.add(Delivery(result_id=result_id, destination=name, state=DeliveryState.PENDING,
                            next_attempt_at=utcnow()))
+        elif d.state == DeliveryState.PENDING:
+            if d.last_error is None:  # waiting for the next kind of an open result
+                d.next_attempt_at = utcnow()
         elif d.state not in (DeliveryState.SUPERSEDED, DeliveryState.SENDING):
             d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
 
@@ -516,7 +521,7 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
     if grown:
         d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
     elif building:  # the result is open: its next kind (or its job's end) wakes it
-        d.state, d.attempts = DeliveryState.PENDING, 0
+        d.state, d.attempts, d.last_error = DeliveryState.PENDING, 0, None
         d.next_attempt_at = now + OPEN_RESULT_RECHECK
     elif ok and (refused := [f"{k}: {r.last_error}" for k, r in sorted(rows.items())
                              if r.state == DeliveryKindState.FAILED and k not in kinds]):
