@@ -38,6 +38,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
@@ -292,16 +293,23 @@ def requeue_job(db: Database, job_id: int, reason: str = "requeued",
         return study.study_uid
 
 
-def finish_job(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
-    """The recording transaction's first write, conditional: the job is still running under
-    ``holder``, its key unchanged and its study not receiving. False: record nothing."""
-    conds = [Job.id == job_id, Job.state == JobState.RUNNING,
-             Job.study_id.in_(select(Study.id).where(Study.state != StudyState.RECEIVING))]
+def _ours(job_id: int, input_key: str | None, holder: str | None) -> list[Any]:
+    """WHERE terms: the job runs under ``holder`` (None: any) with ``input_key`` (None: any),
+    its study not receiving."""
+    conds: list[Any] = [
+        Job.id == job_id, Job.state == JobState.RUNNING,
+        Job.study_id.in_(select(Study.id).where(Study.state != StudyState.RECEIVING))]
     if input_key:
         conds.append(Job.input_key == input_key)
     if holder is not None:
         conds.append(Job.holder == holder)
-    done = s.execute(update(Job).where(*conds).values(
+    return conds
+
+
+def finish_job(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
+    """The recording transaction's first write, conditional: the job is still running under
+    ``holder``, its key unchanged and its study not receiving. False: record nothing."""
+    done = s.execute(update(Job).where(*_ours(job_id, input_key, holder)).values(
         state=JobState.DONE, finished_at=utcnow(), error=None, holder=None,
         lease_until=None)).rowcount == 1
     if done:
@@ -391,13 +399,7 @@ def queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) ->
 def _job_is_ours(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
     """The job still runs under ``holder`` on the content it started with, its study not
     receiving again (the conditions of :func:`finish_job`, read without writing)."""
-    conds = [Job.id == job_id, Job.state == JobState.RUNNING,
-             Job.study_id.in_(select(Study.id).where(Study.state != StudyState.RECEIVING))]
-    if input_key:
-        conds.append(Job.input_key == input_key)
-    if holder is not None:
-        conds.append(Job.holder == holder)
-    return s.execute(select(Job.id).where(*conds)).first() is not None
+    return s.execute(select(Job.id).where(*_ours(job_id, input_key, holder))).first() is not None
 
 
 def open_result(s: Session, job_id: int, input_key: str | None, holder: str | None,

@@ -123,9 +123,14 @@ def test_the_sr_reaches_the_peer_before_the_scs_are_built(tmp_path: Path) -> Non
     def builder(analysis: StudyAnalysis, sources: Any, **kw: Any) -> list:  # type: ignore[type-arg]
         if tuple(kw["kinds"]) == ("sc",):
             sr_first["sr at the peer before the SC build"] = peer.got_sr.wait(20)
-            time.sleep(0.3)  # the deliverer's pass that sent the SR has recorded it
-            with db.session() as s:
-                states_while_building.extend(s.execute(select(Delivery.state)).scalars())
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until the pass that sent the SR recorded it
+                with db.session() as s:
+                    states = list(s.execute(select(Delivery.state)).scalars())
+                if states != ["sending"]:
+                    break
+                time.sleep(0.05)
+            states_while_building.extend(states)
         return build_reports(analysis, sources, **kw)
 
     worker = AnalysisWorker(db, spool, FinishedAnalysis(), builder,
