@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import ComprehensiveSRStorage, MammographyCADSRStorage
 
 from models.card import ModelCard, classification_validated
 from models.detector.froc import (
@@ -48,8 +49,6 @@ from models.detector.train import mias_patient, read_truths, split
 REPO = Path(__file__).resolve().parents[1]
 CARD = REPO / "models" / "weights" / "calc-cluster-lite0.json"
 DEFAULT_MIAS = REPO.parent / "shared" / "data" / "mini-mias"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 PATHOLOGY_CALLS = ("21594007", "30807003")  # SCT Malignant, Benign
 
 
@@ -155,17 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         found: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         calls = prob_items = 0
         notes = 0
-        from node.reports.cad_sr import read_cad_findings
+        from tests.srread import read_cad_findings
 
         for f in sr_files:
             ds = pydicom.dcmread(f)
-            if str(ds.SOPClassUID) == MAMMO_CAD_SR:
+            if str(ds.SOPClassUID) == MammographyCADSRStorage:
                 for e in read_cad_findings(ds):
                     ref = uid_to_ref[str(e["sop_instance_uid"])]
                     x, y = e["centre"]
                     found[ref].append((y - 0.5, x - 0.5, float(e["certainty"]) / 100.0))
                     prob_items += "probability" in e
-            elif str(ds.SOPClassUID) == COMPREHENSIVE_SR:
+            elif str(ds.SOPClassUID) == ComprehensiveSRStorage:
                 codes = _codes(ds)
                 calls += sum(codes.count(c) for c in PATHOLOGY_CALLS)
                 notes += sum("not validated for benign/malignant" in str(it.get("TextValue", ""))

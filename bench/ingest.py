@@ -37,21 +37,15 @@ PDU = 131072
 RECEIVER = """
 import sys, signal, threading
 from pathlib import Path
+from node.config import NodeSettings
 from node.db import Database
-from node.receive import Receiver
+from node.receive import ReceiveContext, Receiver
 from node.store import Spool
 root = Path(sys.argv[1]); port = int(sys.argv[2]); pdu = int(sys.argv[3])
 spool = Spool(root); db = Database(f"sqlite:///{root / 'node.sqlite3'}"); db.create_schema()
-kwargs = {}
-try:  # the node's read deadlines and admission, where this version of the node has them
-    from node.admission import Admission
-    kwargs = dict(admission=Admission(max_associations=16, reserved=4, per_ip=8, per_ae=8),
-                  acse_timeout=10, pdu_timeout=10, min_receive_rate=8 * 1024)
-except ImportError:
-    pass
-r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=port, spool=spool, db=db,
-             allowed_calling_aets=[], max_pdu_size=pdu, max_associations=8,
-             network_timeout=60, min_free_mb=64, **kwargs)
+# The node's [node] defaults (admission, read deadlines), on loopback with this PDU size.
+node = NodeSettings(host="127.0.0.1", port=port, max_pdu_size=pdu, min_free_mb=64)
+r = Receiver(node, ReceiveContext(spool, db))
 r.start()
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())

@@ -25,8 +25,8 @@ import numpy as np
 
 import node.reports.sr as sr_module
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
-from node.reports import build_reports
-from node.reports.kinds import KINDS, TID1500
+from node.kinds import KINDS, TID1500
+from node.reports import ReportContext, SeriesNumbers, build_reports
 from node.reports.sr_document import comprehensive_sr
 from tests.testdata import mg_dataset, uid_from
 
@@ -77,6 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     analysis, sources = study(args.rows, args.cols, args.rois)
     created = dt.datetime(2026, 1, 1, 12, 0, 0)
+    context = ReportContext(analysis_key="bench", created=created, manufacturer="mammo-node",
+                            software_version="bench", threshold=MODEL.threshold,
+                            series=SeriesNumbers(tid1500=9901, sc=9902))
     print(f"study: 4 views {args.cols}x{args.rows}, {args.rois} ROIs/image, "
           f"median of {args.repeats} runs")
     print(f"{'kind':<10} {'objects':>7} {'build ms':>9} {'encode ms':>10} {'MB':>7}")
@@ -90,10 +93,7 @@ def main() -> None:
         sr_module.comprehensive_sr = constructor  # type: ignore[assignment]
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            objs = build_reports(analysis, sources, analysis_key="bench", created=created,
-                                 manufacturer="mammo-node", sr_series_number=9901,
-                                 sc_series_number=9902, threshold=MODEL.threshold,
-                                 software_version="bench", kinds=[kind])
+            objs = build_reports(analysis, sources, context, [kind])
             t1 = time.perf_counter()
             size = 0
             for ds in objs:
@@ -107,8 +107,8 @@ def main() -> None:
               f"{statistics.median(encode):>10.1f} {size / 1e6:>7.2f}")
         medians[label] = statistics.median(build)
         sr_module.comprehensive_sr = comprehensive_sr
-    base, ours = medians[TID1500 + "/hd"], medians[TID1500]
-    print(f"tid1500 build: sr_document / highdicom constructor = {ours / base:.2f}")
+    ratio = medians[TID1500] / medians[TID1500 + "/hd"]
+    print(f"tid1500 build: sr_document / highdicom constructor = {ratio:.2f}")
     if args.profile:
         import cProfile
         import pstats
@@ -116,10 +116,7 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(3):
-            build_reports(analysis, sources, analysis_key="bench", created=created,
-                          manufacturer="mammo-node", sr_series_number=9901,
-                          sc_series_number=9902, threshold=MODEL.threshold,
-                          software_version="bench", kinds=[args.profile])
+            build_reports(analysis, sources, context, [args.profile])
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 

@@ -9,9 +9,13 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node import __version__
 from node.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -79,7 +83,10 @@ def _target(args: argparse.Namespace, settings: Settings) -> tuple[str, int, str
     return host, args.port or settings.node.port, args.aet or settings.node.ae_title
 
 
-def _associate(args: argparse.Namespace, contexts: list[str]):  # type: ignore[no-untyped-def]
+def _associate(args: argparse.Namespace, contexts: list[tuple[str, list[str] | None]]
+               ) -> Association | None:
+    """An association with the target of ``args`` proposing ``contexts`` (SOP class, transfer
+    syntaxes; None: Explicit and Implicit VR Little Endian); None when it is refused."""
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
@@ -98,7 +105,7 @@ def _associate(args: argparse.Namespace, contexts: list[str]):  # type: ignore[n
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
     assoc = _associate(args, [(Verification, None)])
     if assoc is None:
@@ -198,8 +205,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                             or "none"))
     print("instances: " + ", ".join(f"{k} {outcomes.get(k, 0)}"
                                     for k in ("analysed", "skipped", "failed", "pending")))
-    for o, r, n in not_analysed:
-        print(f"  {o} {n}: {r}")
+    for outcome, reason, count in not_analysed:
+        print(f"  {outcome} {count}: {reason}")
     if failed_outputs:
         print("failed output kinds (the other kinds were delivered; `mammo-node retry` "
               "rebuilds or re-sends them):")
@@ -228,8 +235,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     with db.session() as s:
         study_ids = None
         if args.study:
-            study_ids = s.execute(select(Study.id).where(Study.study_uid == args.study)
-                                  ).scalars().all()
+            study_ids = list(s.execute(select(Study.id).where(Study.study_uid == args.study)
+                                       ).scalars())
         r = queue.retry_failed(s, study_ids)
     print(f"re-queued {r.deliveries} failed deliveries and {r.jobs} failed analyses; "
           f"{r.kinds} failed output kinds of {r.kind_studies} studies will be rebuilt")

@@ -27,7 +27,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,10 +40,10 @@ from pynetdicom import AE, Association, _config
 from sqlalchemy import select
 
 from node import faults, metrics, queue
-from node.config import DeliverySettings, Destination
+from node.config import DeliverySettings, Destination, NodeSettings, OutputSettings, Settings
 from node.db import Database, Delivery, Result, ResultObject, utcnow
+from node.kinds import kind_of, sop_classes_for
 from node.log import event
-from node.reports.kinds import DEFAULT_KINDS, kind_of, sop_classes_for
 from node.store import Spool
 
 log = logging.getLogger("node.deliver")
@@ -70,26 +70,49 @@ class Transport(Protocol):
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome: ...
 
 
+@dataclass(frozen=True)
+class DeliveryContext:
+    """What the deliverer is handed that is not configuration."""
+
+    db: Database
+    spool: Spool
+    holder: queue.Holder | None = None  # this node's name on its claims; None: "local"
+    # The client TLS context built from [tls], when a destination has tls = true.
+    tls_context: ssl.SSLContext | None = None
+    transports: Mapping[str, Transport] | None = None  # None: C-STORE and STOW-RS
+
+
 class Deliverer:
-    def __init__(self, db: Database, spool: Spool, destinations: Sequence[Destination],
-                 settings: DeliverySettings, calling_aet: str, max_pdu_size: int = 131072,
-                 timeout: float = 60, default_objects: Sequence[str] = DEFAULT_KINDS,
-                 tls_context: ssl.SSLContext | None = None,
-                 transports: dict[str, Transport] | None = None,
-                 holder: queue.Holder | None = None) -> None:
-        self.db = db
+    """Sends results by its sections (checked when parsed, node.config): ``settings``
+    (``[delivery]``: attempts, backoff), the ``destinations``, ``node`` (the calling AE title
+    and PDU size of C-STORE) and ``output`` (the kinds for a destination without
+    ``objects``)."""
+
+    def __init__(self, settings: DeliverySettings, destinations: Sequence[Destination],
+                 context: DeliveryContext, *, node: NodeSettings | None = None,
+                 output: OutputSettings | None = None, timeout: float = 60) -> None:
+        node = node or NodeSettings()
+        self.db = context.db
         self._more = threading.Event()  # see wake()
-        self.holder = holder or queue.Holder("local")  # this node's name on its claims
-        self.default_objects = list(default_objects)  # kinds for destinations without `objects`
-        self.spool = spool
+        self.holder = context.holder or queue.Holder("local")  # this node's name on its claims
+        # kinds for destinations without `objects`
+        self.default_objects: list[str] = list((output or OutputSettings()).objects)
+        self.spool = context.spool
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
         from node.stow_client import StowTransport
 
-        self.transports: dict[str, Transport] = transports or {
-            "dicom": CStoreTransport(calling_aet, max_pdu_size, timeout, tls_context),
+        self.transports: dict[str, Transport] = dict(context.transports or {
+            "dicom": CStoreTransport(node.ae_title, node.max_pdu_size, timeout,
+                                     context.tls_context),
             "dicomweb": StowTransport(),
-        }
+        })
+
+    @classmethod
+    def from_settings(cls, settings: Settings, context: DeliveryContext) -> Deliverer:
+        """The node's deliverer: every section it reads, from ``settings``."""
+        return cls(settings.delivery, settings.destinations, context, node=settings.node,
+                   output=settings.output)
 
     def recover(self) -> int:
         """Deliveries this node's previous run was sending (it was killed), and any whose

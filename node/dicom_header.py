@@ -22,12 +22,13 @@ import re
 from dataclasses import dataclass
 
 import pydicom
+from pydicom import uid as uids
 from pydicom.dataset import Dataset
 
 FOR_PROCESSING_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
-    "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray Image - For Processing
+    uids.DigitalMammographyXRayImageStorageForProcessing,
+    uids.DigitalXRayImageStorageForProcessing,
+    uids.BreastProjectionXRayImageStorageForProcessing,
 }
 
 

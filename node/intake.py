@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pydicom import uid as uids
 from pydicom.dataset import Dataset
 
 from node.dicom_header import (
@@ -28,49 +29,43 @@ from node.dicom_header import (
     mammo_view,
 )
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-BPX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"
-BPX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.13.1.5"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+MG_FOR_PRESENTATION = uids.DigitalMammographyXRayImageStorageForPresentation
+MG_FOR_PROCESSING = uids.DigitalMammographyXRayImageStorageForProcessing
+BPX_FOR_PRESENTATION = uids.BreastProjectionXRayImageStorageForPresentation
+BPX_FOR_PROCESSING = uids.BreastProjectionXRayImageStorageForProcessing
+SECONDARY_CAPTURE = uids.SecondaryCaptureImageStorage
+DX_FOR_PRESENTATION = uids.DigitalXRayImageStorageForPresentation
+DX_FOR_PROCESSING = uids.DigitalXRayImageStorageForProcessing
+_DOSE_REPORTS = (uids.XRayRadiationDoseSRStorage, uids.EnhancedXRayRadiationDoseSRStorage)
 
 #: SOP classes whose images are analysed (SC and DX only when they hold a mammogram).
-ANALYSED_SOP_CLASSES: dict[str, str] = {
-    MG_FOR_PRESENTATION: "Digital Mammography X-Ray Image Storage - For Presentation",
-    MG_FOR_PROCESSING: "Digital Mammography X-Ray Image Storage - For Processing",
-    BPX_FOR_PRESENTATION: "Breast Projection X-Ray Image Storage - For Presentation",
-    BPX_FOR_PROCESSING: "Breast Projection X-Ray Image Storage - For Processing",
-    SECONDARY_CAPTURE: "Secondary Capture Image Storage",
-    DX_FOR_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
-    DX_FOR_PROCESSING: "Digital X-Ray Image Storage - For Processing",
-}
+ANALYSED_SOP_CLASSES: dict[str, str] = {uid: uid.name for uid in (
+    MG_FOR_PRESENTATION, MG_FOR_PROCESSING, BPX_FOR_PRESENTATION, BPX_FOR_PROCESSING,
+    SECONDARY_CAPTURE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)}
 
 #: The default of ``[study] other_sop_classes``: what a PACS sends with a mammography study that
 #: the node accepts but never analyses (the conformance statement lists the same).
-DEFAULT_OTHER_SOP_CLASSES: dict[str, str] = {
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
-    "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.76": "Enhanced X-Ray Radiation Dose SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.50": "Mammography CAD SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document Storage",
-    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State Storage",
-    "1.2.840.10008.5.1.4.1.1.11.2": "Color Softcopy Presentation State Storage",
-    "1.2.840.10008.5.1.4.1.1.11.3": "Pseudo-Color Softcopy Presentation State Storage",
-    "1.2.840.10008.5.1.4.1.1.11.4": "Blending Softcopy Presentation State Storage",
-    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
-    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
-    "1.2.840.10008.5.1.4.1.1.66": "Raw Data Storage",
-}
+DEFAULT_OTHER_SOP_CLASSES: dict[str, str] = {uid: uid.name for uid in (
+    uids.BreastTomosynthesisImageStorage,
+    *_DOSE_REPORTS,
+    uids.MammographyCADSRStorage,
+    uids.BasicTextSRStorage,
+    uids.EnhancedSRStorage,
+    uids.ComprehensiveSRStorage,
+    uids.Comprehensive3DSRStorage,
+    uids.KeyObjectSelectionDocumentStorage,
+    uids.GrayscaleSoftcopyPresentationStateStorage,
+    uids.ColorSoftcopyPresentationStateStorage,
+    uids.PseudoColorSoftcopyPresentationStateStorage,
+    uids.BlendingSoftcopyPresentationStateStorage,
+    uids.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    uids.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uids.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uids.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    uids.SegmentationStorage,
+    uids.EncapsulatedPDFStorage,
+    uids.RawDataStorage,
+)}
 
 ANALYSE, OTHER, REFUSE = "analyse", "other", "refuse"
 
@@ -103,9 +98,9 @@ def sop_class_name(uid: str) -> str:
 
 
 def _kind_of_other(sop_class: str) -> str:
-    if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3":
+    if sop_class == uids.BreastTomosynthesisImageStorage:
         return "tomosynthesis"
-    if sop_class in ("1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.76"):
+    if sop_class in _DOSE_REPORTS:
         return "dose_report"
     if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
         return "structured_report"

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pydicom
 from pydicom.datadict import dictionary_VM
@@ -46,18 +47,27 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from node import decode_limits, fastrecv, faults, metrics, queue
 from node.admission import Admission
 from node.charset import charset_problem
+from node.config import (
+    AnalysisSettings,
+    LimitsSettings,
+    NodeSettings,
+    Settings,
+    StudySettings,
+    TLSSettings,
+)
 from node.db import Database, Instance, OtherObject, Series, utcnow
 from node.dicom_header import is_for_processing, laterality_and_view
 from node.intake import ANALYSE, ANALYSED_SOP_CLASSES, REFUSE, Intake, IntakePolicy, decide
 from node.log import event, patient_fields
-from node.security import GuardedAE
+from node.security import GuardedAE, GuardedServer
 from node.store import Spool
 
 log = logging.getLogger("node.receive")
@@ -130,62 +140,71 @@ def _valid_uid(value: object) -> bool:
     return 0 < len(text) <= 64 and UID(text).is_valid
 
 
+@dataclass(frozen=True)
+class ReceiveContext:
+    """What the receiver is handed that is not configuration: where it stores, what it tells
+    when an instance is durable, and the TLS context built from ``[tls]`` (None: plain)."""
+
+    spool: Spool
+    db: Database
+    on_stored: Callable[[StoredInstance], None] | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
 class Receiver:
-    """Builds the AE, owns the store handler, and runs the listener."""
+    """Builds the AE, owns the store handler, and runs the listener.
+
+    Configured by its sections, checked when they were parsed (node.config): ``node`` (AE
+    title, address, association policy, deadlines, ``min_free_mb``), ``study`` (which objects
+    besides the analysed ones are accepted and whether they are kept), ``analysis``
+    (``synthesized_2d``), ``limits`` (image sizes accepted at C-STORE) and ``tls``
+    (``handshake_timeout_seconds``); the ones not given have their defaults."""
 
     def __init__(
         self,
+        node: NodeSettings,
+        context: ReceiveContext,
         *,
-        ae_title: str,
-        host: str,
-        port: int,
-        spool: Spool,
-        db: Database,
-        allowed_calling_aets: list[str],
-        max_pdu_size: int,
-        max_associations: int,
-        network_timeout: float,
-        min_free_mb: float,
-        on_stored: Callable[[StoredInstance], None] | None = None,
-        allowed_peer_ips: list[str] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        handshake_timeout: float = 10.0,
-        intake: IntakePolicy | None = None,
-        keep_other_objects: bool = False,
-        admission: Admission | None = None,
-        acse_timeout: float = 30.0,
-        pdu_timeout: float | None = None,
-        min_receive_rate: float = 0.0,
-        limits: decode_limits.ImageLimits | None = None,
+        study: StudySettings | None = None,
+        analysis: AnalysisSettings | None = None,
+        limits: LimitsSettings | None = None,
+        tls: TLSSettings | None = None,
     ) -> None:
-        self.spool = spool
-        self.intake = intake or IntakePolicy()
-        self.keep_other_objects = keep_other_objects
-        self.db = db
-        self.host, self.port = host, port
-        self.min_free_mb = min_free_mb
-        self.on_stored = on_stored
-        self.allowed = {a.strip() for a in allowed_calling_aets}
+        study = study or StudySettings()
+        analysis = analysis or AnalysisSettings()
+        tls = tls or TLSSettings()
+        self.spool, self.db = context.spool, context.db
+        self.intake = IntakePolicy.of(study.other_sop_classes, analysis.synthesized_2d)
+        self.keep_other_objects = study.other_objects == "keep"
+        self.host, self.port = node.host, node.port
+        self.min_free_mb = node.min_free_mb
+        self.on_stored = context.on_stored
+        self.allowed = {a.strip() for a in node.allowed_calling_aets}
         self._record_lock = threading.Lock()
-        self._server = None
-        self.ssl_context = ssl_context
-        self.admission = admission or Admission(max_associations=max_associations)
-        self.limits = limits or decode_limits.ImageLimits()
+        self._server: GuardedServer | None = None
+        self.ssl_context = context.ssl_context
+        self.admission = Admission(
+            max_associations=node.max_associations, reserved=node.reserved_associations,
+            per_ip=node.max_associations_per_ip, per_ae=node.max_associations_per_ae,
+            trusted_peers=node.trusted_peers)
+        self.limits = limits or LimitsSettings()
+        spool = self.spool
         # Chunked receive: datasets stream to a temp file; put it on the spool's filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
         fastrecv.install()  # recv_into + SHA-256 while receiving (see node/fastrecv.py)
         # Disk below the limit when a C-STORE starts: its bytes are not even written to incoming/.
-        fastrecv.set_space_guard(lambda: spool.free_mb() >= min_free_mb)
+        fastrecv.set_space_guard(lambda: spool.free_mb() >= node.min_free_mb)
         # Inside a PDU: at most pdu_timeout s of silence, then at least min_receive_rate B/s.
-        fastrecv.set_read_limits(pdu_timeout, min_receive_rate)
+        fastrecv.set_read_limits(node.pdu_timeout, node.min_receive_rate_kib * 1024)
         tempfile.tempdir = str(spool.incoming)
-        ae = GuardedAE(ae_title, allowed_peer_ips or [], handshake_timeout, self.admission)
-        ae.maximum_pdu_size = max_pdu_size
+        ae = GuardedAE(node.ae_title, node.allowed_peer_ips, tls.handshake_timeout_seconds,
+                       self.admission)
+        ae.maximum_pdu_size = node.max_pdu_size
         # node.admission enforces the pool (and the reserve); pynetdicom's own count is above it.
         ae.maximum_associations = self.admission.capacity + 1
-        ae.network_timeout = network_timeout
-        ae.acse_timeout = acse_timeout
-        ae.dimse_timeout = network_timeout
+        ae.network_timeout = node.network_timeout
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.network_timeout
         ae.require_called_aet = True
         for uid in STORAGE_SOP_CLASSES:
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
@@ -196,9 +215,15 @@ class Receiver:
             ae.require_calling_aet = sorted(self.allowed)
         self.ae = ae
 
+    @classmethod
+    def from_settings(cls, settings: Settings, context: ReceiveContext) -> Receiver:
+        """The node's receiver: every section it reads, from ``settings``."""
+        return cls(settings.node, context, study=settings.study, analysis=settings.analysis,
+                   limits=settings.limits, tls=settings.tls)
+
     # -- listener ---------------------------------------------------------------------------
     def start(self) -> None:
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._counted_store),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -207,12 +232,14 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server(
+        # GuardedAE serves with a GuardedServer (node.security): watchdog, cut_all.
+        server = cast(GuardedServer, self.ae.start_server(
             (self.host, self.port), block=False, evt_handlers=handlers,
             ssl_context=self.ssl_context,
-        )
+        ))
+        self._server = server
         if fastrecv.read_limits() is not None:
-            self._server.start_watchdog()
+            server.start_watchdog()
         event(log, "listener.started", ae_title=self.ae.ae_title, host=self.host,
               port=self.port, allowed_calling_aets=",".join(sorted(self.allowed)) or "any",
               allowed_peer_ips=",".join(map(str, self.ae.networks)) or "any",
@@ -246,14 +273,14 @@ class Receiver:
     def listening(self) -> bool:
         """The server socket is open and its accept thread alive (for /health)."""
         server = self._server
-        if server is None or server.socket.fileno() < 0:
+        if server is None or server.socket is None or server.socket.fileno() < 0:
             return False
         return any(t.is_alive() and t.name.startswith("AcceptorServer")
                    for t in threading.enumerate())
 
     # -- association events -------------------------------------------------------------------
     @staticmethod
-    def _peer(ev: evt.Event) -> dict[str, object]:
+    def _peer(ev: evt.Event) -> dict[str, Any]:
         r = ev.assoc.requestor
         return {"peer_aet": r.ae_title, "peer": f"{r.address}:{r.port}"}
 
@@ -287,16 +314,17 @@ class Receiver:
         return STATUS_SUCCESS
 
     # -- C-STORE ----------------------------------------------------------------------------
-    def handle_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+    def handle_store(self, ev: evt.Event) -> int | Dataset:
+        request = cast(C_STORE, ev.request)  # an EVT_C_STORE event carries a C-STORE
         return self.accept_file(
             Path(ev.dataset_path), self._peer(ev),
-            str(ev.request.AffectedSOPInstanceUID or ""),
-            str(ev.request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            str(request.AffectedSOPClassUID or ""),
             not_written=fastrecv.discarded(Path(ev.dataset_path)))
 
-    def accept_file(self, tmp: Path, peer: dict[str, object], affected: str | None,
+    def accept_file(self, tmp: Path, peer: dict[str, Any], affected: str | None,
                     affected_class: str | None, *, not_written: int | None = None
-                    ) -> int | tuple[int, Dataset]:
+                    ) -> int | Dataset:
         """Check, store durably and record one received file (C-STORE, or a STOW-RS part with
         ``affected`` = None); the status to answer. The file is adopted or quarantined."""
         t0 = time.perf_counter()
@@ -332,19 +360,20 @@ class Receiver:
             event(log, "instance.duplicate", **peer, sop=sop_uid,
                   reason="already stored with identical content")
         else:
+            patient: dict[str, Any] = patient_fields(ds.get("PatientID"), ds.get("PatientName"))
             event(log, "instance.stored", **peer, sop=sop_uid, study=stored.study_uid,
                   laterality=stored.laterality or "?", view=stored.view or "?",
                   ms=round((time.perf_counter() - t0) * 1000, 1),
-                  **patient_fields(ds.get("PatientID"), ds.get("PatientName")))
+                  **patient)
             if self.on_stored is not None:
                 self.on_stored(stored)
         faults.hit("store.before_ack")
         return STATUS_SUCCESS
 
-    def _counted_store(self, ev: evt.Event) -> int | tuple[int, Dataset]:
+    def _counted_store(self, ev: evt.Event) -> int | Dataset:
         """:meth:`handle_store` plus the received/rejected counters of /metrics."""
         result = self.handle_store(ev)
-        code = result if isinstance(result, int) else int(result.Status)  # type: ignore[union-attr]
+        code = result if isinstance(result, int) else int(result.Status)
         if code == STATUS_SUCCESS:
             metrics.instance_received()
         else:
@@ -446,8 +475,8 @@ class Receiver:
                                                 f"{rows}x{cols} needs {expected}")
         return ds, intake
 
-    def _not_analysed(self, tmp: Path, ds: Dataset, intake: Intake, peer: dict[str, object],
-                      t0: float) -> int:
+    def _not_analysed(self, tmp: Path, ds: Dataset, intake: Intake, peer: dict[str, Any],
+                      t0: float) -> int | Dataset:
         """Acknowledge an object the node accepts but does not analyse; keep or discard it.
 
         It never touches the study's row: no re-opening, no later completion, no change of the
@@ -500,7 +529,8 @@ class Receiver:
         with self.db.session() as s:
             existing = s.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar()
         if existing is not None:
-            return self._duplicate(tmp, existing)
+            self._duplicate(tmp, existing)
+            return None
         relpath, size, sha = self.spool.adopt(tmp)
         faults.hit("store.after_write")
         laterality, view = laterality_and_view(ds)
@@ -548,6 +578,7 @@ class Receiver:
                               str(ds.SOPClassUID))
 
     def _duplicate(self, tmp: Path, existing: Instance) -> None:
+        """The same content again: forget the new copy; other content: :class:`Refused`."""
         import hashlib
 
         h = hashlib.sha256()
@@ -556,7 +587,7 @@ class Receiver:
                 h.update(chunk)
         if h.hexdigest() == existing.sha256:
             _unlink(tmp)
-            return None
+            return
         raise Refused(STATUS_CONFLICT, f"SOP Instance UID {existing.sop_uid} already stored "
                                        "with different content")
 
@@ -658,11 +689,12 @@ def _element_length(ds: Dataset) -> int | None:
     return int(length)
 
 
-def _status(code: int, comment: str) -> tuple[int, Dataset] | int:
+def _status(code: int, comment: str) -> Dataset:
+    """A failure answer: pynetdicom sends a handler's Dataset as the status with its comment."""
     rsp = Dataset()
     rsp.Status = code
     rsp.ErrorComment = comment[:64]
-    return rsp  # type: ignore[return-value]
+    return rsp
 
 
 def _unlink(path: Path) -> None:

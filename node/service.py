@@ -16,19 +16,17 @@ import time
 
 from node import __version__, metrics, model_status, queue
 from node.activemodel import MODEL_POLL_SECONDS, ModelManager
-from node.admission import Admission
 from node.analysis.result import StudyAnalyser
 from node.cluster import Membership, check_shared_storage, node_name
 from node.completion import complete_ready_studies
 from node.config import Settings
 from node.db import Database
-from node.deliver import Deliverer
+from node.deliver import Deliverer, DeliveryContext
 from node.httpd import MonitoringServer
-from node.intake import IntakePolicy
 from node.log import event
 from node.orphans import sweep_orphans
 from node.preanalysis import PreAnalysis
-from node.receive import Receiver, StoredInstance
+from node.receive import ReceiveContext, Receiver, StoredInstance
 from node.retention import purge_expired
 from node.schedule import build_scheduler
 from node.security import client_context, server_context
@@ -42,25 +40,8 @@ log = logging.getLogger("node.service")
 def load_analyser(settings: Settings) -> StudyAnalyser:
     """Load the classifier once; raises RuntimeError with a clear message when unusable."""
     from node.analysis.pipeline import AnalysisPipeline
-    from node.analysis.rois import DetectorParams
 
-    m, a = settings.model, settings.analysis
-    return AnalysisPipeline(
-        card_path=m.card,
-        architecture=m.architecture,
-        device=m.device,
-        batch_size=m.batch_size,
-        precision=m.precision,
-        threshold=settings.threshold_override,
-        for_processing=a.for_processing,
-        fallback_spacing_mm=a.fallback_pixel_spacing_mm,
-        sc_max_side=a.sc_max_side,
-        detector=(None if settings.detector_operating_point_override is None
-                  else DetectorParams(min_score=settings.detector_operating_point_override)),
-        max_rois_per_image=a.max_rois_per_image,
-        limits=settings.limits,
-        decode_memory_mb=a.decode_memory_mb,
-    )
+    return AnalysisPipeline(settings.model, settings.analysis, settings.limits)
 
 
 def build_monitoring(node: Node) -> MonitoringServer:
@@ -130,32 +111,14 @@ class Node:
                                max_seconds=settings.analysis.max_study_seconds),
             holder=self.holder,
         )
-        n, tls = settings.node, settings.tls
-        self.deliverer = Deliverer(
-            self.db, self.spool, settings.destinations, settings.delivery,
-            calling_aet=n.ae_title, max_pdu_size=n.max_pdu_size,
-            default_objects=settings.output.objects,
+        tls = settings.tls
+        self.deliverer = Deliverer.from_settings(settings, DeliveryContext(
+            self.db, self.spool, holder=self.holder,
             tls_context=client_context(tls) if any(d.tls for d in settings.destinations)
-            else None, holder=self.holder)
-        self.receiver = Receiver(
-            ae_title=n.ae_title, host=n.host, port=n.port, spool=self.spool, db=self.db,
-            allowed_calling_aets=n.allowed_calling_aets, max_pdu_size=n.max_pdu_size,
-            max_associations=n.max_associations, network_timeout=n.network_timeout,
-            min_free_mb=n.min_free_mb, on_stored=self._on_stored,
-            allowed_peer_ips=n.allowed_peer_ips,
-            ssl_context=server_context(tls) if tls.enabled else None,
-            handshake_timeout=tls.handshake_timeout_seconds,
-            intake=IntakePolicy.of(settings.study.other_sop_classes,
-                                   settings.analysis.synthesized_2d),
-            keep_other_objects=settings.study.other_objects == "keep",
-            admission=Admission(
-                max_associations=n.max_associations, reserved=n.reserved_associations,
-                per_ip=n.max_associations_per_ip, per_ae=n.max_associations_per_ae,
-                trusted_peers=n.trusted_peers),
-            acse_timeout=n.acse_timeout, pdu_timeout=n.pdu_timeout,
-            min_receive_rate=n.min_receive_rate_kib * 1024,
-            limits=settings.limits,
-        )
+            else None))
+        self.receiver = Receiver.from_settings(settings, ReceiveContext(
+            self.spool, self.db, on_stored=self._on_stored,
+            ssl_context=server_context(tls) if tls.enabled else None))
         st = settings.study
         self.scheduler = build_scheduler([
             *([("complete-studies", self._complete, st.check_interval_seconds)]

@@ -417,7 +417,7 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
                 metrics.instance_rejected(reason)
                 return sop_class, sop_uid, reason
             result = rcv.accept_file(path, self._peer(), None, None)
-            code = result if isinstance(result, int) else int(result.Status)  # type: ignore[union-attr]
+            code = result if isinstance(result, int) else int(result.Status)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # adopted or quarantined files are gone already
             if code == STATUS_SUCCESS:

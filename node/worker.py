@@ -52,9 +52,10 @@ from node.db import (
     ResultObject,
     Study,
 )
+from node.kinds import SR_SOP_CLASSES, kind_of
 from node.log import event
 from node.memory import release_free_memory
-from node.reports.kinds import kind_of
+from node.reports.context import ReportContext, SeriesNumbers
 from node.store import Spool
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
 ReportBuilder = Callable[..., list[Dataset]]
 CHECK_EVERY_SECONDS = 0.25  # a safe point asks the database at most this often
@@ -137,7 +136,7 @@ class ReportOptions:
     sc_series_number: int
     threshold: float
     software_version: str
-    # Output kinds to build (node.reports.kinds): the union over the destinations.
+    # Output kinds to build (node.kinds): the union over the destinations.
     kinds: tuple[str, ...] = ("tid1500", "sc")
     cad_operating_point: float | None = None  # None: threshold
     cad_sr_series_number: int = 9903
@@ -365,16 +364,15 @@ class AnalysisWorker:
                 check()
             try:
                 faults.fail(f"build.{kind}")
-                datasets = self.build_reports(
-                    analysis, sources, analysis_key=key, created=dt.datetime.now(dt.UTC),
-                    manufacturer=o.manufacturer, sr_series_number=o.sr_series_number,
-                    sc_series_number=o.sc_series_number,
+                context = ReportContext(
+                    analysis_key=key, created=dt.datetime.now(dt.UTC),
+                    manufacturer=o.manufacturer, software_version=o.software_version,
                     threshold=analysis.model.threshold,  # the model that ran
-                    software_version=o.software_version, previous_srs=previous,
-                    kinds=(kind,), cad_operating_point=o.cad_operating_point,
-                    cad_sr_series_number=o.cad_sr_series_number,
-                    gsps_series_number=o.gsps_series_number,
-                )
+                    series=SeriesNumbers(tid1500=o.sr_series_number, sc=o.sc_series_number,
+                                         mammo_cad=o.cad_sr_series_number,
+                                         gsps=o.gsps_series_number),
+                    cad_operating_point=o.cad_operating_point, previous_srs=previous)
+                datasets = self.build_reports(analysis, sources, context, (kind,))
                 paths = [self.spool.write_dataset(ds) for ds in datasets]
             except Exception as exc:
                 failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -471,7 +469,7 @@ class AnalysisWorker:
                 .join(Study, Study.id == Result.study_id)
                 .where(Study.study_uid == study_uid, Result.current.is_(True),
                        Result.analysis_key != key,
-                       ResultObject.sop_class_uid.in_((COMPREHENSIVE_SR, MAMMOGRAPHY_CAD_SR)))
+                       ResultObject.sop_class_uid.in_(SR_SOP_CLASSES))
             ).scalars().all()
         return [pydicom.dcmread(self.spool.path(r), stop_before_pixels=True) for r in relpaths
                 if self.spool.path(r).exists()]

@@ -16,6 +16,7 @@ from node.analysis.classify import Classifier
 from node.analysis.gradcam import logits_and_cam
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
+from node.config import AnalysisSettings, ModelSettings
 from tests.testdata import mias_four_view
 
 ARCH = "tf_efficientnet_lite0"
@@ -82,8 +83,8 @@ def test_pipeline_on_a_real_four_view_study(card_path: Path, tmp_path: Path) -> 
     for p in paths:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         images.append(ImageInput(p, ds.SOPInstanceUID, ds.SOPClassUID))
-    pipe = AnalysisPipeline(card_path, architecture=ARCH, device="auto", batch_size=4,
-                            sc_max_side=512)
+    pipe = AnalysisPipeline(ModelSettings(card=card_path, architecture=ARCH, device="auto",
+                                          batch_size=4), AnalysisSettings(sc_max_side=512))
     a = pipe.analyse("1.2.3.4", images)
     b = pipe.analyse("1.2.3.4", images)
     assert {(i.laterality, i.view) for i in a.images} == {
@@ -118,6 +119,6 @@ def test_pipeline_on_a_real_four_view_study(card_path: Path, tmp_path: Path) -> 
 def test_unreadable_image_is_skipped_not_fatal(card_path: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not dicom")
-    pipe = AnalysisPipeline(card_path, device="cpu")
+    pipe = AnalysisPipeline(ModelSettings(card=card_path, device="cpu"))
     out = pipe.analyse("1.2.3", [ImageInput(bad, "1.2.3.9", "1.2.840.10008.5.1.4.1.1.1.2")])
     assert not out.images[0].analysed and "decode" in out.images[0].skipped_reason

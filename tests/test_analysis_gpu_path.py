@@ -14,9 +14,10 @@ from bench.studies import StudyFactory
 from node.analysis.classify import Classifier, resolve_device, resolve_precision
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
-from node.config import ConfigError, parse_settings
+from node.config import ConfigError, ModelSettings, parse_settings
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models/weights/calc-cluster-lite0.json"
+CPU = ModelSettings(card=SHIPPED, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,8 @@ def test_parallel_prepare_gives_the_serial_result(tmp_path: Path) -> None:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         inputs.append(ImageInput(f, str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    serial = AnalysisPipeline(SHIPPED, device="cpu", max_workers=1).analyse(study, inputs)
-    parallel = AnalysisPipeline(SHIPPED, device="cpu", max_workers=4).analyse(study, inputs)
+    serial = AnalysisPipeline(CPU, max_workers=1).analyse(study, inputs)
+    parallel = AnalysisPipeline(CPU, max_workers=4).analyse(study, inputs)
     assert [i.sop_instance_uid for i in parallel.images] == [i.sop_instance_uid for i in inputs]
     assert len(parallel.findings) == len(serial.findings) > 0
     for a, b in zip(serial.findings, parallel.findings, strict=True):

@@ -9,39 +9,35 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import MammographyCADSRStorage
 
 from node.analysis.result import Finding, StudyAnalysis
-from node.reports import build_mammo_cad_sr, build_reports
-from node.reports.cad_sr import (
-    PRESENTATION_OPTIONAL,
-    PRESENTATION_REQUIRED,
-    read_cad_findings,
-)
+from node.reports import SeriesNumbers, build_mammo_cad_sr, build_reports, describe_study
+from node.reports.codes import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED
 from node.reports.uids import ResultUIDs
 from tests.srfindings import sr_findings
+from tests.srread import read_cad_findings
 from tests.test_reports import (
-    CREATED,
     MODEL,
     THRESHOLD,
     assert_valid,
     circle,
+    context,
     image_analysis,
-    kwargs,
     mias_four_view_analysis,
     save_all,
 )
 from tests.testdata import mg_dataset, mias_four_view, mias_pixels
 from tests.tools import dciodvfy_problems, dsrdump
 
-CAD_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"
+CAD_CLASS = MammographyCADSRStorage
 ALL_KINDS = ["tid1500", "mammo_cad", "gsps", "sc"]
 
 
 def four_view_case(tmp: Path, key: str = "cad-key"):  # type: ignore[no-untyped-def]
     """Four mini-MIAS views, three findings on two images; every output kind built."""
     analysis, sources, paths = mias_four_view_analysis(tmp / "src")
-    objs = build_reports(analysis, sources, **kwargs(key), kinds=ALL_KINDS,
-                         cad_operating_point=0.45)
+    objs = build_reports(analysis, sources, context(key, cad_operating_point=0.45), ALL_KINDS)
     out = save_all(objs, tmp / "out")
     return analysis, sources, paths, objs, out
 
@@ -134,9 +130,9 @@ def test_no_findings_and_default_operating_point(tmp_path: Path) -> None:
         sources[ds.SOPInstanceUID] = ds
         images.append(image_analysis(ds, [], np.full((ds.Rows, ds.Columns), 80, np.uint8)))
     analysis = StudyAnalysis(ds.StudyInstanceUID, MODEL, images)
-    sr = build_mammo_cad_sr(analysis, sources, analysis_key="none", created=CREATED,
-                            manufacturer="mammo-node", series_number=9903,
-                            operating_point=THRESHOLD, software_version="0.1.0")
+    ctx = context("none")
+    assert ctx.operating_point(MODEL) == THRESHOLD  # default: the threshold (validated model)
+    sr = build_mammo_cad_sr(describe_study(analysis, sources), ctx)
     path = tmp_path / "cad.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_problems(path) == ([], [])
@@ -166,7 +162,7 @@ def test_for_processing_finding_references_for_presentation(tmp_path: Path) -> N
     image = image_analysis(proc, [f], (pixels >> 4).astype(np.uint8))
     image.for_presentation = False
     analysis = StudyAnalysis(study, MODEL, [image])
-    objs = build_reports(analysis, sources, **kwargs("fp-cad"), kinds=["mammo_cad", "gsps"])
+    objs = build_reports(analysis, sources, context("fp-cad"), ["mammo_cad", "gsps"])
     out = save_all(objs, tmp_path / "out")
     for path in out:
         assert dciodvfy_problems(path) == ([], []), path.name
@@ -180,8 +176,8 @@ def test_for_processing_finding_references_for_presentation(tmp_path: Path) -> N
 def test_reopened_study_lists_the_previous_cad_sr(case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     analysis, sources, _, objs, _ = case
     previous = [objs[0], objs[1]]  # the TID 1500 SR and the CAD SR of the first result
-    again = build_reports(analysis, sources, **kwargs("cad-key-2"),
-                          kinds=["tid1500", "mammo_cad"], previous_srs=previous)
+    again = build_reports(analysis, sources, context("cad-key-2", previous_srs=previous),
+                          ["tid1500", "mammo_cad"])
     tid1500, cad = again
     def predecessors(ds: Dataset) -> set[str]:
         return {i.ReferencedSOPInstanceUID for s in ds.PredecessorDocumentsSequence
@@ -196,8 +192,8 @@ def test_reopened_study_lists_the_previous_cad_sr(case, tmp_path: Path) -> None:
 
 def test_uids_deterministic(case) -> None:  # type: ignore[no-untyped-def]
     analysis, sources, _, objs, _ = case
-    again = build_reports(analysis, sources, **kwargs("cad-key"), kinds=["mammo_cad"],
-                          cad_operating_point=0.45)
+    again = build_reports(analysis, sources, context("cad-key", cad_operating_point=0.45),
+                          ["mammo_cad"])
     uids = ResultUIDs("cad-key")
     assert again[0].SOPInstanceUID == objs[1].SOPInstanceUID == uids.cad_sr_instance
     assert again[0].SeriesInstanceUID == uids.cad_sr_series
@@ -205,9 +201,11 @@ def test_uids_deterministic(case) -> None:  # type: ignore[no-untyped-def]
 
 def test_operating_point_validation(case) -> None:  # type: ignore[no-untyped-def]
     analysis, sources, _, _, _ = case
-    with pytest.raises(ValueError, match="operating_point|threshold"):
-        build_reports(analysis, sources, **kwargs(), kinds=["mammo_cad"], cad_operating_point=2.0)
+    with pytest.raises(ValueError, match="operating_point"):
+        context(cad_operating_point=2.0)
+    with pytest.raises(ValueError, match="operating_point"):
+        context(cad_operating_point=float("nan"))
     with pytest.raises(ValueError, match="unknown output kind"):
-        build_reports(analysis, sources, **kwargs(), kinds=["seg"])
+        build_reports(analysis, sources, context(), ["seg"])
     with pytest.raises(ValueError, match="must all differ"):
-        build_reports(analysis, sources, **kwargs(), kinds=["gsps"], gsps_series_number=901)
+        SeriesNumbers(tid1500=901, sc=902, gsps=901)

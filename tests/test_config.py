@@ -147,3 +147,111 @@ def test_default_config_copied_elsewhere_starts_the_node(tmp_path: Path) -> None
         log.close()
     out = (tmp_path / "node.out").read_text(errors="replace")
     assert "node.started" in out and "model=" in out, out[-2000:]
+
+
+# -- each section checks its own fields, once, where it is parsed (issue 20) --------------------
+
+@pytest.mark.parametrize("raw, message", [
+    ({"node": {"port": 0}}, "node.port must be 1-65535, got 0"),
+    ({"node": {"pdu_timeout": 100}}, "node.pdu_timeout must be positive and at most "
+                                     "node.network_timeout"),
+    ({"node": {"trusted_peers": ["*@*"]}},
+     "node.trusted_peers[0] '*@*': \"*@*\" would trust everyone"),
+    ({"node": {"allowed_peer_ips": ["x"]}},
+     "node.allowed_peer_ips[0] is not an IP address or network: 'x'"),
+    ({"database": {"migrate": "x"}}, "database.migrate must be \"auto\" or \"off\", got 'x'"),
+    ({"cluster": {"roles": ["receive", "x"]}},
+     "cluster.roles[1] must be one of receive, analyse, deliver, got 'x'"),
+    ({"analysis": {"for_processing": "maybe"}},
+     "analysis.for_processing must be \"analyse\" or \"skip\", got 'maybe'"),
+    ({"analysis": {"for_processing": 3}}, "analysis.for_processing must be a string, got 3"),
+    ({"analysis": {"detector_operating_point": "x"}},
+     "analysis.detector_operating_point must be \"card\" or a cluster score in [0, 1], got 'x'"),
+    ({"model": {"precision": "x"}}, "model.precision must be auto, fp32, bf16 or fp16, got 'x'"),
+    ({"output": {"objects": ["sc", "x"]}}, "output.objects[1] is not an output kind: 'x' "
+                                           "(known: tid1500, mammo_cad, gsps, sc)"),
+    ({"output": {"sc_series_number": 9901}},
+     "output.sc_series_number must differ from output.sr_series_number"),
+    ({"output": {"gsps_series_number": 9903}},
+     "output.gsps_series_number must differ from output.cad_sr_series_number"),
+    ({"output": {"cad_sr_series_number": 2**31}}, "output.cad_sr_series_number out of range"),
+    ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1},
+                       {"name": "b", "ae_title": "B", "host": "h", "port": 0}]},
+     "destinations[1].port must be 1-65535, got 0"),
+    ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1},
+                       {"name": "a", "ae_title": "B", "host": "h", "port": 2}]},
+     "destinations[1].name must be non-empty and unique, got 'a'"),
+    ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1,
+                        "objects": ["gsps", "gsps"]}]},
+     "destinations[0].objects lists an output kind twice"),
+    ({"destinations": [{"name": "w", "type": "dicomweb", "url": "http://x/", "auth": "bearer",
+                        "token_file": "missing"}]},
+     "destinations[0].token_file must name a file holding the token"),
+    ({"dicomweb": {"enabled": True, "auth": "none", "port": 11112}},
+     "dicomweb.port must differ from node.port"),
+    ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1, "tls": True}]},
+     "tls.ca_certificates must name a PEM file when TLS is used (tls.enabled or a destination "
+     "with tls = true)"),
+])
+def test_the_admin_reads_one_exact_message_naming_the_key(tmp_path: Path, raw: dict,
+                                                           message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_settings(raw, tmp_path)
+    assert str(err.value) == message
+
+
+def test_a_section_built_in_code_is_checked_like_a_parsed_one() -> None:
+    """The checks are the sections' own (``__post_init__``): no object of a section exists
+    with a bad value, wherever it was built, so the stages that take one trust it."""
+    import dataclasses
+
+    from node.config import AnalysisSettings, Destination, NodeSettings, OutputSettings
+
+    with pytest.raises(ConfigError, match=r"^node\.port must be 1-65535, got 0$"):
+        NodeSettings(port=0)
+    with pytest.raises(ConfigError, match=r"^analysis\.for_processing must be"):
+        AnalysisSettings(for_processing="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must differ from output.sr_series_number"):
+        dataclasses.replace(OutputSettings(), sc_series_number=9901)
+    with pytest.raises(ConfigError, match=r"^destination\.host must not be empty$"):
+        Destination(name="pacs", ae_title="PACS", host="", port=104)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        NodeSettings().port = 1  # type: ignore[misc]
+
+
+def test_each_section_is_checked_exactly_once_per_parse(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """One ``__post_init__`` per section and per destination: nothing re-checks (or rebuilds)
+    a section after it was parsed."""
+    import node.config as config
+
+    calls: dict[str, int] = {}
+    classes = [*config._SECTIONS.values(), config.Destination, config.Settings]
+    for cls in classes:
+        original = cls.__post_init__
+
+        def counting(self: object, _original=original, _name=cls.__name__) -> None:
+            calls[_name] = calls.get(_name, 0) + 1
+            _original(self)
+
+        monkeypatch.setattr(cls, "__post_init__", counting)
+    s = parse_settings({"destinations": [
+        {"name": "a", "ae_title": "A", "host": "h", "port": 1},
+        {"name": "b", "ae_title": "B", "host": "h", "port": 2}]}, DEFAULT.parent)
+    assert len(s.destinations) == 2
+    assert calls == {**{cls.__name__: 1 for cls in classes}, "Destination": 2}
+
+
+def test_relative_files_are_resolved_before_the_section_checks_them(tmp_path: Path) -> None:
+    """``[dicomweb] users_file`` and a destination's ``password_file`` name files beside the
+    configuration: they exist there, so the section's own check passes wherever the node's
+    working directory is."""
+    (tmp_path / "users").write_text("u:hash\n")
+    (tmp_path / "pw").write_text("secret\n")
+    s = parse_settings({"dicomweb": {"enabled": True, "users_file": "users"},
+                        "destinations": [{"name": "w", "type": "dicomweb",
+                                          "url": "https://pacs.example/dicom-web",
+                                          "auth": "basic", "username": "u",
+                                          "password_file": "pw"}]}, tmp_path)
+    assert s.dicomweb.users_file == str(tmp_path / "users")
+    assert s.destinations[0].password_file == str(tmp_path / "pw")

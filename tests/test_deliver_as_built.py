@@ -21,7 +21,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
 from node.config import Destination
 from node.deliver import CStoreTransport
-from node.reports import build_reports
+from node.reports import ReportContext, SeriesNumbers, build_reports
 from node.store import Spool
 from tests.netutil import free_port
 from tests.testdata import mg_dataset
@@ -46,10 +46,11 @@ def _built(tmp_path: Path) -> list[Path]:
                                   detection_score=0.8))
     model = ModelInfo(name="m", version="1", architecture="a", threshold=0.5)
     analysis = StudyAnalysis(str(src.StudyInstanceUID), model, [image])
-    objects = build_reports(analysis, {image.sop_instance_uid: src}, analysis_key="k" * 64,
+    context = ReportContext(analysis_key="k" * 64,
                             created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC), manufacturer="T",
-                            sr_series_number=9901, sc_series_number=9902, threshold=0.5,
-                            software_version="t")
+                            software_version="t", threshold=0.5,
+                            series=SeriesNumbers(tid1500=9901, sc=9902))
+    objects = build_reports(analysis, {image.sop_instance_uid: src}, context)
     spool = Spool(tmp_path / "spool")
     return [spool.root / spool.write_dataset(ds) for ds in objects]
 

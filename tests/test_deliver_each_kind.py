@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from sqlalchemy import select
 
@@ -36,9 +38,8 @@ from node.db import (
     Series,
     Study,
 )
-from node.deliver import Deliverer
+from node.deliver import Deliverer, DeliveryContext
 from node.reports import build_reports
-from node.reports.kinds import COMPREHENSIVE_SR, SECONDARY_CAPTURE
 from node.store import Spool
 from node.worker import AnalysisWorker, ReportOptions
 from tests.netutil import free_port
@@ -116,12 +117,13 @@ def test_the_sr_reaches_the_peer_before_the_scs_are_built(tmp_path: Path) -> Non
     _stored_study(tmp_path, spool, db)
     peer = Peer()
     dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=peer.port)
-    deliverer = Deliverer(db, spool, [dest], DeliverySettings(), "NODE")
+    deliverer = Deliverer(DeliverySettings(), [dest], DeliveryContext(db, spool))
     states_while_building: list[str] = []
     sr_first: dict[str, bool] = {}
 
-    def builder(analysis: StudyAnalysis, sources: Any, **kw: Any) -> list:  # type: ignore[type-arg]
-        if tuple(kw["kinds"]) == ("sc",):
+    def builder(analysis: StudyAnalysis, sources: Any, context: Any,
+                kinds: Sequence[str]) -> list:  # type: ignore[type-arg]
+        if tuple(kinds) == ("sc",):
             sr_first["sr at the peer before the SC build"] = peer.got_sr.wait(20)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:  # until the pass that sent the SR recorded it
@@ -131,7 +133,7 @@ def test_the_sr_reaches_the_peer_before_the_scs_are_built(tmp_path: Path) -> Non
                     break
                 time.sleep(0.05)
             states_while_building.extend(states)
-        return build_reports(analysis, sources, **kw)
+        return build_reports(analysis, sources, context, kinds)
 
     worker = AnalysisWorker(db, spool, FinishedAnalysis(), builder,
                             ReportOptions("mammo-node", 901, 902, MODEL.threshold, "t"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GRAYSCALE_SOFTCOPY_PS
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
+
 from node.config import DeliverySettings, Destination
 from node.db import Database, Delivery, Job, Result, ResultObject, Study
-from node.deliver import Deliverer, SendOutcome
+from node.deliver import Deliverer, DeliveryContext, SendOutcome
 from node.queue import queue_deliveries
-from node.reports.kinds import GRAYSCALE_SOFTCOPY_PS, SECONDARY_CAPTURE
 from node.store import Spool
 
 
@@ -53,8 +55,8 @@ def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) 
     transport = RebuildWhileSending(db, result_id)
     dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
                        objects=["sc", "gsps"])
-    deliverer = Deliverer(db, Spool(tmp_path / "data"), [dest], DeliverySettings(), "NODE",
-                          transports={"dicom": transport})
+    deliverer = Deliverer(DeliverySettings(), [dest], DeliveryContext(
+        db, Spool(tmp_path / "data"), transports={"dicom": transport}))
 
     assert deliverer.run_due() == 1
     with db.session() as s:  # the attempt saw only the SC: the delivery is due again, not done

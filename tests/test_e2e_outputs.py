@@ -19,11 +19,13 @@ import pytest
 
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
-from node.reports.cad_sr import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED, read_cad_findings
-from node.reports.kinds import SOP_CLASS_OF_KIND
+from node.config import ModelSettings
+from node.kinds import SOP_CLASS_OF_KIND
+from node.reports.codes import PRESENTATION_OPTIONAL, PRESENTATION_REQUIRED
 from tests.netutil import REPO, NodeProcess, StoreSCP, storescu, wait_until
 from tests.orthanc import Orthanc
 from tests.srfindings import sr_findings
+from tests.srread import read_cad_findings
 from tests.testdata import mias_four_view
 from tests.tools import dcentvfy_lines, dciodvfy_problems, dsrdump
 
@@ -36,7 +38,7 @@ def operating_point_between_scores(study: list[Path]) -> float:
     """Run the shipped analysis here once and put the operating point in the widest gap between
     two of its cluster scores, so the CAD SR must mark some clusters Required and some Optional
     (no fragile constant: it follows whatever the model scores)."""
-    pipeline = AnalysisPipeline(CARD, device="cpu")
+    pipeline = AnalysisPipeline(ModelSettings(card=Path(CARD), device="cpu"))
     inputs = []
     for path in study:
         ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
 
-from node.analysis.result import Finding
-from node.reports import build_gsps
-from node.reports.gsps import LAYER_NAME, label_for
+from node.analysis.result import Finding, StudyAnalysis
+from node.reports import build_gsps, build_reports, describe_study
+from node.reports.gsps import LAYER_NAME
+from node.reports.labels import mark_label
 from tests.test_cad_sr import four_view_case
-from tests.test_reports import CREATED, MODEL, circle, image_analysis
+from tests.test_reports import MODEL, circle, context, image_analysis
 from tests.testdata import mg_dataset, mias_pixels
 from tests.tools import dciodvfy_problems
 
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+GSPS_CLASS = GrayscaleSoftcopyPresentationStateStorage
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_one_valid_gsps_per_image(case) -> None:  # type: ignore[no-untyped-def]
         assert len(graphics) == len(image.findings)
         # one label per mark, then the line with the finding site and what the marks mean
         if image.findings:
-            assert texts[:-1] == [label_for(f, MODEL, MODEL.threshold) for f in image.findings]
+            assert texts[:-1] == [mark_label(f, MODEL, MODEL.threshold) for f in image.findings]
             assert "benign/malignant at P(malignant) >= 50%" in texts[-1]
         else:
             assert texts[-1].endswith("AI found no calcification cluster")
@@ -74,9 +76,8 @@ def test_monochrome1_gets_inverse(tmp_path: Path) -> None:
     f = Finding(1, ds.SOPInstanceUID, "R", "MLO", (300.0, 300.0), circle(300.0, 300.0, 20.0),
                 4.0, 5, 0.7)
     image = image_analysis(ds, [f], pixels)
-    gsps = build_gsps(image, {ds.SOPInstanceUID: ds}, model=MODEL, analysis_key="m1",
-                      created=CREATED, manufacturer="mammo-node", series_number=9904,
-                      instance_number=1, software_version="0.1.0")
+    study = describe_study(StudyAnalysis("2.25.555", MODEL, [image]), {ds.SOPInstanceUID: ds})
+    gsps = build_gsps(study.images[0], study, context("m1"))
     path = tmp_path / "gsps.dcm"
     gsps.save_as(path, enforce_file_format=True)
     assert dciodvfy_problems(path) == ([], [])
@@ -86,10 +87,15 @@ def test_monochrome1_gets_inverse(tmp_path: Path) -> None:
         float(ds.WindowWidth))
 
 
-def test_skipped_image_is_refused(case) -> None:  # type: ignore[no-untyped-def]
+def test_skipped_image_gets_no_gsps(case) -> None:  # type: ignore[no-untyped-def]
     analysis, sources, _, _, _ = case
     skipped = replace(analysis.images[0], skipped_reason="test")
-    with pytest.raises(ValueError, match="skipped"):
-        build_gsps(skipped, sources, model=MODEL, analysis_key="k", created=CREATED,
-                   manufacturer="mammo-node", series_number=9904, instance_number=1,
-                   software_version="0.1.0")
+    rest = analysis.images[1:]
+    objs = build_reports(replace(analysis, images=[skipped, *rest]), sources, context("k"),
+                         ["gsps"])
+    presented = [o.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+                 .ReferencedSOPInstanceUID for o in objs]
+    assert presented == [im.sop_instance_uid for im in rest]
+    assert [o.InstanceNumber for o in objs] == [1, 2, 3]
+    with pytest.raises(ValueError, match="no analysed image"):
+        build_reports(replace(analysis, images=[skipped]), sources, context("k"), ["gsps"])

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from models.card import ModelCard
 from node.analysis.pipeline import AnalysisPipeline
+from node.config import ModelSettings
 from node.db import (
     Delivery,
     Job,
@@ -56,7 +57,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[Path]]:
 
 @pytest.fixture(scope="module")
 def shipped() -> AnalysisPipeline:
-    return AnalysisPipeline(SHIPPED_CARD, device="cpu")
+    return AnalysisPipeline(ModelSettings(card=SHIPPED_CARD, device="cpu"))
 
 
 def _key(input_key: str, model: dict, threshold: float) -> str:

@@ -111,17 +111,16 @@ def test_node_data_directory(tmp_path: Path) -> None:
     """Images received by the node's own receiver (real C-STORE over a socket) are imported
     from its data directory: the instances/studies tables and the stored files."""
     from node.db import Database
-    from node.receive import Receiver
     from node.store import Spool
-    from tests.netutil import free_port, storescu
+    from tests.netutil import storescu
+    from tests.receivers import local_receiver
 
     data = tmp_path / "data"
     spool = Spool(data)
     db = Database(f"sqlite:///{data / 'node.sqlite3'}")
     db.create_schema()
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=131072, max_associations=4,
-                 network_timeout=30, min_free_mb=1)
+    r = local_receiver(spool, db, max_pdu_size=131072,
+                       max_associations=4)
     r.start()
     try:
         dss = _site(tmp_path / "sent")

@@ -229,17 +229,17 @@ def test_export_feeds_the_dicom_csv_importer(tmp_path: Path, caplog: pytest.LogC
     from models.__main__ import main as models_main
     from node.analysis.pipeline import AnalysisPipeline
     from node.completion import complete_ready_studies
-    from node.receive import Receiver
+    from node.config import ModelSettings
     from tests.lifecycle import manager, worker
     from tests.modelfixtures import SHIPPED_CARD
-    from tests.netutil import free_port, storescu
+    from tests.netutil import storescu
+    from tests.receivers import local_receiver
     from tests.smallstudies import small_study
 
     env = make_env(tmp_path)
     files = {i: small_study(tmp_path / f"s{i}", i, tag="exp") for i in (1, 3)}
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=env.spool,
-                 db=env.db, allowed_calling_aets=[], max_pdu_size=131072, max_associations=4,
-                 network_timeout=30, min_free_mb=1)
+    r = local_receiver(env.spool, env.db, max_pdu_size=131072,
+                       max_associations=4)
     r.start()
     caplog.set_level(logging.INFO)
     try:
@@ -252,7 +252,7 @@ def test_export_feeds_the_dicom_csv_importer(tmp_path: Path, caplog: pytest.LogC
     assert sorted(acc.values()) == ["ACCEXP0001", "ACCEXP0003"]
     assert "instance.stored" in caplog.text and "ACCEXP" not in caplog.text
     complete_ready_studies(env.db, 0, True)
-    models = manager(env, default=AnalysisPipeline(SHIPPED_CARD, device="cpu"))
+    models = manager(env, default=AnalysisPipeline(ModelSettings(card=SHIPPED_CARD, device="cpu")))
     w, _ = worker(env, models)
     assert w.run_once() and w.run_once()
     uid1 = next(u for u, a in acc.items() if a == "ACCEXP0001")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from node.config import ConfigError, load_settings
-from node.reports.kinds import (
+from node.kinds import (
     KINDS,
     SOP_CLASS_OF_KIND,
     check_kinds,

@@ -16,11 +16,13 @@ from sqlalchemy import select
 from bench.studies import StudyFactory
 from node.analysis.pipeline import AnalysisPipeline
 from node.analysis.result import ImageInput
+from node.config import AnalysisSettings, ModelSettings
 from node.db import Database, Instance, Series, Study
 from node.preanalysis import PreAnalysis
 from node.store import Spool
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models/weights/calc-cluster-lite0.json"
+CPU = ModelSettings(card=SHIPPED, device="cpu")
 
 
 class CountingPipeline(AnalysisPipeline):
@@ -35,7 +37,7 @@ class CountingPipeline(AnalysisPipeline):
 
 @pytest.fixture(scope="module")
 def pipeline() -> CountingPipeline:
-    p = CountingPipeline(SHIPPED, device="cpu", sc_max_side=512)
+    p = CountingPipeline(CPU, AnalysisSettings(sc_max_side=512))
     p.calls = []
     return p
 
@@ -135,7 +137,7 @@ def test_another_preparation_key_is_not_reused(node_parts, pipeline: CountingPip
     pre.start()
     _wait_done(pre, 4)
     pre.stop()
-    other = AnalysisPipeline(SHIPPED, device="cpu", sc_max_side=256)  # another display size
+    other = AnalysisPipeline(CPU, AnalysisSettings(sc_max_side=256))  # another display size
     assert other.preparation_key != pipeline.preparation_key
     pipeline.calls.clear()
     fresh = PreAnalysis(db, spool, other, workers=0)

@@ -17,10 +17,12 @@ from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2
 from sqlalchemy import func, select
 
 from node.analysis.jpeg2000 import decode_pixels
+from node.config import StudySettings
 from node.db import Database, Instance, OtherObject, Study
 from node.receive import TRANSFER_SYNTAXES, Receiver
 from node.store import Spool
-from tests.netutil import REPO, free_port, storescu
+from tests.netutil import REPO, storescu
+from tests.receivers import local_receiver
 from tests.testdata import mias_to_mg, uid_from
 from tests.tools import require_binary
 
@@ -33,9 +35,8 @@ def receiver(tmp_path: Path):
     db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
     db.create_schema()
     stored = []
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=131072, max_associations=8,
-                 network_timeout=30, min_free_mb=1, on_stored=stored.append)
+    r = local_receiver(spool, db, max_pdu_size=131072,
+                       max_associations=8, on_stored=stored.append)
     r.stored = stored
     r.start()
     yield r
@@ -153,10 +154,10 @@ def test_objects_not_analysed_are_accepted_and_never_touch_the_study(
     db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
     db.create_schema()
     stored: list = []
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=131072, max_associations=8,
-                 network_timeout=30, min_free_mb=1, on_stored=stored.append,
-                 keep_other_objects=policy == "keep")
+    r = local_receiver(spool, db, max_pdu_size=131072,
+                       max_associations=8, on_stored=stored.append,
+                       study=StudySettings(other_objects="keep" if policy == "keep"
+                                           else "discard"))
     r.start()
     try:
         image = tmp_path / "img.dcm"
@@ -227,9 +228,8 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "data")
     db = Database(f"sqlite:///{tmp_path / 'data' / 'db.sqlite3'}")
     db.create_schema()
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=["PACS"], max_pdu_size=0, max_associations=4,
-                 network_timeout=30, min_free_mb=1)
+    r = local_receiver(spool, db, allowed_calling_aets=["PACS"], max_pdu_size=0,
+                       max_associations=4)
     r.start()
     try:
         echo = require_binary("echoscu")
@@ -250,9 +250,8 @@ def test_disk_below_threshold_answers_out_of_resources(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'data' / 'db.sqlite3'}")
     db.create_schema()
     huge = spool.free_mb() * 10 + 1  # more free space than any disk has
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=0, max_associations=4,
-                 network_timeout=30, min_free_mb=huge)
+    r = local_receiver(spool, db, max_pdu_size=0, max_associations=4,
+                       min_free_mb=huge)
     r.start()
     src = tmp_path / "a.dcm"
     mias_to_mg("mdb210", src)

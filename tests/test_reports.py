@@ -6,7 +6,7 @@ import datetime as dt
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -20,10 +20,13 @@ from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysi
 from node.reports import (
     SC_SERIES_DESCRIPTION,
     SR_SERIES_DESCRIPTION,
+    ReportContext,
     ResultUIDs,
+    SeriesNumbers,
     build_reports,
     build_sr,
     derive_uid,
+    describe_study,
 )
 from node.reports.sr import NOT_VALIDATED_TEXT
 from tests.srfindings import absent_images, sr_findings
@@ -39,10 +42,13 @@ THRESHOLD = 0.5
 ACCESSION_IE_WARNING = "Different information entities for attribute - Element=<AccessionNumber>"
 
 
-def kwargs(key: str = "study-key-1") -> dict:
-    return dict(analysis_key=key, created=CREATED, manufacturer="mammo-node",
-                sr_series_number=901, sc_series_number=902, threshold=THRESHOLD,
-                software_version="0.1.0")
+def context(key: str = "study-key-1", **over: object) -> ReportContext:
+    """The report context of these tests (``over`` replaces fields)."""
+    values: dict = dict(analysis_key=key, created=CREATED, manufacturer="mammo-node",
+                        software_version="0.1.0", threshold=THRESHOLD,
+                        series=SeriesNumbers(tid1500=901, sc=902))
+    values.update(over)
+    return ReportContext(**values)
 
 
 def circle(cx: float, cy: float, r: float, n: int = 24) -> tuple[tuple[float, float], ...]:
@@ -156,7 +162,7 @@ def mias_four_view_analysis(src_dir: Path) -> tuple[StudyAnalysis, dict, list[Pa
 def mias_case(tmp_path_factory: pytest.TempPathFactory):
     """Four-view mini-MIAS study (MG For Presentation), findings on two images."""
     analysis, sources, paths = mias_four_view_analysis(tmp_path_factory.mktemp("mias_src"))
-    objs = build_reports(analysis, sources, **kwargs())
+    objs = build_reports(analysis, sources, context())
     out = save_all(objs, tmp_path_factory.mktemp("mias_out"))
     return analysis, sources, paths, objs, out
 
@@ -254,9 +260,7 @@ def test_no_roi_sr(tmp_path: Path) -> None:
         sources[ds.SOPInstanceUID] = ds
         images.append(image_analysis(ds, [], np.full((ds.Rows, ds.Columns), 80, np.uint8)))
     analysis = StudyAnalysis(ds.StudyInstanceUID, MODEL, images)
-    sr = build_sr(analysis, sources, analysis_key="no-roi", created=CREATED,
-                  manufacturer="mammo-node", series_number=901, threshold=THRESHOLD,
-                  software_version="0.1.0")
+    sr = build_sr(describe_study(analysis, sources), context("no-roi"))
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert_valid(path, [], paths)
@@ -296,7 +300,7 @@ def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> N
     image = image_analysis(proc, [f], (pixels >> 4).astype(np.uint8))
     image.for_presentation = False
     analysis = StudyAnalysis(study, MODEL, [image])
-    objs = build_reports(analysis, sources, **kwargs("fp"))
+    objs = build_reports(analysis, sources, context("fp"))
     out = save_all(objs, tmp_path / "out")
     assert_valid(out[0], out[1:], src_paths)
     (got,) = sr_findings(out[0])
@@ -304,6 +308,25 @@ def test_for_processing_findings_reference_for_presentation(tmp_path: Path) -> N
     # The SC is derived from the analysed (For Processing) pixels and says so.
     sc = pydicom.dcmread(out[1])
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == "2.25.11"
+
+    # The facts every builder uses were derived once, from the headers: the reference is the
+    # For Presentation image, the SC's source the analysed one; a second For Processing analysis
+    # of the same view is left out (it would mark every cluster twice).
+    twin = replace(image, sop_instance_uid="2.25.12", findings=[replace(f, index=2,
+                                                                        sop_instance_uid="2.25.12")])
+    reported = describe_study(StudyAnalysis(study, MODEL, [image, twin]), sources)
+    (described,) = reported.images
+    assert described.analysis.sop_instance_uid == "2.25.12" and described.number == 1
+    assert described.reference is pres and described.source is pres
+    reported = describe_study(analysis, sources)
+    (described,) = reported.images
+    assert (described.source is proc, described.reference is pres) == (True, True)
+    assert described.laterality == described.source_laterality == "R"
+    assert described.view is not None and described.view.meaning == "cranio-caudal"
+    assert described.spacing_mm == (0.2, 0.2) and described.site == "right breast CC"
+    assert reported.identity is pres
+    with pytest.raises(FrozenInstanceError):
+        described.laterality = "L"  # type: ignore[misc]
 
 
 def test_cbis_sc_sources_headers_only(tmp_path: Path) -> None:
@@ -325,7 +348,7 @@ def test_cbis_sc_sources_headers_only(tmp_path: Path) -> None:
         index += 1
         images.append(image_analysis(ds, [f], display, scale=scale))
     analysis = StudyAnalysis(ds.StudyInstanceUID, MODEL, images)
-    objs = build_reports(analysis, sources, **kwargs("cbis"))
+    objs = build_reports(analysis, sources, context("cbis"))
     out = save_all(objs, tmp_path / "out")
     assert_valid(out[0], out[1:], paths)
     for sc_path, src in zip(out[1:], sources.values(), strict=True):
@@ -400,8 +423,8 @@ def test_sc_pixels(mias_case) -> None:
 
 def test_uids_are_deterministic(mias_case) -> None:
     analysis, sources, _, objs, _ = mias_case
-    again = build_reports(analysis, sources, **kwargs())
-    other = build_reports(analysis, sources, **kwargs("another-key"))
+    again = build_reports(analysis, sources, context())
+    other = build_reports(analysis, sources, context("another-key"))
     for a, b, c in zip(objs, again, other, strict=True):
         assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
         assert a.SeriesInstanceUID == b.SeriesInstanceUID != c.SeriesInstanceUID
@@ -429,31 +452,35 @@ def test_uids_are_deterministic(mias_case) -> None:
 def test_argument_validation(mias_case) -> None:
     analysis, sources, _, _, _ = mias_case
     with pytest.raises(ValueError, match="threshold"):
-        build_reports(analysis, sources, **{**kwargs(), "threshold": 1.5})
+        context(threshold=1.5)
     with pytest.raises(ValueError, match="analysis_key"):
-        build_reports(analysis, sources, **{**kwargs(), "analysis_key": " "})
+        context(" ")
     with pytest.raises(TypeError, match="created"):
-        build_reports(analysis, sources, **{**kwargs(), "created": "2026-01-01"})
-    with pytest.raises(ValueError, match="must differ"):
-        build_reports(analysis, sources, **{**kwargs(), "sc_series_number": 901})
+        context(created="2026-01-01")
+    with pytest.raises(ValueError, match="must all differ"):
+        SeriesNumbers(tid1500=901, sc=901)
+    with pytest.raises(ValueError, match="positive"):
+        SeriesNumbers(tid1500=0, sc=902)
+    with pytest.raises(TypeError, match="context"):
+        build_reports(analysis, sources, {"analysis_key": "k"})  # type: ignore[arg-type]
     first = next(iter(sources))
     with pytest.raises(ValueError, match="no source dataset"):
-        build_reports(analysis, {k: v for k, v in sources.items() if k != first}, **kwargs())
+        build_reports(analysis, {k: v for k, v in sources.items() if k != first}, context())
     image = next(im for im in analysis.images if im.findings)
     bad = replace(image.findings[0], outline_xy=circle(5000.0, 10.0, 5.0))
     broken = StudyAnalysis(analysis.study_instance_uid, MODEL,
                            [replace(image, findings=[bad])])
     with pytest.raises(ValueError, match="outside"):
-        build_reports(broken, sources, **kwargs())
+        build_reports(broken, sources, context())
     open_outline = replace(image.findings[0], outline_xy=image.findings[0].outline_xy[:-1])
     broken = StudyAnalysis(analysis.study_instance_uid, MODEL,
                            [replace(image, findings=[open_outline])])
     with pytest.raises(ValueError, match="closed"):
-        build_reports(broken, sources, **kwargs())
+        build_reports(broken, sources, context())
     no_display = StudyAnalysis(analysis.study_instance_uid, MODEL,
                                [replace(image, display=None)])
     with pytest.raises(ValueError, match="display"):
-        build_reports(no_display, sources, **kwargs())
+        build_reports(no_display, sources, context())
 
 
 def test_validated_model_gets_a_pathology_call(tmp_path: Path) -> None:
@@ -462,9 +489,7 @@ def test_validated_model_gets_a_pathology_call(tmp_path: Path) -> None:
     analysis, sources, paths = mias_four_view_analysis(tmp_path / "src")
     analysis = StudyAnalysis(analysis.study_instance_uid,
                              replace(MODEL, classification_validated=True), analysis.images)
-    sr = build_sr(analysis, sources, analysis_key="validated", created=CREATED,
-                  manufacturer="mammo-node", series_number=901, threshold=THRESHOLD,
-                  software_version="0.1.0")
+    sr = build_sr(describe_study(analysis, sources), context("validated"))
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert_valid(path, [], paths)
@@ -488,7 +513,7 @@ def test_no_output_carries_voi_lut_function(tmp_path: Path) -> None:
     first = next(iter(sources.values()))
     assert first.VOILUTFunction == "LINEAR"
     first.VOILUTFunction = "SIGMOID"
-    objs = build_reports(analysis, sources, **kwargs(),
+    objs = build_reports(analysis, sources, context(),
                          kinds=("tid1500", "mammo_cad", "gsps", "sc"))
     assert len(objs) == 2 + 4 + 4
     def functions(obj: Dataset) -> list[str]:

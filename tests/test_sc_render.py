@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from node.analysis.result import ImageAnalysis, ModelInfo
-from node.reports.sc import MAX_ALPHA, render_overlay
+from node.reports.sc_content import MAX_ALPHA, render_overlay
 
 MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
 

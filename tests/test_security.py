@@ -20,7 +20,8 @@ from node import metrics
 from node.db import Database
 from node.receive import Receiver
 from node.store import Spool
-from tests.netutil import NodeProcess, free_port, storescu, wait_until
+from tests.netutil import NodeProcess, storescu, wait_until
+from tests.receivers import local_receiver
 from tests.reliability import RecordingSCP, delivered_studies, stored_sop_uids
 from tests.smallstudies import small_study, sop_uids
 from tests.tools import require_binary
@@ -148,9 +149,8 @@ def _receiver(tmp_path: Path, allowed: list[str]) -> Receiver:
     spool = Spool(tmp_path / "data")
     db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
     db.create_schema()
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=free_port(), spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=0, max_associations=4,
-                 network_timeout=30, min_free_mb=1, allowed_peer_ips=allowed)
+    r = local_receiver(spool, db, max_pdu_size=0, max_associations=4,
+                       allowed_peer_ips=allowed)
     r.start()
     return r
 

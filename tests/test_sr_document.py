@@ -22,13 +22,14 @@ from pydicom.sequence import Sequence as DicomSequence
 
 import node.reports.sr as sr_module
 from node.analysis.result import Finding, StudyAnalysis
-from node.reports import build_sr
+from node.reports import build_reports
+from node.reports.common import set_document_dates
 from node.reports.sr_document import ComprehensiveSRDocument, comprehensive_sr
 from tests.test_reports import (
     CREATED,
     MODEL,
-    THRESHOLD,
     circle,
+    context,
     image_analysis,
     mias_four_view_analysis,
 )
@@ -88,7 +89,7 @@ def assert_same_and_valid(both: BothConstructors, built: Dataset, tmp_path: Path
     assert built is ours
     assert isinstance(ours, hd.sr.ComprehensiveSR)
     # build_sr sets the dates after the constructor: on the returned (our) object only
-    sr_module._set_dates(reference, CREATED)
+    set_document_dates(reference, CREATED)
     assert list(differences(reference, ours)) == []
     assert reference.file_meta == ours.file_meta
     assert encoded(reference) == encoded(ours)
@@ -103,9 +104,11 @@ def assert_same_and_valid(both: BothConstructors, built: Dataset, tmp_path: Path
     assert hd.sr.srread(path).content.get_planar_roi_measurement_groups() is not None
 
 
-def sr_kwargs(key: str) -> dict[str, Any]:
-    return dict(analysis_key=key, created=CREATED, manufacturer="mammo-node", series_number=901,
-                threshold=THRESHOLD, software_version="0.1.0")
+def build_sr(analysis: StudyAnalysis, sources: dict[str, Dataset], key: str,
+             previous: list[Dataset] | None = None) -> Dataset:
+    (sr,) = build_reports(analysis, sources, context(key, previous_srs=previous or []),
+                          ["tid1500"])
+    return sr
 
 
 def test_findings_and_predecessors_same_as_highdicom(both: BothConstructors,
@@ -116,7 +119,7 @@ def test_findings_and_predecessors_same_as_highdicom(both: BothConstructors,
     previous.SOPInstanceUID = "2.25.99"
     previous.StudyInstanceUID = analysis.study_instance_uid
     previous.SeriesInstanceUID = "2.25.98"
-    sr = build_sr(analysis, sources, previous_versions=[previous], **sr_kwargs("a"))
+    sr = build_sr(analysis, sources, "a", [previous])
     assert sr.PredecessorDocumentsSequence[0].StudyInstanceUID == analysis.study_instance_uid
     assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence) >= 1
     assert_same_and_valid(both, sr, tmp_path)
@@ -129,7 +132,7 @@ def test_no_roi_not_validated_same_as_highdicom(both: BothConstructors, tmp_path
                                 MODEL.__class__(MODEL.name, MODEL.version, MODEL.architecture,
                                                 MODEL.threshold), images)
     assert not unvalidated.model.classification_validated
-    sr = build_sr(unvalidated, sources, **sr_kwargs("b"))
+    sr = build_sr(unvalidated, sources, "b")
     assert_same_and_valid(both, sr, tmp_path)
 
 
@@ -147,7 +150,7 @@ def test_for_processing_reference_same_as_highdicom(both: BothConstructors,
     f = Finding(1, "2.25.11", "R", "CC", (300.0, 300.0), circle(300.0, 300.0, 20.0), 4.0, 5, 0.9)
     image = image_analysis(proc, [f], (pixels >> 4).astype(np.uint8))
     image.for_presentation = False
-    sr = build_sr(StudyAnalysis(study, MODEL, [image]), sources, **sr_kwargs("c"))
+    sr = build_sr(StudyAnalysis(study, MODEL, [image]), sources, "c")
     assert_same_and_valid(both, sr, tmp_path)
 
 
@@ -181,7 +184,7 @@ def test_other_study_evidence_and_errors_as_highdicom() -> None:
     ours = comprehensive_sr(evidence=[here, there, here], content=content, **args)
     assert "PertinentOtherEvidenceSequence" in ours
     for ds in (reference, ours):  # the creation times are "now" in both
-        sr_module._set_dates(ds, CREATED)
+        set_document_dates(ds, CREATED)
     assert list(differences(reference, ours)) == []
     without = comprehensive_sr(evidence=[here, there], content=content, record_evidence=False,
                                **args)

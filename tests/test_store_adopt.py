@@ -13,9 +13,9 @@ from sqlalchemy import select
 from bench.studies import StudyFactory
 from node import fastrecv
 from node.db import Database, Instance
-from node.receive import Receiver
 from node.store import Spool
 from tests.netutil import free_port, storescu
+from tests.receivers import local_receiver
 
 
 def _sha(path: Path) -> str:
@@ -74,9 +74,8 @@ def test_received_instances_record_the_hash_of_the_stored_file(tmp_path: Path) -
     db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
     db.create_schema()
     port = free_port()
-    r = Receiver(ae_title="MAMMO_AI", host="127.0.0.1", port=port, spool=spool, db=db,
-                 allowed_calling_aets=[], max_pdu_size=16384, max_associations=4,
-                 network_timeout=30, min_free_mb=1)
+    r = local_receiver(spool, db, port=port, max_pdu_size=16384,
+                       max_associations=4)
     r.start()
     try:
         res = storescu(port, files)

@@ -23,12 +23,12 @@ import pytest
 from models.card import ModelCard, calibrate, classification_validated
 from node.analysis.result import StudyAnalysis
 from node.reports import build_reports
-from node.reports.cad_sr import read_cad_findings
 from node.reports.labels import NOT_VALIDATED
 from node.reports.sc import BENIGN_RGB, MALIGNANT_RGB, MARK_RGB
 from node.reports.uids import ResultUIDs
 from tests.srfindings import sr_findings
-from tests.test_reports import MODEL, kwargs, mias_four_view_analysis, save_all
+from tests.srread import read_cad_findings
+from tests.test_reports import MODEL, context, mias_four_view_analysis, save_all
 from tests.tools import dciodvfy_problems, dsrdump
 
 KINDS = ("tid1500", "mammo_cad", "sc", "gsps")
@@ -98,7 +98,7 @@ def _build(study, validated: bool, out: Path):
     a = StudyAnalysis(analysis.study_instance_uid,
                       replace(MODEL, classification_validated=validated),
                       copy.deepcopy(analysis.images))
-    objs = build_reports(a, sources, kinds=KINDS, **kwargs(f"validated-{validated}"))
+    objs = build_reports(a, sources, context(f"validated-{validated}"), KINDS)
     return a, objs, save_all(objs, out)
 
 
@@ -228,9 +228,11 @@ def test_shipped_card_states_its_evidence_and_domain() -> None:
 def test_pipeline_withholds_the_call_outside_the_validated_pixel_size(tmp_path: Path) -> None:
     from node.analysis.pipeline import AnalysisPipeline
     from node.analysis.result import ImageInput
+    from node.config import AnalysisSettings, ModelSettings
     from tests.testdata import mias_to_mg
 
-    pipe = AnalysisPipeline(SHIPPED, device="cpu", sc_max_side=512, max_rois_per_image=2)
+    pipe = AnalysisPipeline(ModelSettings(card=SHIPPED, device="cpu"),
+                            AnalysisSettings(sc_max_side=512, max_rois_per_image=2))
     film, digital = tmp_path / "film.dcm", tmp_path / "digital.dcm"
     mias_to_mg("mdb241", film)
     mias_to_mg("mdb241", digital, upsample=2)  # 0.1 mm: outside the film-only validation

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -49,9 +48,9 @@ from node.analysis.rois import (
     find_clusters,
     load_detector,
 )
+from node.config import AnalysisSettings, LimitsSettings, ModelSettings
 from node.decode_limits import (
     DecodeBudget,
-    ImageLimits,
     LimitExceeded,
     check_declared,
     geometry,
@@ -64,81 +63,65 @@ log = logging.getLogger("node.analysis.pipeline")
 class AnalysisPipeline:
     """Calcification-cluster analysis of a study. The model is loaded once, here.
 
-    Plain arguments (no dependency on the node's config module):
+    Configured by its sections, checked when they were parsed (node.config), trusted here:
 
-    * ``card_path``: model card JSON (``[model] card``); the weights are named inside it.
-    * ``architecture``: expected timm architecture (``[model] architecture``); a card for another
-      one stops start-up. ``None`` accepts the card's.
-    * ``device``: "auto", "cpu", "cuda", "cuda:N"; ``batch_size``: ROIs per forward pass.
-    * ``threshold``: P(malignant) decision threshold, ``None`` = the card's.
-    * ``for_processing``: "analyse" or "skip"; ``fallback_spacing_mm``: pixel size when the header
-      has none (logged); ``sc_max_side``: long side of the display/CAM images.
-    * ``detector``: detector file and operating point (:class:`rois.DetectorParams`); default:
-      the file the card names (``detector_file``), else the shipped one, at its own operating
-      point.
-    * ``max_rois_per_image``: strongest clusters kept per image.
-    * ``precision``: "auto", "fp32", "bf16", "fp16" (see :func:`classify.resolve_precision`).
-    * ``max_workers``: images of a study decoded and searched in parallel (default min(4, CPUs)).
-    * ``limits``: declared sizes refused before decoding (node.decode_limits);
-      ``decode_memory_mb``: memory all concurrent decodes together may take.
+    * ``model`` (``[model]``): the card (its weights are named inside it), the expected timm
+      architecture (a card for another one stops start-up), device, batch size (ROIs per
+      forward pass), precision (:func:`classify.resolve_precision`) and the P(malignant)
+      decision threshold (``"card"``: the card's).
+    * ``analysis`` (``[analysis]``): FOR PROCESSING images analysed or skipped, the pixel
+      size used when the header has none (logged), the long side of the display/CAM images,
+      the strongest clusters kept per image, the detector's operating point (``"card"``: the
+      detector file's; the file is the one the card names, else the shipped one) and the
+      memory all concurrent decodes together may take.
+    * ``limits`` (``[limits]``): declared sizes refused before decoding (node.decode_limits).
+
+    Not configuration: ``max_workers``, the images of a study decoded and searched in
+    parallel (default min(4, CPUs)).
 
     Raises ``RuntimeError`` with a clear message when the card or weights are unusable.
     """
 
     def __init__(
         self,
-        card_path: Path | str,
+        model: ModelSettings,
+        analysis: AnalysisSettings | None = None,
+        limits: LimitsSettings | None = None,
         *,
-        architecture: str | None = None,
-        device: str = "auto",
-        batch_size: int = 16,
-        threshold: float | None = None,
-        for_processing: str = "analyse",
-        fallback_spacing_mm: float = 0.1,
-        sc_max_side: int = 2048,
-        detector: DetectorParams | None = None,
-        max_rois_per_image: int = 20,
-        precision: str = "auto",
         max_workers: int | None = None,
-        limits: ImageLimits | None = None,
-        decode_memory_mb: int = 2048,
     ) -> None:
-        if for_processing not in ("analyse", "skip"):
-            raise RuntimeError(
-                f"for_processing must be 'analyse' or 'skip', not {for_processing!r}"
-            )
-        if not fallback_spacing_mm > 0:
-            raise RuntimeError("fallback_spacing_mm must be > 0")
+        analysis = analysis or AnalysisSettings()
         self.classifier = Classifier(
-            card_path, architecture=architecture, device=device, batch_size=batch_size,
-            threshold=threshold, precision=precision,
+            model.card, architecture=model.architecture, device=model.device,
+            batch_size=model.batch_size, threshold=model.threshold_override,
+            precision=model.precision,
         )
         self.model: ModelInfo = self.classifier.info
-        self.for_processing = for_processing
-        self.fallback_spacing_mm = float(fallback_spacing_mm)
-        self.sc_max_side = int(sc_max_side)
-        params = detector or DetectorParams()
-        if params.path is None:
-            named = self.classifier.card.detector_path(self.classifier.card_path)
-            params = DetectorParams(path=named or DEFAULT_DETECTOR, min_score=params.min_score)
-        self.detector = params
-        self.detector_model = load_detector(params.path)
+        self.for_processing = analysis.for_processing
+        self.fallback_spacing_mm = float(analysis.fallback_pixel_spacing_mm)
+        self.sc_max_side = analysis.sc_max_side
+        min_score = analysis.detector_operating_point_override
+        path = self.classifier.card.detector_path(self.classifier.card_path) or DEFAULT_DETECTOR
+        self.detector = DetectorParams(path=path, min_score=min_score)
+        self.detector_model = load_detector(path)
         self.detector_operating_point = (self.detector_model.operating_point
-                                         if params.min_score is None else params.min_score)
+                                         if min_score is None else min_score)
         log.info("detector %s %s (%s), operating point %.3f%s", self.detector_model.name,
-                 self.detector_model.version, params.path.name, self.detector_operating_point,
-                 "" if params.min_score is None else " (configured)")
+                 self.detector_model.version, path.name, self.detector_operating_point,
+                 "" if min_score is None else " (configured)")
         from models.detector.clusters import CLUSTER_FEATURES
 
         missing = [n for n in self.classifier.head_features if n not in CLUSTER_FEATURES]
         if missing:
-            raise RuntimeError(f"model card {card_path}: its morphology head needs detector "
+            raise RuntimeError(f"model card {model.card}: its morphology head needs detector "
                                f"features {missing} that the detector does not compute")
-        self.max_rois_per_image = int(max_rois_per_image)
+        self.max_rois_per_image = analysis.max_rois_per_image
         # Images of a study prepared in parallel: at most 4 (a four-view study), at most the CPUs.
-        self.max_workers = int(max_workers or min(4, os.cpu_count() or 1))
-        self.limits = limits or ImageLimits()
-        self.decode_budget = DecodeBudget(int(decode_memory_mb) << 20)
+        if max_workers is not None and max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self.max_workers = max_workers or min(4, os.cpu_count() or 1)
+        self.limits = limits or LimitsSettings()
+        self.decode_budget = DecodeBudget(analysis.decode_memory_mb << 20)
 
     # ------------------------------------------------------------------------------ public
 
@@ -152,7 +135,7 @@ class AnalysisPipeline:
         t_start = time.perf_counter()
         check = checkpoint or (lambda: None)
 
-        def one(item: ImageInput) -> tuple:  # type: ignore[type-arg]
+        def one(item: ImageInput) -> tuple:
             check()  # a safe point before each image: a superseded analysis stops here
             return self._prepare_cached(item, cache)
 
@@ -264,7 +247,7 @@ class AnalysisPipeline:
             self.for_processing, self.fallback_spacing_mm))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def prepare_one(self, item: ImageInput) -> tuple:  # type: ignore[type-arg]
+    def prepare_one(self, item: ImageInput) -> tuple:
         """The per-image work of :meth:`analyse` (decode, preparation, ROI finding, crops) for
         one image, in the form its ``cache`` holds: node.preanalysis runs it as soon as the
         instance is stored. Never raises for a bad image (it comes back failed/skipped)."""
@@ -283,7 +266,7 @@ class AnalysisPipeline:
         return np.array([[c.features[i] for i in idx] for c in clusters],
                         dtype=np.float64).reshape(len(clusters), len(idx))
 
-    def _prepare_cached(self, item: ImageInput, cache: dict[str, Any] | None) -> tuple:  # type: ignore[type-arg]
+    def _prepare_cached(self, item: ImageInput, cache: dict[str, Any] | None) -> tuple:
         """:meth:`_prepare_image`, reusing what an earlier (superseded) analysis of the same
         file already computed: decode, ROI finding and crops are per image; the findings and
         the heat map are rebuilt, since classification runs per study."""

@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -74,15 +75,15 @@ def read_dataset(path: Path) -> Dataset:
 def prepare(
     path: Path | str,
     *,
-    for_processing: str = "analyse",
+    for_processing: Literal["analyse", "skip"] = "analyse",
     fallback_spacing_mm: float = 0.1,
     ds: Dataset | None = None,
     limits: ImageLimits | None = None,
 ) -> PreparedImage:
     """Decode and prepare one image. Raises :class:`SkipImage` for images not to analyse and
-    :class:`node.decode_limits.LimitExceeded` for images that are not decoded at all."""
-    if for_processing not in ("analyse", "skip"):
-        raise ValueError(f"for_processing must be 'analyse' or 'skip', not {for_processing!r}")
+    :class:`node.decode_limits.LimitExceeded` for images that are not decoded at all.
+    ``for_processing`` and ``fallback_spacing_mm`` are ``[analysis]``'s, checked by
+    node.config (``for_processing``, ``fallback_pixel_spacing_mm``)."""
     ds = ds if ds is not None else read_dataset(Path(path))
     uid = str(ds.get("SOPInstanceUID", ""))
     presentation = not is_for_processing(ds)

@@ -124,7 +124,11 @@ class StudyAnalyser(Protocol):
     """What the node's worker calls. Implementations load their model once, at construction,
     and raise ``RuntimeError`` with a clear message when the weights or card are unusable."""
 
-    model: ModelInfo
+    @property
+    def model(self) -> ModelInfo:
+        """The model in use (an attribute or a read-only property: node.activemodel switches
+        it behind a property)."""
+        ...
 
     def analyse(self, study_instance_uid: str, images: list[ImageInput], *,
                 checkpoint: Callable[[], None] | None = None,

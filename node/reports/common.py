@@ -1,4 +1,5 @@
-"""Helpers shared by the SR and SC builders: argument checks and source-image lookup."""
+"""Helpers shared by the builders of every output kind: the analysis checks, header copies,
+dates, the algorithm identification."""
 
 from __future__ import annotations
 
@@ -6,49 +7,78 @@ import datetime as dt
 import math
 from collections.abc import Mapping
 
+import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation
 
-from node.analysis.result import Finding, ImageAnalysis, StudyAnalysis
-from node.dicom_header import is_for_processing, laterality_and_view, patient_orientation
+from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
 
-FOR_PRESENTATION_MG = {
-    DigitalMammographyXRayImageStorageForPresentation,
-    "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray - For Presentation
-}
-
-def check_common_args(
-    *,
-    analysis_key: str,
-    created: dt.datetime,
-    manufacturer: str,
-    threshold: float,
-    software_version: str,
-) -> None:
-    if not isinstance(analysis_key, str) or not analysis_key.strip():
-        raise ValueError("analysis_key must be a non-empty string")
-    if not isinstance(created, dt.datetime):
-        raise TypeError(f"created must be a datetime.datetime, got {type(created).__name__}")
-    if not isinstance(manufacturer, str) or not manufacturer.strip():
-        raise ValueError("manufacturer must be a non-empty string")
-    if len(manufacturer) > 64:
-        raise ValueError("manufacturer must be at most 64 characters (LO)")
-    if not isinstance(software_version, str) or not software_version.strip():
-        raise ValueError("software_version must be a non-empty string")
-    if len(software_version) > 64:
-        raise ValueError("software_version must be at most 64 characters (LO)")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
-    if not (0.0 <= float(threshold) <= 1.0) or math.isnan(threshold):
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Type 2 Patient/Study attributes highdicom reads from the first evidence dataset.
+TYPE2_IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                  "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName")
 
 
-def check_series_number(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= value <= 2**31 - 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+def pixel_free(ds: Dataset) -> Dataset:
+    """A header-only view of ``ds``: shares its elements, never its pixels."""
+    return Dataset({elem.tag: elem for elem in ds if elem.keyword not in PIXEL_KEYWORDS})
 
+
+def evidence_header(ds: Dataset) -> Dataset:
+    """A header-only view of ``ds`` (with its file meta) that has every Type 2 identity
+    attribute an SR copies from its evidence (written empty where the source lacks it)."""
+    out = pixel_free(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for keyword in TYPE2_IDENTITY:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    return out
+
+
+def date_and_time(created: dt.datetime) -> tuple[str, str]:
+    """``created`` as DICOM DA and TM values."""
+    return created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+
+
+def stamp_contributions(ds: Dataset, created: dt.datetime) -> None:
+    """The node's Contributing Equipment items carry ``created``, not the build's clock."""
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
+
+
+def stamp_dates(ds: Dataset, created: dt.datetime, *prefixes: str) -> None:
+    """``<prefix>Date`` and ``<prefix>Time`` (e.g. "Content", "InstanceCreation") and the
+    node's Contributing Equipment items carry ``created``."""
+    for prefix in prefixes:
+        set_date_time(ds, created, f"{prefix}Date", f"{prefix}Time")
+    stamp_contributions(ds, created)
+
+
+def set_date_time(ds: Dataset, created: dt.datetime, date_keyword: str, time_keyword: str
+                  ) -> None:
+    """One DA and one TM attribute from ``created``."""
+    date, time = date_and_time(created)
+    setattr(ds, date_keyword, date)
+    setattr(ds, time_keyword, time)
+
+
+def set_document_dates(ds: Dataset, created: dt.datetime) -> None:
+    """Content and Instance Creation date/time of an SR document (and its contributions)."""
+    stamp_dates(ds, created, "Content", "InstanceCreation")
+
+
+def algorithm_identification(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 from the model card (name and version)."""
+    if not model.name or not model.version:
+        raise ValueError("the model card must give a name and a version")
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+
+
+def percent(fraction: float) -> float:
+    """A value in [0, 1] as the percentage the SRs write (two decimals)."""
+    return round(float(fraction) * 100.0, 2)
 
 def check_finding(image: ImageAnalysis, finding: Finding) -> None:
     """Raise ``ValueError`` naming the problem when a finding breaks the seam's contract."""
@@ -107,62 +137,3 @@ def check_analysis(analysis: StudyAnalysis, sources: Mapping[str, Dataset]) -> l
                 raise ValueError(f"finding index {finding.index} is used twice")
             indices.add(finding.index)
     return analysed
-
-
-def laterality_of(ds: Dataset) -> str:
-    """"L", "R" or "" (bilateral or unknown) from the header."""
-    lat = laterality_and_view(ds)[0]
-    return lat if lat in ("L", "R") else ""
-
-
-def view_of(ds: Dataset) -> str:
-    return laterality_and_view(ds)[1]
-
-
-def presentation_image_for(
-    image: ImageAnalysis, sources: Mapping[str, Dataset]
-) -> Dataset:
-    """The dataset whose SOP instance the results should reference for ``image``.
-
-    The analysed instance itself, unless it is For Processing and the study has a For
-    Presentation image of the same laterality and view with the same Rows/Columns (then the
-    coordinates carry over unchanged). Among several candidates, one that names the analysed
-    image in its SourceImageSequence wins, else the lowest SOP Instance UID (deterministic).
-    """
-    src = sources[image.sop_instance_uid]
-    if not is_for_processing(src):
-        return src
-    lat = laterality_of(src) or image.laterality
-    view = view_of(src) or image.view
-    candidates = []
-    for uid, ds in sources.items():
-        if uid == image.sop_instance_uid or "SOPClassUID" not in ds:
-            continue
-        if is_for_processing(ds) or str(ds.SOPClassUID) not in FOR_PRESENTATION_MG:
-            continue
-        if ds.get("StudyInstanceUID") != src.StudyInstanceUID:
-            continue
-        if (ds.get("Rows"), ds.get("Columns")) != (src.Rows, src.Columns):
-            continue
-        if not lat or laterality_of(ds) != lat or not view or view_of(ds) != view:
-            continue
-        names_source = any(
-            item.get("ReferencedSOPInstanceUID") == image.sop_instance_uid
-            for item in ds.get("SourceImageSequence", [])
-        )
-        candidates.append((not names_source, str(ds.SOPInstanceUID), ds))
-    if not candidates:
-        return src
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    return candidates[0][2]
-
-
-def orientation_of(ds: Dataset) -> list[str] | None:
-    """The source's two Patient Orientation values when they are legal (PS3.3 C.7.6.1.1.1,
-    combined values such as ``A\\FR`` included), else None.
-
-    Digitised-film archives put view names ("CC") there; those must not be copied on. The
-    values are copied as they are: highdicom's enumeration takes single letters only, so the
-    builders set the attribute themselves (see :mod:`node.reports.sc`)."""
-    value = patient_orientation(ds)
-    return list(value) if value is not None else None

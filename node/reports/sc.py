@@ -1,197 +1,50 @@
-"""Grad-CAM Secondary Capture (RGB) for one analysed image."""
+"""Grad-CAM Secondary Capture (RGB), one per analysed image (output kind ``sc``).
+
+The pixels are :func:`node.reports.sc_content.render_overlay`; this module makes the SOP
+instance.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
-import cv2
 import highdicom as hd
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.analysis.result import ImageAnalysis, ModelInfo
-from node.reports.common import (
-    check_common_args,
-    check_finding,
-    check_series_number,
-    laterality_of,
-    orientation_of,
+from node.reports import codes as C
+from node.reports.common import pixel_free, set_date_time, stamp_dates
+from node.reports.context import ReportContext
+from node.reports.images import AnalysedImage, ReportedStudy
+from node.reports.sc_content import (
+    BENIGN_RGB,
+    MALIGNANT_RGB,
+    MARK_RGB,
+    render_overlay,
 )
-from node.reports.labels import is_malignant, legend, mark_label, site_name
-from node.reports.uids import ResultUIDs
+
+__all__ = ["BENIGN_RGB", "MALIGNANT_RGB", "MARK_RGB", "SC_SERIES_DESCRIPTION", "build_sc",
+           "render_overlay", "sc_objects"]
 
 log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI Grad-CAM"
-BANNER_TEXT = "NOT FOR DIAGNOSTIC USE"
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-# Drawing colours, RGB.
-MALIGNANT_RGB = (255, 40, 40)
-BENIGN_RGB = (40, 255, 40)
-MARK_RGB = (255, 220, 0)  # marks of a model not validated for classification: no colour code
-BANNER_BG_RGB = (0, 0, 0)
-BANNER_FG_RGB = (255, 255, 0)
-MAX_ALPHA = 0.5  # heat-map opacity where cam == 1
 
 
-def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def _fit_text(text: str, width: int, height: int, thickness: int) -> float:
-    """The largest font scale (<= height-based cap) at which ``text`` fits ``width``."""
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    scale = max(0.3, height / 40.0)
-    while scale > 0.3:
-        (w, h), _ = cv2.getTextSize(text, font, scale, thickness)
-        if w <= width and h <= height:
-            break
-        scale *= 0.9
-    return scale
-
-
-def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
-              colour: tuple[int, int, int], thickness: int) -> None:
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(img, text, org, font, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
-    cv2.putText(img, text, org, font, scale, colour, thickness, cv2.LINE_AA)
-
-
-def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) -> np.ndarray:
-    """RGB uint8 rendering: display image, Grad-CAM heat map, numbered ROI outlines with their
-    label (:func:`node.reports.labels.mark_label`), a "NOT FOR DIAGNOSTIC USE" banner at the top
-    and, at the bottom, the finding site and what the marks mean."""
-    display, cam = image.display, image.cam
-    if display is None or cam is None:
-        raise ValueError("the analysed image has no display image or no Grad-CAM map")
-    display = np.asarray(display)
-    cam = np.asarray(cam)
-    if display.ndim != 2 or display.dtype != np.uint8:
-        raise ValueError(f"display must be a 2-D uint8 array, got {display.dtype} {display.shape}")
-    if cam.shape != display.shape:
-        raise ValueError(f"cam shape {cam.shape} differs from display shape {display.shape}")
-    if not np.isfinite(cam).all():
-        raise ValueError("cam contains NaN or infinite values")
-    if not image.display_scale > 0:
-        raise ValueError(f"display_scale must be > 0, got {image.display_scale}")
-    h, w = display.shape
-    if h < 64 or w < 64:
-        raise ValueError(f"display image {w}x{h} is too small for the annotations")
-
-    cam32 = cam.astype(np.float32, copy=False)
-    out = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)  # RGB; cv2 draws channel-agnostic
-    # grey * (1 - alpha) + heat * alpha per pixel, in one OpenCV pass (~10x the numpy speed),
-    # only over the rectangles where the map is above 0: elsewhere alpha is 0 and the grey
-    # pixel stays as it is (a Grad-CAM map is zero outside its ROIs: a few % of the image).
-    hot = cam32 > 0
-    hot_rows = hot.any(axis=1).astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], hot_rows, [0]))))
-    for y0, y1 in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-        cols = np.flatnonzero(hot[y0:y1].any(axis=0))
-        x0, x1 = int(cols[0]), int(cols[-1]) + 1
-        cam01 = np.clip(cam32[y0:y1, x0:x1], 0.0, 1.0)
-        heat_bgr = cv2.applyColorMap(np.round(cam01 * 255).astype(np.uint8), cv2.COLORMAP_JET)
-        heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
-        alpha = MAX_ALPHA * cam01
-        out[y0:y1, x0:x1] = cv2.blendLinear(np.ascontiguousarray(out[y0:y1, x0:x1]), heat,
-                                            1.0 - alpha, alpha)
-
-    short = min(h, w)
-    line = max(1, round(short / 400))
-    label_scale = max(0.4, short / 1200)
-    label_thick = max(1, round(short / 600))
-    s = float(image.display_scale)
-    band = max(20, round(h / 22))  # the banner strip (top)
-    fband = max(14, round(band * 0.7))  # the model strip (bottom)
-    for finding in sorted(image.findings, key=lambda f: f.index):
-        if model.classification_validated:
-            colour = MALIGNANT_RGB if is_malignant(finding, threshold) else BENIGN_RGB
-        else:
-            colour = MARK_RGB
-        pts = np.asarray(finding.outline_xy, dtype=np.float64) * s - 0.5  # pixel centres
-        pts_i = np.round(pts).astype(np.int32).reshape(-1, 1, 2)
-        cv2.polylines(out, [pts_i], isClosed=True, color=colour, thickness=line,
-                      lineType=cv2.LINE_AA)
-        text = mark_label(finding, model, threshold)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, label_scale,
-                                         label_thick)
-        x = int(np.clip(pts[:, 0].min(), 2, max(2, w - tw - 2)))
-        y = int(pts[:, 1].min()) - 2 * line - base
-        if y - th < band:  # no room above the ROI: write below it
-            y = int(pts[:, 1].max()) + 2 * line + th
-        # Never under the banner or the model strip (a label there would be hidden).
-        y = int(np.clip(y, band + th + 2, h - fband - base - 2))
-        _put_text(out, text, (x, y), label_scale, colour, label_thick)
-
-    # Banner (top) and model identity (bottom), opaque strips.
-    thick = max(1, round(band / 14))
-    out[:band] = BANNER_BG_RGB
-    scale = _fit_text(BANNER_TEXT, w - 8, int(band * 0.7), thick)
-    (tw, th), _ = cv2.getTextSize(BANNER_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    cv2.putText(out, BANNER_TEXT, ((w - tw) // 2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
-                scale, BANNER_FG_RGB, thick, cv2.LINE_AA)
-    footer = f"{site_name(image.laterality, image.view)} - {legend(model, threshold)}"
-    fthick = max(1, round(fband / 14))
-    out[h - fband:] = BANNER_BG_RGB
-    fscale = _fit_text(footer, w - 8, int(fband * 0.7), fthick)
-    (fw, fh), _ = cv2.getTextSize(footer, cv2.FONT_HERSHEY_SIMPLEX, fscale, fthick)
-    cv2.putText(out, footer, (4, h - (fband - fh) // 2), cv2.FONT_HERSHEY_SIMPLEX, fscale,
-                (255, 255, 255), fthick, cv2.LINE_AA)
-    return out
-
-
-def build_sc(
-    image: ImageAnalysis,
-    source: Dataset,
-    *,
-    model: ModelInfo,
-    analysis_key: str,
-    created: dt.datetime,
-    manufacturer: str,
-    series_number: int,
-    instance_number: int,
-    threshold: float,
-    software_version: str,
-    identity: Dataset | None = None,
-) -> hd.sc.SCImage:
+def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext) -> hd.sc.SCImage:
     """The RGB Grad-CAM Secondary Capture of one analysed image (new series, same study).
 
-    ``source`` is the analysed instance (headers suffice). Patient and study attributes are
-    copied from ``identity`` (default: ``source``; :func:`node.reports.build_reports` passes the
-    same dataset for every object of a study so that they agree even when the sources don't).
-    PatientOrientation is copied as it is when it is a legal two-valued value (any PS3.3
-    C.7.6.1.1.1 form, combined oblique values such as ``A\\FR`` included; else written empty,
-    Type 2); laterality goes to ImageLaterality (the series holds both breasts); PixelSpacing is
-    never written.
+    Derived from the analysed instance (``image.source``: For Processing pixels stay For
+    Processing). Patient and study attributes come from the study's identity, so that every
+    object of a study agrees even when the sources don't. PatientOrientation is copied as it is
+    when it is a legal two-valued value (any PS3.3 C.7.6.1.1.1 form, combined oblique values such
+    as ``A\\FR`` included; else written empty, Type 2); laterality goes to ImageLaterality (the
+    series holds both breasts); PixelSpacing is never written.
     """
-    check_common_args(analysis_key=analysis_key, created=created, manufacturer=manufacturer,
-                      threshold=threshold, software_version=software_version)
-    check_series_number("series_number", series_number)
-    check_series_number("instance_number", instance_number)
-    if not isinstance(image, ImageAnalysis):
-        raise TypeError(f"image must be an ImageAnalysis, got {type(image).__name__}")
-    if not image.analysed:
-        raise ValueError("the image was skipped by the analysis: no Secondary Capture")
-    if not isinstance(source, Dataset):
-        raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
-        if keyword not in source:
-            raise ValueError(f"source lacks {keyword}")
-    if source.SOPInstanceUID != image.sop_instance_uid:
-        raise ValueError("source is not the analysed image (SOP Instance UID differs)")
-    for finding in image.findings:
-        check_finding(image, finding)
-
-    rgb = render_overlay(image, threshold=float(threshold), model=model)
-    uids = ResultUIDs(analysis_key)
-    header = Dataset({e.tag: e for e in source if e.keyword not in _PIXEL_KEYWORDS})
-    lat = laterality_of(source) or (image.laterality if image.laterality in ("L", "R") else "")
-    orientation = orientation_of(source)
+    analysed, source, model = image.analysis, image.source, study.model
+    rgb = render_overlay(analysed, threshold=float(context.threshold), model=model)
+    uids = context.uids
+    header = pixel_free(source)
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -200,35 +53,31 @@ def build_sc(
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=uids.sc_series,
-        series_number=series_number,
-        sop_instance_uid=uids.sc_instance(image.sop_instance_uid),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
+        series_number=context.series.sc,
+        sop_instance_uid=uids.sc_instance(analysed.sop_instance_uid),
+        instance_number=image.number,
+        manufacturer=context.manufacturer,
         # highdicom validates against single-letter enums ("FL" is refused although PS3.3
         # C.7.6.1.1.1 allows it): a placeholder here, the source's own values below.
         patient_orientation=("A", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SC_SERIES_DESCRIPTION,
-        software_versions=software_version,
+        software_versions=context.software_version,
         manufacturer_model_name=model.name[:64],
     )
     # The source's orientation as it is (e.g. A\FR for a left MLO); Type 2: empty rather than
     # a guess when the source has none or an illegal one.
-    sc.PatientOrientation = orientation if orientation is not None else None
+    orientation = image.source_orientation
+    sc.PatientOrientation = list(orientation) if orientation is not None else None  # type: ignore[assignment]
     # The SC series holds both breasts, so laterality is per image: ImageLaterality, and no
     # series Laterality (dciodvfy: Laterality must be absent when ImageLaterality is sent).
     # Unknown laterality: empty series Laterality (Type 2C, "unknown").
-    if lat:
-        sc.ImageLaterality = lat
+    if image.source_laterality:
+        sc.ImageLaterality = image.source_laterality
     else:
-        sc.Laterality = None
-    # Identity: all Patient and Study module attributes of the source (StudyDescription, ...).
-    if identity is not None:
-        if not isinstance(identity, Dataset):
-            raise TypeError("identity must be a pydicom Dataset")
-        if identity.get("StudyInstanceUID") != source.StudyInstanceUID:
-            raise ValueError("identity belongs to another study than source")
-    sc.copy_patient_and_study_information(header if identity is None else identity)
+        sc.Laterality = None  # type: ignore[assignment]
+    # Identity: all Patient and Study module attributes of the study's identity image.
+    sc.copy_patient_and_study_information(study.identity)
     # OT, never the source's MG: a mammography hanging protocol must not take the overlay for a
     # mammogram, and a PACS that routes MG back to the node must not feed it its own result.
     sc.Modality = "OT"
@@ -241,15 +90,13 @@ def build_sc(
     src_item = Dataset()
     src_item.ReferencedSOPClassUID = source.SOPClassUID
     src_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    src_item.PurposeOfReferenceCodeSequence = [
-        _code_item("121322", "DCM", "Source image for image processing operation")
-    ]
+    src_item.PurposeOfReferenceCodeSequence = [C.SOURCE_IMAGE_FOR_PROCESSING]
     sc.SourceImageSequence = [src_item]
-    n = len(image.findings)
+    n = len(analysed.findings)
     values = ("P(malignant) and benign/malignant call" if model.classification_validated
               else "cluster score (not validated for benign/malignant classification)")
     sc.DerivationDescription = (
-        f"{image.cam_source} heat map ({model.name} {model.version}) blended over a display "
+        f"{analysed.cam_source} heat map ({model.name} {model.version}) blended over a display "
         "rendering;"
         f" {n} numbered calcification cluster outline(s) with {values} burned in"
     )[:1024]
@@ -257,14 +104,19 @@ def build_sc(
         "NOT FOR DIAGNOSTIC USE. AI calcification analysis visualisation; "
         "the machine-readable result is the TID 1500 SR of this study."
     )
-    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
-    sc.ContentDate = sc.InstanceCreationDate = sc.SeriesDate = date
-    sc.ContentTime = sc.InstanceCreationTime = sc.SeriesTime = time
-    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
-    for item in sc.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
+    stamp_dates(sc, context.created, "Content", "InstanceCreation", "Series")
+    set_date_time(sc, context.created, "DateOfSecondaryCapture", "TimeOfSecondaryCapture")
     if "PixelSpacing" in sc:
         del sc.PixelSpacing
     log.info("built Grad-CAM SC: %dx%d, %d ROI(s)", rgb.shape[1], rgb.shape[0], n)
     return sc
+
+
+def sc_objects(study: ReportedStudy, context: ReportContext) -> list[Dataset]:
+    """The ``sc`` kind (:class:`node.reports.context.ReportBuilder`): one SC per analysed
+    image, each of which must carry ``display`` and ``cam``."""
+    for image in study.images:
+        if image.analysis.display is None or image.analysis.cam is None:
+            raise ValueError(f"analysed image #{image.number} has no display image or "
+                             "Grad-CAM map")
+    return [build_sc(image, study, context) for image in study.images]

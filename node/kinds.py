@@ -3,31 +3,38 @@
 A kind names one family of result objects and maps to exactly one SOP class, so the worker can
 build the union of the kinds the destinations want, and the deliverer can pick, per destination,
 the stored objects of its kinds by their SOP Class UID.
+
+This module imports pydicom only (not highdicom, not :mod:`node.reports`), so the configuration
+can check kinds without loading the report stage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydicom.uid import (
+    UID,
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    MammographyCADSRStorage,
+    SecondaryCaptureImageStorage,
+)
+
 TID1500 = "tid1500"  # TID 1500 Measurement Report, Comprehensive SR
 MAMMO_CAD = "mammo_cad"  # Mammography CAD SR, TID 4000
 GSPS = "gsps"  # Grayscale Softcopy Presentation State with the ROI outlines
 SC = "sc"  # Grad-CAM Secondary Capture
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-GRAYSCALE_SOFTCOPY_PS = "1.2.840.10008.5.1.4.1.1.11.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-SOP_CLASS_OF_KIND: dict[str, str] = {
-    TID1500: COMPREHENSIVE_SR,
-    MAMMO_CAD: MAMMOGRAPHY_CAD_SR,
-    GSPS: GRAYSCALE_SOFTCOPY_PS,
-    SC: SECONDARY_CAPTURE,
+SOP_CLASS_OF_KIND: dict[str, UID] = {
+    TID1500: ComprehensiveSRStorage,
+    MAMMO_CAD: MammographyCADSRStorage,
+    GSPS: GrayscaleSoftcopyPresentationStateStorage,
+    SC: SecondaryCaptureImageStorage,
 }
 KINDS: tuple[str, ...] = tuple(SOP_CLASS_OF_KIND)
 DEFAULT_KINDS: tuple[str, ...] = (TID1500, SC)
-SR_SOP_CLASSES = frozenset({COMPREHENSIVE_SR, MAMMOGRAPHY_CAD_SR})
+#: The structured reports among the kinds (a re-opened study's SRs are superseded, not replaced).
+SR_SOP_CLASSES: frozenset[UID] = frozenset({ComprehensiveSRStorage, MammographyCADSRStorage})
 
 
 def check_kinds(kinds: Iterable[str], what: str = "objects") -> tuple[str, ...]:
@@ -52,7 +59,7 @@ def union_of_kinds(lists: Iterable[Iterable[str]]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in wanted)
 
 
-def sop_classes_for(kinds: Iterable[str]) -> frozenset[str]:
+def sop_classes_for(kinds: Iterable[str]) -> frozenset[UID]:
     """The SOP Class UIDs of ``kinds``."""
     return frozenset(SOP_CLASS_OF_KIND[k] for k in kinds)
 
