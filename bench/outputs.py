@@ -6,7 +6,9 @@ A four-view study (L/R x CC/MLO MG For Presentation headers, 3328 x 4096 by defa
 ``--rois`` calcification clusters per image; the display image and Grad-CAM map are what the
 analysis stage hands over (long side 2048 px). Each kind is built alone with
 ``node.reports.build_reports(kinds=[kind])`` (the whole study: 1 SR, or 4 SC / 4 GSPS) and then
-encoded to bytes as the spool would write it. Prints the median build and encode time per kind.
+encoded to bytes as the spool would write it. Prints the median build and encode time per kind;
+the row ``tid1500/hd`` builds the TID 1500 SR through highdicom's own ``ComprehensiveSR``
+constructor (the baseline of :mod:`node.reports.sr_document`, measured in the same run).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import math
 import statistics
 import time
 
+import highdicom as hd
 import numpy as np
 
+import node.reports.sr as sr_module
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
-from node.kinds import KINDS
+from node.kinds import KINDS, TID1500
 from node.reports import ReportContext, SeriesNumbers, build_reports
+from node.reports.sr_document import comprehensive_sr
 from tests.testdata import mg_dataset, uid_from
 
 MODEL = ModelInfo("calc-cluster-lite0", "0.1.0", "tf_efficientnet_lite0", 0.41)
@@ -78,8 +83,14 @@ def main() -> None:
     print(f"study: 4 views {args.cols}x{args.rows}, {args.rois} ROIs/image, "
           f"median of {args.repeats} runs")
     print(f"{'kind':<10} {'objects':>7} {'build ms':>9} {'encode ms':>10} {'MB':>7}")
-    for kind in KINDS:
+    rows = [(kind, kind) for kind in KINDS]
+    # the baseline in the same run: the TID 1500 SR through highdicom's own SOP constructor
+    rows.insert(1, ("tid1500/hd", TID1500))
+    medians: dict[str, float] = {}
+    for label, kind in rows:
         build, encode = [], []
+        constructor = hd.sr.ComprehensiveSR if label.endswith("/hd") else comprehensive_sr
+        sr_module.comprehensive_sr = constructor  # type: ignore[assignment]
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             objs = build_reports(analysis, sources, context, [kind])
@@ -92,8 +103,12 @@ def main() -> None:
             t2 = time.perf_counter()
             build.append((t1 - t0) * 1000)
             encode.append((t2 - t1) * 1000)
-        print(f"{kind:<10} {len(objs):>7} {statistics.median(build):>9.1f} "
+        print(f"{label:<10} {len(objs):>7} {statistics.median(build):>9.1f} "
               f"{statistics.median(encode):>10.1f} {size / 1e6:>7.2f}")
+        medians[label] = statistics.median(build)
+        sr_module.comprehensive_sr = comprehensive_sr
+    ratio = medians[TID1500] / medians[TID1500 + "/hd"]
+    print(f"tid1500 build: sr_document / highdicom constructor = {ratio:.2f}")
     if args.profile:
         import cProfile
         import pstats

@@ -14,6 +14,10 @@ class not accepted at negotiation) is marked failed at once, since repeating it 
 the answer, and the other kinds are still sent; a kind already sent is never sent again. A
 connection failure is retried with exponential backoff up to ``delivery.max_attempts``.
 ``mammo-node retry`` puts failed deliveries back (only their unsent kinds go).
+
+A result's kinds reach the deliverer one by one, as each is written (node.worker): the first
+kind is on its way while the next is built; the delivery is ``done`` once the result is
+complete and every kind went (node.queue.finish_delivery).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ from node.store import Spool
 log = logging.getLogger("node.deliver")
 
 OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+_MAX_PASSES = 8  # of run_due over the due deliveries (see there)
 # A file path given to send_c_store is streamed from the file as it is (no decode, no
 # re-encode: a 12 MB Secondary Capture costs a read, not a dcmread + encode); the node passes a
 # path only when the accepted context has the file's own transfer syntax (_as_built).
@@ -87,6 +93,7 @@ class Deliverer:
                  output: OutputSettings | None = None, timeout: float = 60) -> None:
         node = node or NodeSettings()
         self.db = context.db
+        self._more = threading.Event()  # see wake()
         self.holder = context.holder or queue.Holder("local")  # this node's name on its claims
         # kinds for destinations without `objects`
         self.default_objects: list[str] = list((output or OutputSettings()).objects)
@@ -123,19 +130,33 @@ class Deliverer:
 
     def run_due(self) -> int:
         """Send every delivery that is due; returns how many were attempted."""
-        now = utcnow()
-        n, last = 0, 0
+        n = 0
         # Oldest first, each claimed (under this node's lease) just before it is sent; a
-        # delivery another node holds is skipped. Ids rise, so one pass ends.
-        while (delivery_id := queue.claim_delivery(self.db, self.holder, now, last)) is not None:
-            n, last = n + 1, delivery_id
-            self._deliver(delivery_id)
+        # delivery another node holds is skipped. Ids rise, so one pass ends. Another pass
+        # follows when a result kind was recorded during this one (wake(): each kind is
+        # queued as soon as it is written): it goes now, not at the next tick.
+        for _ in range(_MAX_PASSES):
+            self._more.clear()
+            now, last = utcnow(), 0
+            while (delivery_id := queue.claim_delivery(self.db, self.holder, now, last)
+                   ) is not None:
+                n, last = n + 1, delivery_id
+                self._deliver(delivery_id)
+            if not self._more.is_set():
+                break
         return n
+
+    def wake(self) -> None:
+        """A result kind was just recorded (any thread): a :meth:`run_due` under way makes
+        another pass for it."""
+        self._more.set()
 
     def _deliver(self, delivery_id: int) -> None:
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
-            result = s.get(Result, d.result_id)
+            result = s.get(Result, d.result_id) if d is not None else None
+            if d is None or result is None:  # pragma: no cover - claimed just now
+                return
             objects = s.execute(select(ResultObject).where(
                 ResultObject.result_id == result.id).order_by(ResultObject.id)).scalars().all()
             name, attempts = d.destination, d.attempts
@@ -185,23 +206,34 @@ class Deliverer:
                 {k: queue.KindOutcome(o.ok, o.permanent, o.status, o.error)
                  for k, o in outcomes.items()}, ok, retry_at, errors, seen)
             d = s.get(Delivery, delivery_id)
+            last_status = d.last_status if d is not None else None
+            last_error = d.last_error if d is not None else None
         if state is None:
             event(log, "delivery.lease_lost", logging.WARNING, destination=name,
                   study_id=study_id, effect="another node took this delivery over; its "
                   "outcome is not recorded here")
             return
-        for kind, o in refused.items():
+        for kind, out in refused.items():
             event(log, "delivery.kind_failed", logging.ERROR, destination=name,
-                  study_id=study_id, kind=kind, status=o.status or None, error=o.error,
+                  study_id=study_id, kind=kind, status=out.status or None, error=out.error,
                   effect="the other kinds are delivered; `mammo-node retry` re-sends this one")
-        if ok:
+        if ok and state == "done":
+            if not outcomes:  # the result's end: its kinds went in the attempts before
+                sent = len(objects)
+                kinds = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
+                                               for o in objects)) or "none"
+            else:
+                kinds = ",".join(outcomes)
             event(log, "delivery.sent", destination=name, study_id=study_id,
-                  objects=sent, kinds=",".join(outcomes) or "none", status=d.last_status,
-                  attempt=attempts, ms=ms)
+                  objects=sent, kinds=kinds, status=last_status, attempt=attempts, ms=ms)
+        elif ok:  # pending: the result is still being built, or grew meanwhile
+            event(log, "delivery.kinds_sent", destination=name, study_id=study_id,
+                  objects=sent, kinds=",".join(outcomes) or "none", status=last_status,
+                  ms=ms, next="the result's next kind")
         else:
             event(log, "delivery.failed", logging.WARNING if state == "pending" else logging.ERROR,
                   destination=name, study_id=study_id, attempt=attempts, state=state,
-                  sent_objects=sent, status=d.last_status, error=errors,
+                  sent_objects=sent, status=last_status, error=errors or last_error,
                   next_retry_s=self.backoff(attempts) if state == "pending" else None)
 
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:

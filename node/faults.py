@@ -7,7 +7,7 @@ the deliverer passes ``deliver.mid_send``. Points:
 * ``store.after_write``     instance durable in the spool, not yet recorded in the database
 * ``store.before_ack``      recorded and committed, C-STORE response not yet sent
 * ``analysis.running``      job claimed, analysis under way
-* ``analysis.before_record`` result objects written to disk, not yet recorded
+* ``analysis.before_record`` one output kind's objects written to disk, not yet recorded
 * ``deliver.mid_send``      association open, part of the objects sent
 * ``deliver.before_record`` everything sent, delivery not yet marked done
 

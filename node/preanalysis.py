@@ -18,6 +18,12 @@ SOP Instance UID is refused at C-STORE). Dropped when the study's result is reco
 start for studies no longer waiting for analysis; at start, instances of studies still waiting
 that have no result yet are queued again.
 
+Order: not first in, first out. An image of a study whose analysis has started (the worker is
+waiting for it) goes first; then images of the study with the most images submitted so far, so
+that the image that completes a study (the fourth view, usually) does not wait behind the first
+images of studies that arrive after it has begun (shortest remaining work first; ties in
+arrival order).
+
 The files are written and read only by the node, in its own ``data_dir`` (like its database):
 pickle is safe there. No database writes: nothing here changes a state.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import pickle
 import queue
@@ -61,11 +68,20 @@ def _digest(text: str, n: int = 32) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+#: Rank of an image whose study's analysis has started (the worker waits for it).
+URGENT = 0
+_NORMAL = 1
+_STOP_RANK = -1  # the stop sentinels overtake everything
+
+
 @dataclass(frozen=True)
 class _Task:
     study_uid: str
     key: str  # preparation key
     item: ImageInput
+
+
+_Entry = tuple[int, int, int, "_Task | None", "Future[Any] | None"]
 
 
 def _without_canvas(hit: Any) -> Any:
@@ -115,7 +131,14 @@ class PreAnalysis:
         self.root = spool.root / "preanalysis"
         self.workers = max(1, int(workers))
         self.max_images_per_study = int(max_images_per_study)
-        self._queue: queue.Queue[tuple[_Task, Future] | None] = queue.Queue(max(1, max_pending))
+        self.max_pending = max(1, max_pending)
+        # (rank, -images of the study so far, arrival, task, future); see the module docstring.
+        # Bounded by hand (``_pending``): re-ranked duplicates of a queued image do not count.
+        self._queue: queue.PriorityQueue[_Entry] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._pending = 0
+        self._urgent: set[str] = set()  # studies whose analysis has started
+        self._tasks: dict[tuple[str, str], _Task] = {}  # (study, path) -> its queued task
         self._lock = threading.Lock()
         # study uid -> {file path: result}; most recently used last, MEMORY_STUDIES at most.
         self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -145,10 +168,7 @@ class PreAnalysis:
     def stop(self) -> None:
         self._stop.set()
         for _ in self._threads:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                break
+            self._queue.put_nowait((_STOP_RANK, 0, next(self._seq), None, None))
 
     # -- feeding ---------------------------------------------------------------------------------
     def submit(self, study_uid: str, relpath: str, sop_uid: str, sop_class_uid: str) -> bool:
@@ -163,27 +183,32 @@ class PreAnalysis:
                 return False
             if (study_uid, path) in self._futures:
                 return False
-            future: Future = Future()
-            try:
-                self._queue.put_nowait(
-                    (_Task(study_uid, key, ImageInput(Path(path), sop_uid, sop_class_uid)),
-                     future))
-            except queue.Full:
+            if self._pending >= self.max_pending:
                 self.stats["dropped_full"] += 1
                 return False
+            future: Future[Any] = Future()
+            count = self._submitted.get(study_uid, 0) + 1
+            rank = URGENT if study_uid in self._urgent else _NORMAL
+            task = _Task(study_uid, key, ImageInput(Path(path), sop_uid, sop_class_uid))
+            self._queue.put_nowait((rank, -count, next(self._seq), task, future))
+            self._pending += 1
             self._futures[(study_uid, path)] = future
-            self._submitted[study_uid] = self._submitted.get(study_uid, 0) + 1
+            self._tasks[(study_uid, path)] = task
+            self._submitted[study_uid] = count
             self.stats["submitted"] += 1
         return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            entry = self._queue.get()
-            if entry is None:
+            _, _, _, task, future = self._queue.get()
+            if task is None or future is None:
                 return
-            task, future = entry
-            if not future.set_running_or_notify_cancel():  # taken over by the analysis
-                continue
+            with self._lock:  # one of its entries (re-ranked duplicates) runs it, once
+                if future.running() or future.done():
+                    continue
+                self._pending -= 1
+                if not future.set_running_or_notify_cancel():  # taken over by the analysis
+                    continue
             path = str(task.item.path)
             try:
                 hit = self.lookup_stored(task.study_uid, task.key, path)
@@ -207,6 +232,7 @@ class PreAnalysis:
             finally:
                 with self._lock:
                     self._futures.pop((task.study_uid, path), None)
+                    self._tasks.pop((task.study_uid, path), None)
 
     def _resubmit_waiting(self) -> None:
         """After a restart: instances of studies still to be analysed, not pre-analysed yet."""
@@ -231,8 +257,22 @@ class PreAnalysis:
 
     # -- the analysis' side ----------------------------------------------------------------------
     def images_of(self, study_uid: str) -> PreparedImages:
-        """The ``cache`` for this study's analysis under the current preparation key."""
+        """The ``cache`` for this study's analysis under the current preparation key; the
+        study's images still queued move to the front of the pool (:meth:`prioritise`)."""
+        self.prioritise(study_uid)
         return PreparedImages(self, study_uid, self.analyser.preparation_key)
+
+    def prioritise(self, study_uid: str) -> int:
+        """The study's analysis has started: its queued images (and any submitted later) go
+        before every other image. Returns how many queued images were moved."""
+        with self._lock:
+            self._urgent.add(study_uid)
+            queued = [(self._tasks[k], f) for k, f in self._futures.items()
+                      if k[0] == study_uid and k in self._tasks
+                      and not (f.running() or f.done())]
+            for task, future in queued:  # a duplicate entry: the first one taken runs it
+                self._queue.put_nowait((URGENT, 0, next(self._seq), task, future))
+        return len(queued)
 
     def lookup(self, study_uid: str, key: str, path: str) -> Any:
         """A result for (study, file) under ``key``: memory, then one being computed (waited
@@ -240,11 +280,14 @@ class PreAnalysis:
         with self._lock:
             future = self._futures.get((study_uid, path))
         if future is not None:
-            if future.cancel():
-                with self._lock:
+            with self._lock:  # with the pool's check-and-run: counted out of the queue once
+                cancelled = future.cancel()
+                if cancelled:
                     self._futures.pop((study_uid, path), None)
+                    self._tasks.pop((study_uid, path), None)
+                    self._pending -= 1
                     self.stats["taken_over"] += 1
-            else:
+            if not cancelled:
                 try:
                     future.result()
                 except Exception:  # noqa: BLE001 - logged in the pool thread
@@ -282,6 +325,7 @@ class PreAnalysis:
             self._memory.pop(study_uid, None)
             self._keys.pop(study_uid, None)
             self._submitted.pop(study_uid, None)
+            self._urgent.discard(study_uid)
         shutil.rmtree(self._study_dir(study_uid), ignore_errors=True)
 
     def sweep(self) -> int:

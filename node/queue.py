@@ -11,7 +11,12 @@ through the enums). The flow, top-down:
   :func:`begin_analysis` (study → ``analysing``), then one of :func:`finish_job` (job ``done``,
   study ``done``, older results' pending deliveries ``superseded``, new deliveries ``pending``),
   :func:`requeue_job` (superseded or interrupted: back to ``queued``, attempt not counted) or
-  :func:`fail_job` (``queued`` again, or ``failed`` for good).
+  :func:`fail_job` (``queued`` again, or ``failed`` for good). Each output kind is delivered
+  as soon as it is durable: :func:`open_result` (the result, current, before its kinds are
+  built), :func:`add_result_objects` (one kind's objects recorded, its deliveries ``pending``
+  at once); :func:`finish_job` closes it. While its job runs a result is *open*: a delivery
+  that sent everything recorded so far waits (``pending``) for the next kind instead of
+  becoming ``done`` (:func:`finish_delivery`).
 * **deliver** — :func:`claim_delivery` (``pending`` → ``sending``), :func:`finish_delivery`
   (``done``, ``pending`` with backoff, or ``failed``).
 * **retry** (the CLI) — :func:`retry_failed`.
@@ -33,6 +38,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
@@ -293,16 +299,23 @@ def requeue_job(db: Database, job_id: int, reason: str = "requeued",
         return study.study_uid
 
 
-def finish_job(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
-    """The recording transaction's first write, conditional: the job is still running under
-    ``holder``, its key unchanged and its study not receiving. False: record nothing."""
-    conds = [Job.id == job_id, Job.state == JobState.RUNNING,
-             Job.study_id.in_(select(Study.id).where(Study.state != StudyState.RECEIVING))]
+def _ours(job_id: int, input_key: str | None, holder: str | None) -> list[Any]:
+    """WHERE terms: the job runs under ``holder`` (None: any) with ``input_key`` (None: any),
+    its study not receiving."""
+    conds: list[Any] = [
+        Job.id == job_id, Job.state == JobState.RUNNING,
+        Job.study_id.in_(select(Study.id).where(Study.state != StudyState.RECEIVING))]
     if input_key:
         conds.append(Job.input_key == input_key)
     if holder is not None:
         conds.append(Job.holder == holder)
-    done = rows_matched(s.execute(update(Job).where(*conds).values(
+    return conds
+
+
+def finish_job(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
+    """The recording transaction's first write, conditional: the job is still running under
+    ``holder``, its key unchanged and its study not receiving. False: record nothing."""
+    done = rows_matched(s.execute(update(Job).where(*_ours(job_id, input_key, holder)).values(
         state=JobState.DONE, finished_at=utcnow(), error=None, holder=None,
         lease_until=None))) == 1
     if done:
@@ -372,7 +385,9 @@ def record_result_kinds(s: Session, result_id: int, built: Iterable[str | None],
 
 def queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) -> None:
     """A delivery per destination; an existing one (a kind was added to a delivered result)
-    goes back to pending: only the kinds it has not delivered yet are sent."""
+    goes back to pending: only the kinds it has not delivered yet are sent. One already
+    pending is due now, unless it waits out a backoff after a failed attempt (the
+    destination is down: a new kind does not hurry the retries)."""
     existing = {d.destination: d for d in s.execute(select(Delivery).where(
         Delivery.result_id == result_id)).scalars()}
     for name in destinations:
@@ -380,8 +395,71 @@ def queue_deliveries(s: Session, result_id: int, destinations: Sequence[str]) ->
         if d is None:
             s.add(Delivery(result_id=result_id, destination=name, state=DeliveryState.PENDING,
                            next_attempt_at=utcnow()))
+        elif d.state == DeliveryState.PENDING:
+            if d.last_error is None:  # waiting for the next kind of an open result
+                d.next_attempt_at = utcnow()
         elif d.state not in (DeliveryState.SUPERSEDED, DeliveryState.SENDING):
             d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
+
+
+def _job_is_ours(s: Session, job_id: int, input_key: str | None, holder: str | None) -> bool:
+    """The job still runs under ``holder`` on the content it started with, its study not
+    receiving again (the conditions of :func:`finish_job`, read without writing)."""
+    return s.execute(select(Job.id).where(*_ours(job_id, input_key, holder))).first() is not None
+
+
+def open_result(s: Session, job_id: int, input_key: str | None, holder: str | None,
+                analysis_key: str, **values: object) -> int | None:
+    """The result of a running job's analysis, before its kinds are built: the existing one
+    with this analysis key (a retry rebuilding a kind), else a new current one (older results
+    stop being current, their unsent deliveries are superseded). ``values``: the Result's
+    roi_count, max_probability, analysis_ms, summary. None (nothing written) when the job is
+    no longer ours or its study changed."""
+    if not _job_is_ours(s, job_id, input_key, holder):
+        return None
+    existing = s.execute(select(Result.id).where(Result.analysis_key == analysis_key)).scalar()
+    if existing is not None:
+        return int(existing)
+    job = s.get(Job, job_id)
+    assert job is not None  # _job_is_ours read it
+    replace_current_results(s, job.study_id)
+    result = Result(study_id=job.study_id, job_id=job_id, analysis_key=analysis_key,
+                    current=True, **values)
+    s.add(result)
+    s.flush()
+    return int(result.id)
+
+
+def add_result_objects(s: Session, result_id: int, job_id: int, holder: str | None,
+                       objects: Sequence[tuple[str, str, str]], kind: str,
+                       destinations: Sequence[str]) -> list[str] | None:
+    """One built output kind of an open result: its objects ((SOP class, SOP instance UID,
+    spool relpath), durable on disk) recorded, the kind marked built and the result's
+    deliveries ``pending`` now, so the kind goes out while the next one is built. Returns the
+    relpaths not recorded (an object the result already has: the caller removes the file), or
+    None (nothing written) when the job no longer runs under ``holder``."""
+    if not _job_is_ours(s, job_id, None, holder):
+        return None
+    have = set(s.execute(select(ResultObject.sop_uid).where(
+        ResultObject.result_id == result_id)).scalars())
+    duplicates = []
+    added = 0
+    for sop_class, sop_uid, relpath in objects:
+        if sop_uid in have:
+            duplicates.append(relpath)
+            continue
+        s.add(ResultObject(result_id=result_id, sop_class_uid=sop_class, sop_uid=sop_uid,
+                           relpath=relpath))
+        added += 1
+    record_result_kinds(s, result_id, [kind], {})
+    if added:
+        queue_deliveries(s, result_id, destinations)
+    return duplicates
+
+
+#: How long a delivery of an open result waits, when everything recorded so far was sent,
+#: before it looks again (the next kind or the job's end wakes it sooner: queue_deliveries).
+OPEN_RESULT_RECHECK = dt.timedelta(seconds=60)
 
 
 # -- deliveries --------------------------------------------------------------------------------
@@ -417,7 +495,9 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
     """Record each kind's outcome and the delivery's new state: ``done``, ``pending`` again at
     ``retry_at``, or ``failed``. None (nothing recorded) when ``holder`` lost the claim.
     ``seen``: the result objects this attempt knew of; a kind added to the result while it was
-    in flight (a rebuilt output) sends the delivery round again at once."""
+    in flight (a rebuilt output, the next kind of an open result) sends the delivery round
+    again at once. A delivery that sent everything of a result still open (its job running:
+    more kinds to come) stays ``pending`` (see :data:`OPEN_RESULT_RECHECK`), never ``done``."""
     d = s.get(Delivery, delivery_id)
     if d is None or d.state != DeliveryState.SENDING or \
             (holder is not None and d.holder not in (holder, None)):
@@ -443,8 +523,19 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
     grown = ok and seen is not None and any(
         i not in seen for i in s.execute(select(ResultObject.id).where(
             ResultObject.result_id == d.result_id)).scalars())
+    building = ok and not grown and s.execute(
+        select(Job.state).join(Result, Result.job_id == Job.id)
+        .where(Result.id == d.result_id)).scalar() == JobState.RUNNING
     if grown:
         d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
+    elif building:  # the result is open: its next kind (or its job's end) wakes it
+        d.state, d.attempts, d.last_error = DeliveryState.PENDING, 0, None
+        d.next_attempt_at = now + OPEN_RESULT_RECHECK
+    elif ok and (refused := [f"{k}: {r.last_error}" for k, r in sorted(rows.items())
+                             if r.state == DeliveryKindState.FAILED and k not in kinds]):
+        # everything left went, but a kind was refused in an earlier attempt (each kind of a
+        # result is sent as it is built): failed, as one attempt with the refusal would be
+        d.state, d.last_error = DeliveryState.FAILED, "; ".join(refused)[:2000]
     elif ok:
         d.state, d.sent_at, d.last_error = DeliveryState.DONE, now, None
     elif retry_at is not None:

@@ -170,6 +170,7 @@ class Node:
 
     def _on_result(self) -> None:
         # Results were just recorded: deliver now, in the scheduler's thread, not at the next tick.
+        self.deliverer.wake()  # (a run under way makes another pass)
         job = self.scheduler.get_job("deliver")
         if job is not None:
             job.modify(next_run_time=dt.datetime.now(dt.UTC))

@@ -103,13 +103,20 @@ class Spool:
         return relpath
 
     def write_dataset(self, ds: Dataset, area: str = "results") -> str:
-        """Write a DICOM object durably; returns its relpath."""
+        """Write a DICOM object durably; returns its relpath. Encoded once in memory, then one
+        write and an fsync on the same descriptor (not pydicom's many small writes to the file
+        and a second open for the fsync)."""
         relpath = self._new_relpath(area)
         dest = self.root / relpath
         dest.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         part = dest.with_suffix(".part")
-        ds.save_as(part, enforce_file_format=True)
-        _fsync_file(part)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        with open(part, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        del buf
         os.replace(part, dest)
         _fsync_dir(dest.parent)
         return relpath

@@ -248,7 +248,9 @@ class AnalysisWorker:
         t0 = time.perf_counter()
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            study = s.get(Study, job.study_id)
+            study = s.get(Study, job.study_id) if job is not None else None
+            if job is None or study is None:  # pragma: no cover - claimed just now
+                return
             study_uid, attempts, input_key = study.study_uid, job.attempts, job.input_key
             queue.begin_analysis(s, study)
             instances = list(s.execute(
@@ -259,7 +261,6 @@ class AnalysisWorker:
               not_analysed=len(over) or None, attempt=attempts)
         check = Checkpoint(self.db, job_id, input_key, time.monotonic() + self.bounds.max_seconds,
                            self._stop, self.holder.name)
-        written: list[tuple[Dataset, str]] = []
         try:
             inputs = [ImageInput(self.spool.path(i.relpath), i.sop_uid, i.sop_class_uid)
                       for i in chosen]
@@ -298,34 +299,36 @@ class AnalysisWorker:
             check()
             previous = self._current_srs(study_uid, key)
             kinds = self._kinds_to_build(key)
-            written, failed = self._build_each_kind(kinds, analysis, sources, key, previous,
-                                                    check)
+            # The result is recorded (current) before its kinds are built, and each kind is
+            # recorded and queued for delivery as soon as it is durable: the first kind is on
+            # its way while the next one is built. A kind built before the study changed stays
+            # with this (then superseded) result; the job's end closes it (_finish).
+            result_id = self._open_result(job_id, key, analysis, input_key,
+                                          (time.perf_counter() - t0) * 1000)
+            if result_id is None:
+                raise Superseded(self._why_stale(job_id))
+            recorded, failed = self._build_each_kind(kinds, analysis, sources, key, previous,
+                                                     check, job_id=job_id, result_id=result_id)
             check()
-        except Superseded as sup:
-            for _, relpath in written:  # built before the study changed: never recorded
-                self.spool.remove(relpath)
+        except Superseded as sup:  # what was built is recorded; nothing else is on disk
             self._requeue(job_id, sup.reason)
             return
         except (TooLong, NothingDecodable) as exc:
-            for _, relpath in written:
-                self.spool.remove(relpath)
             self._fail(job_id, study_uid, attempts, exc, final=True,
                        outcomes=getattr(exc, "outcomes", None))
             return
         except Exception as exc:  # noqa: BLE001 - the job fails (retried)
-            for _, relpath in written:
-                self.spool.remove(relpath)
             self._fail(job_id, study_uid, attempts, exc)
             return
         ms = (time.perf_counter() - t0) * 1000
-        faults.hit("analysis.before_record")
-        if not self._record(job_id, key, analysis, written, ms, outcomes, input_key, failed):
+        if not self._finish(job_id, result_id, analysis, recorded, ms, outcomes, input_key,
+                            failed):
             return
         self._image_cache.pop(cache_key, None)  # recorded: the per-image work is not needed
         if self.preanalysis is not None:
             self.preanalysis.drop_study(study_uid)
-        if written and self.destinations and self.on_result is not None:
-            self.on_result()
+        if recorded and self.destinations and self.on_result is not None:
+            self.on_result()  # the result is complete: its delivery can be done
         if self.on_analysed is not None:  # model lifecycle (issue 17); never raises
             self.on_analysed(job_id, study_uid, inputs, analysis)
 
@@ -345,24 +348,20 @@ class AnalysisWorker:
 
     def _build_each_kind(self, kinds: Sequence[str], analysis: StudyAnalysis,
                          sources: dict[str, Dataset], key: str, previous: list[Dataset],
-                         check: Callable[[], None] | None = None
-                         ) -> tuple[list[tuple[Dataset, str]], dict[str, str]]:
-        """Build and write each output kind on its own: one that fails (a builder bug, a legal
-        value a library refuses) is logged and recorded with its reason, and the others still
-        go out. Returns (objects written with their spool paths, error per failed kind).
-        ``check`` (a :class:`Checkpoint`) runs before each kind: a study that changed stops the
-        building; the objects written so far are in the exception's way out (the caller)."""
+                         check: Callable[[], None] | None = None, *, job_id: int,
+                         result_id: int) -> tuple[list[tuple[Dataset, str]], dict[str, str]]:
+        """Build, write and record each output kind on its own: one that fails (a builder bug,
+        a legal value a library refuses) is logged with its reason, and the others still go
+        out. Each kind is recorded in result ``result_id`` and queued for delivery as soon as
+        its files are durable (:meth:`_record_kind`). Returns (objects recorded with their
+        spool paths, error per failed kind). ``check`` (a :class:`Checkpoint`) runs before each
+        kind: a study that changed stops the building (the kinds recorded so far stay)."""
         o = self.options
-        written: list[tuple[Dataset, str]] = []
+        recorded: list[tuple[Dataset, str]] = []
         failed: dict[str, str] = {}
         for kind in kinds:
             if check is not None:
-                try:
-                    check()
-                except Exception:  # superseded, too long, stopping: nothing of it is kept
-                    for _, relpath in written:
-                        self.spool.remove(relpath)
-                    raise
+                check()
             try:
                 faults.fail(f"build.{kind}")
                 context = ReportContext(
@@ -385,8 +384,37 @@ class AnalysisWorker:
                       effect="the other output kinds are delivered; `mammo-node retry` "
                              "rebuilds this one")
                 continue
-            written += list(zip(datasets, paths, strict=True))
-        return written, failed
+            recorded += self._record_kind(job_id, result_id, kind, datasets, paths)
+        return recorded, failed
+
+    def _record_kind(self, job_id: int, result_id: int, kind: str, datasets: list[Dataset],
+                     paths: list[str]) -> list[tuple[Dataset, str]]:
+        """Record one kind's durable files in the open result and wake the deliverer; the
+        objects recorded. A job no longer this node's (lease lost) records nothing: its files
+        go and :class:`Superseded` ends the analysis."""
+        if not datasets:
+            return []
+        faults.hit("analysis.before_record")
+        try:
+            with self.db.session() as s:
+                duplicates = queue.add_result_objects(
+                    s, result_id, job_id, self.holder.name,
+                    [(str(ds.SOPClassUID), str(ds.SOPInstanceUID), p)
+                     for ds, p in zip(datasets, paths, strict=True)],
+                    kind, self.destinations)
+        except Exception:
+            for relpath in paths:
+                self.spool.remove(relpath)
+            raise
+        if duplicates is None:
+            for relpath in paths:
+                self.spool.remove(relpath)
+            raise Superseded("the job is no longer held by this node")
+        for relpath in duplicates:  # the result has them (a retry): the new copy goes
+            self.spool.remove(relpath)
+        if self.destinations and self.on_result is not None:
+            self.on_result()
+        return [(ds, p) for ds, p in zip(datasets, paths, strict=True) if p not in duplicates]
 
     # -- coalescing, bounds, outcomes ----------------------------------------------------------
     def _cache_key(self, study_uid: str) -> str:
@@ -454,9 +482,9 @@ class AnalysisWorker:
         model = model or self.analyser.model
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            text = "|".join([input_key or job.input_key, model.name, model.version,
-                             model.architecture, f"{model.threshold:.6f}",
-                             *self._outputs_key()])
+            started = input_key or (job.input_key if job is not None else "")
+            text = "|".join([started, model.name, model.version, model.architecture,
+                             f"{model.threshold:.6f}", *self._outputs_key()])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _outputs_key(self) -> list[str]:
@@ -469,6 +497,73 @@ class AnalysisWorker:
         op = "card" if o.cad_operating_point is None else f"{o.cad_operating_point:.6f}"
         return [",".join(o.kinds), op]
 
+    @staticmethod
+    def _summary(analysis: StudyAnalysis) -> dict[str, object]:
+        return {
+            "timings_ms": {k: round(v, 1) for k, v in analysis.timings_ms.items()},
+            "max_probability_per_breast": analysis.max_probability_per_breast(),
+            "images": [{"sop": i.sop_instance_uid, "laterality": i.laterality, "view": i.view,
+                        "rois": len(i.findings), "skipped": i.skipped_reason}
+                       for i in analysis.images],
+            "model": {"name": analysis.model.name, "version": analysis.model.version},
+        }
+
+    def _open_result(self, job_id: int, key: str, analysis: StudyAnalysis,
+                     input_key: str | None, ms: float) -> int | None:
+        """The result the kinds are recorded in (queue.open_result); None: the study changed
+        or the job is not this node's any more."""
+        findings = analysis.findings
+        with self.db.session() as s:
+            return queue.open_result(
+                s, job_id, input_key, self.holder.name, key, roi_count=len(findings),
+                max_probability=max((f.probability for f in findings), default=None),
+                analysis_ms=ms, summary=json.dumps(self._summary(analysis)))
+
+    def _finish(self, job_id: int, result_id: int, analysis: StudyAnalysis,
+                recorded: list[tuple[Dataset, str]], ms: float,
+                outcomes: dict[str, tuple[str, str | None]], input_key: str | None,
+                failed: dict[str, str]) -> bool:
+        """Close the result (its kinds are recorded): the job done, each instance's outcome,
+        the failed kinds, the deliveries due now, in one transaction, unless the study changed
+        since (then the job is re-queued; the kinds recorded stay with this result, which the
+        next analysis supersedes): False."""
+        findings = analysis.findings
+        try:
+            with self.db.session() as s:
+                if not queue.finish_job(s, job_id, input_key, self.holder.name):
+                    raise _Stale()
+                job = s.get(Job, job_id)
+                study = s.get(Study, job.study_id) if job is not None else None
+                if study is None:  # pragma: no cover - finish_job just read both
+                    raise _Stale()
+                _record_outcomes(s, study.id, outcomes)
+                result = s.get(Result, result_id)
+                if result is not None and result.job_id == job_id:
+                    result.analysis_ms = ms
+                queue.record_result_kinds(s, result_id, (), failed)
+                if recorded:  # a delivery waiting for the result's end is due now
+                    queue.queue_deliveries(s, result_id, self.destinations)
+                queue.study_analysed(s, study)
+                study_uid = study.study_uid
+        except _Stale:
+            self._requeue(job_id, self._why_stale(job_id))
+            return False
+        max_p = max((f.probability for f in findings), default=None)
+        metrics.analysis_done(ms / 1000, len(findings), analysis.timings_ms,
+                              [f.probability for f in findings])
+        event(log, "analysis.done", study=study_uid, job=job_id, rois=len(findings),
+              max_probability=None if max_p is None else round(max_p, 3),
+              images=sum(1 for i in analysis.images if i.analysed),
+              skipped=sum(1 for i in analysis.images if not i.analysed),
+              objects=len(recorded), failed_kinds=",".join(sorted(failed)) or None,
+              ms=round(ms, 1),
+              stages=",".join(f"{k}:{v:.0f}" for k, v in analysis.timings_ms.items()))
+        bad = [(uid, why) for uid, (o, why) in outcomes.items() if o == "failed"]
+        if bad:
+            event(log, "analysis.images_failed", logging.WARNING, study=study_uid,
+                  job=job_id, images=len(bad), reason=bad[0][1])
+        return True
+
     def _record(self, job_id: int, key: str, analysis: StudyAnalysis,
                 written: list[tuple[Dataset, str]], ms: float,
                 outcomes: dict[str, tuple[str, str | None]] | None = None,
@@ -477,14 +572,7 @@ class AnalysisWorker:
         meanwhile (then nothing is recorded, the files go and the job is re-queued): False."""
         findings = analysis.findings
         max_p = max((f.probability for f in findings), default=None)
-        summary = {
-            "timings_ms": {k: round(v, 1) for k, v in analysis.timings_ms.items()},
-            "max_probability_per_breast": analysis.max_probability_per_breast(),
-            "images": [{"sop": i.sop_instance_uid, "laterality": i.laterality, "view": i.view,
-                        "rois": len(i.findings), "skipped": i.skipped_reason}
-                       for i in analysis.images],
-            "model": {"name": analysis.model.name, "version": analysis.model.version},
-        }
+        summary = self._summary(analysis)
         try:
             with self.db.session() as s:
                 # The first write, and conditional: a study re-opened or changed since the
@@ -492,7 +580,9 @@ class AnalysisWorker:
                 if not queue.finish_job(s, job_id, input_key, self.holder.name):
                     raise _Stale()
                 job = s.get(Job, job_id)
-                study = s.get(Study, job.study_id)
+                study = s.get(Study, job.study_id) if job is not None else None
+                if job is None or study is None:  # pragma: no cover - finish_job read both
+                    raise _Stale()
                 _record_outcomes(s, study.id, outcomes or {})
                 existing = s.execute(select(Result).where(Result.analysis_key == key)).scalar()
                 if existing is None:

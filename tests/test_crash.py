@@ -179,7 +179,9 @@ def test_sigkill_at_every_fault_point_loses_nothing(tmp_path: Path,
     assert len(list((node.data_dir / "instances").rglob("*.dcm"))) == len(rows)
     log = node.log()
     orphans = sum(int(n) for n in re.findall(r"spool\.orphans_removed files=(\d+)", log))
-    assert orphans >= kills["analysis.before_record"] * 5
+    # each kind is recorded as soon as it is written: a kill there leaves that kind's files
+    # (1 SR or 4 SCs) unrecorded
+    assert orphans >= kills["analysis.before_record"]
     resent = sum(n - 1 for n in copies.values())
     print(f"\ncrash: {STUDIES} studies, {sum(kills.values())} SIGKILLs {dict(kills)}, "
           f"{state['starts']} starts, {len(acked)} instances acked / "

@@ -220,3 +220,46 @@ def test_the_share_of_one_study_is_bounded(tmp_path: Path) -> None:
     pre = PreAnalysis(db, spool, analyser, workers=1, max_pending=100, max_images_per_study=3)
     accepted = [pre.submit("1.2.4", f"instances/{n}.dcm", f"1.2.4.{n}", "c") for n in range(10)]
     assert accepted == [True] * 3 + [False] * 7
+
+
+class OrderRecorder(BlockedAnalyser):
+    """Records the order in which the pool prepares images; the first one waits for the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def prepare_one(self, item: ImageInput) -> tuple:  # type: ignore[type-arg]
+        self.order.append(item.sop_instance_uid)
+        if len(self.order) == 1:
+            self.started.set()
+            self.gate.wait(30)
+        return ("prepared", item.sop_instance_uid)
+
+
+def test_the_image_that_completes_a_study_goes_first(tmp_path: Path) -> None:
+    """Not first in, first out: the image of the most advanced study overtakes the first images
+    of later studies, and a study whose analysis started overtakes everything."""
+    spool = Spool(tmp_path / "data")
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'node.sqlite3'}")
+    db.create_schema()
+    analyser = OrderRecorder()
+    pre = PreAnalysis(db, spool, analyser, workers=1, max_pending=32, max_images_per_study=16)
+    pre.start()
+    try:
+        assert pre.submit("A", "instances/a1.dcm", "a1", "c")
+        assert analyser.started.wait(5)  # the pool's one thread is busy with a1
+        for uid in ("a2", "a3"):
+            assert pre.submit("A", f"instances/{uid}.dcm", uid, "c")
+        assert pre.submit("B", "instances/b1.dcm", "b1", "c")  # the next study begins
+        assert pre.submit("C", "instances/c1.dcm", "c1", "c")
+        assert pre.submit("A", "instances/a4.dcm", "a4", "c")  # A's fourth view: complete
+        assert pre.prioritise("C") == 1  # C's analysis started (e.g. completed on time-out)
+        analyser.gate.set()
+        _wait_done(pre, 6)
+        # FIFO would be a1 a2 a3 b1 c1 a4
+        assert analyser.order == ["a1", "c1", "a4", "a3", "a2", "b1"]
+        assert pre.stats["done"] == 6
+    finally:
+        analyser.gate.set()
+        pre.stop()

@@ -15,6 +15,7 @@ from node.reports.common import set_document_dates
 from node.reports.context import ReportContext
 from node.reports.images import ReportedStudy
 from node.reports.sr_content import NOT_VALIDATED_TEXT, measurement_report
+from node.reports.sr_document import comprehensive_sr
 
 __all__ = ["NOT_VALIDATED_TEXT", "SR_SERIES_DESCRIPTION", "build_sr", "tid1500_objects"]
 
@@ -32,7 +33,7 @@ def build_sr(study: ReportedStudy, context: ReportContext) -> hd.sr.Comprehensiv
     """
     content = measurement_report(study, context)
     uids = context.uids
-    sr = hd.sr.ComprehensiveSR(
+    sr = comprehensive_sr(  # highdicom's ComprehensiveSR, built once (sr_document)
         evidence=content.evidence,
         content=content.root,
         series_instance_uid=uids.sr_series,
