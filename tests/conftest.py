@@ -13,7 +13,7 @@ import pytest
 from node.config import Settings, parse_settings
 from node.db import Database
 from tests.fakeanalyser import FakeAnalyser
-from tests.netutil import NodeProcess, StoreSCP, free_port, wait_for_port
+from tests.netutil import NodeProcess, StoreSCP, free_port
 
 if TYPE_CHECKING:
     from node.service import Node
@@ -76,20 +76,23 @@ def inprocess_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """``inprocess_node(analyser, destinations, **sections)``: the real service (receiver,
     completion, worker, report builders, deliverer) started in this process with the given
     analyser (a :class:`tests.fakeanalyser.FakeAnalyser` by default); stopped at teardown."""
+    import tempfile
+
     from node.service import Node
 
     started: list[Node] = []
+    tempdir = tempfile.tempdir  # the receiver points it at its spool's incoming/
 
     def start(analyser: object | None = None, destinations: list[dict[str, object]] = (),
               **sections: dict[str, object]) -> Node:
         settings = inprocess_settings(tmp_path / f"node{len(started)}", destinations, **sections)
         node = Node(settings, analyser=analyser or FakeAnalyser())  # type: ignore[arg-type]
-        node.start()
+        node.start()  # listening when it returns (the server socket is bound in start())
         started.append(node)
-        wait_for_port(settings.node.port, 30)
         return node
 
     yield start
     for node in reversed(started):
         if not node._stopped.is_set():
             node.stop(5)
+    tempfile.tempdir = tempdir

@@ -35,22 +35,26 @@ def _received(scp: StoreSCP) -> list[str]:
 def test_one_unreachable_destination_does_not_withhold_the_other(
         tmp_path: Path, storescp: StoreSCP, inprocess_node: Callable[..., Node]) -> None:
     down = {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}
-    node = inprocess_node(FakeAnalyser(), [storescp.destination("up"), down],
-                          delivery={"max_attempts": 3, "backoff_initial_seconds": 0.2,
-                                    "backoff_max_seconds": 0.4})
+    # the unreachable one first: its deliveries are claimed first at every pass
+    node = inprocess_node(FakeAnalyser(), [down, storescp.destination("up")],
+                          delivery={"max_attempts": 5, "backoff_initial_seconds": 0.5,
+                                    "backoff_max_seconds": 1})
     files = small_study(tmp_path / "in", 11, views=4)
     send(node, files)
     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     wait_done(node, uid)
     wait_until(lambda: deliveries(node).get("up", ("",))[0] == "done" or None, 30, 0.1,
                "the reachable destination's delivery")
+    # ...while the other one is still being retried: it did not wait for it to give up
+    state, attempts, _ = deliveries(node)["down"]
+    assert state in ("pending", "sending") and attempts < 5
     # the SR and the SC of each image reached the destination that is up
     assert _received(storescp) == sorted([COMPREHENSIVE_SR] + [SECONDARY_CAPTURE] * 4)
     # the other one was tried max_attempts times, then failed with the reason
     wait_until(lambda: deliveries(node)["down"][0] == "failed" or None, 30, 0.2,
                "the unreachable destination to fail")
     state, attempts, error = deliveries(node)["down"]
-    assert attempts == 3 and "cannot connect" in (error or "")
+    assert attempts == 5 and "cannot connect" in (error or "")
 
 
 def test_a_destination_that_comes_back_gets_everything(
