@@ -19,13 +19,6 @@ from node.worker import select_for_analysis
 from tests.netutil import REPO, write_config
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'node.sqlite3'}")
-    d.create_schema()
-    return d
-
-
 def _add(db: Database, study_uid: str, n: int, views=(("L", "CC"), ("R", "CC"), ("L", "MLO"),
                                                       ("R", "MLO"))) -> None:
     with db.session() as s:

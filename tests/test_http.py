@@ -35,14 +35,6 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'node.sqlite3'}")
-    database.create_schema()
-    yield database
-    database.dispose()
-
-
 def _study(db: Database, uid: str, *, state: str = "done", deliveries: dict[str, str] = (),
            error: str | None = None, rois: int = 2, p: float | None = 0.734) -> None:
     now = utcnow()

@@ -34,13 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 A, B = Holder("node-a", 30), Holder("node-b", 30)
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
-    d = Database(f"sqlite:///{tmp_path / 'q.sqlite3'}")
-    d.create_schema()
-    return d
-
-
 def _queued_job(db: Database, uid: str = "1.2.3") -> int:
     with db.session() as s:
         study, _ = queue.receive_instance(s, uid, utcnow())

@@ -1,0 +1,117 @@
+"""Delivery in-process: the real worker and deliverer of a :class:`node.service.Node` behind a
+fake analyser, sending to real dcmtk storescp destinations. A destination that is down is
+retried with backoff and gets everything once it is up; a destination that stays down fails
+after ``delivery.max_attempts`` and never withholds another destination's objects."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from node.config import DeliverySettings
+from node.db import Delivery
+from node.deliver import Deliverer
+from node.reports.kinds import COMPREHENSIVE_SR, SECONDARY_CAPTURE
+from node.service import Node
+from node.store import Spool
+from tests.fakeanalyser import FakeAnalyser
+from tests.inprocess import deliveries, send, wait_done
+from tests.netutil import StoreSCP, free_port, wait_until
+from tests.smallstudies import small_study
+
+pytestmark = pytest.mark.dcmtk
+
+
+def _received(scp: StoreSCP) -> list[str]:
+    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
+                  for p in scp.files())
+
+
+def test_one_unreachable_destination_does_not_withhold_the_other(
+        tmp_path: Path, storescp: StoreSCP, inprocess_node: Callable[..., Node]) -> None:
+    down = {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}
+    # the unreachable one first: its deliveries are claimed first at every pass
+    node = inprocess_node(FakeAnalyser(), [down, storescp.destination("up")],
+                          delivery={"max_attempts": 5, "backoff_initial_seconds": 0.5,
+                                    "backoff_max_seconds": 1})
+    files = small_study(tmp_path / "in", 11, views=4)
+    send(node, files)
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_done(node, uid)
+    wait_until(lambda: deliveries(node).get("up", ("",))[0] == "done" or None, 30, 0.1,
+               "the reachable destination's delivery")
+    # ...while the other one is still being retried: it did not wait for it to give up
+    state, attempts, _ = deliveries(node)["down"]
+    assert state in ("pending", "sending") and attempts < 5
+    # the SR and the SC of each image reached the destination that is up
+    assert _received(storescp) == sorted([COMPREHENSIVE_SR] + [SECONDARY_CAPTURE] * 4)
+    # the other one was tried max_attempts times, then failed with the reason
+    wait_until(lambda: deliveries(node)["down"][0] == "failed" or None, 30, 0.2,
+               "the unreachable destination to fail")
+    state, attempts, error = deliveries(node)["down"]
+    assert attempts == 5 and "cannot connect" in (error or "")
+
+
+def test_a_destination_that_comes_back_gets_everything(
+        tmp_path: Path, inprocess_node: Callable[..., Node]) -> None:
+    late = StoreSCP(tmp_path / "late", ae_title="LATE")  # its port is known, nothing listens
+    node = inprocess_node(FakeAnalyser(), [late.destination("late")],
+                          delivery={"max_attempts": 20, "backoff_initial_seconds": 0.2,
+                                    "backoff_max_seconds": 0.5})
+    files = small_study(tmp_path / "in", 12, views=2)
+    send(node, files)
+    wait_until(lambda: (d := deliveries(node).get("late")) and d[1] >= 2 or None, 30, 0.1,
+               "two failed attempts")
+    assert deliveries(node)["late"][0] in ("pending", "sending")  # retried, not given up
+    late.start()
+    try:
+        wait_until(lambda: deliveries(node)["late"][0] == "done" or None, 30, 0.1,
+                   "the delivery once the destination is up")
+        assert _received(late) == sorted([COMPREHENSIVE_SR] + [SECONDARY_CAPTURE] * 2)
+    finally:
+        late.stop()
+
+
+def test_backoff_doubles_up_to_its_maximum_and_is_recorded(db, tmp_path: Path) -> None:
+    """The retry time written after a failed attempt follows the backoff rule."""
+    from node.config import Destination
+    from node.db import Job, Result, ResultObject, Study
+
+    with db.session() as s:
+        study = Study(study_uid="1.2.3", state="complete")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
+        s.add(job)
+        s.flush()
+        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
+        s.add(result)
+        s.flush()
+        s.add(ResultObject(result_id=result.id, sop_class_uid=SECONDARY_CAPTURE,
+                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
+        s.add(Delivery(result_id=result.id, destination="pacs"))
+    spool = Spool(tmp_path / "data")
+    (spool.path("r/sc.dcm")).parent.mkdir(parents=True, exist_ok=True)
+    small = small_study(tmp_path / "in", 13, views=1)[0]
+    spool.path("r/sc.dcm").write_bytes(small.read_bytes())
+    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    d = Deliverer(db, spool, [dest], DeliverySettings(max_attempts=5, backoff_initial_seconds=10,
+                                                      backoff_max_seconds=30), "NODE")
+    assert [d.backoff(n) for n in range(1, 6)] == [10, 20, 30, 30, 30]
+    waits = []
+    for _ in range(5):
+        with db.session() as s:  # due now
+            s.execute(select(Delivery)).scalar_one().next_attempt_at = \
+                dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=1)
+        before = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        assert d.run_due() == 1
+        with db.session() as s:
+            row = s.execute(select(Delivery)).scalar_one()
+            waits.append(round((row.next_attempt_at - before).total_seconds()))
+            state = row.state
+    assert waits[:4] == [10, 20, 30, 30] and state == "failed"
