@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 from sqlalchemy import select
 
-from node.config import DeliverySettings
+from node.config import DeliverySettings, NodeSettings
 from node.db import Delivery
-from node.deliver import Deliverer
-from node.reports.kinds import COMPREHENSIVE_SR, SECONDARY_CAPTURE
+from node.deliver import Deliverer, DeliveryContext
 from node.service import Node
 from node.store import Spool
 from tests.fakeanalyser import FakeAnalyser
@@ -100,8 +101,9 @@ def test_backoff_doubles_up_to_its_maximum_and_is_recorded(db, tmp_path: Path) -
     small = small_study(tmp_path / "in", 13, views=1)[0]
     spool.path("r/sc.dcm").write_bytes(small.read_bytes())
     dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
-    d = Deliverer(db, spool, [dest], DeliverySettings(max_attempts=5, backoff_initial_seconds=10,
-                                                      backoff_max_seconds=30), "NODE")
+    d = Deliverer(DeliverySettings(max_attempts=5, backoff_initial_seconds=10,
+                                   backoff_max_seconds=30), [dest], DeliveryContext(db, spool),
+                  node=NodeSettings(ae_title="NODE"))
     assert [d.backoff(n) for n in range(1, 6)] == [10, 20, 30, 30, 30]
     waits = []
     for _ in range(5):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 from sqlalchemy import select
 
 from node.db import Instance, ResultKind
-from node.reports.kinds import COMPREHENSIVE_SR
 from node.service import Node
 from node.worker import MAX_JOB_ATTEMPTS
 from tests.fakeanalyser import FakeAnalyser
