@@ -138,10 +138,13 @@ def load_rois(
         from torch.utils.data import DataLoader
 
         # _RowCrops is a map-style dataset (__len__ + __getitem__), all DataLoader needs; it does
-        # not subclass torch's Dataset so that importing this module does not import torch
+        # not subclass torch's Dataset so that importing this module does not import torch.
+        # Workers are spawned, not forked: a fork of a process with threads (a test runner's,
+        # a progress monitor's) can copy a held lock and hang the worker for good.
         loader: DataLoader[np.ndarray] = DataLoader(
             _RowCrops(base, rows, roi_size_mm, input_size),  # type: ignore[arg-type]
-            batch_size=None, num_workers=workers, shuffle=False)
+            batch_size=None, num_workers=workers, shuffle=False,
+            multiprocessing_context="spawn")
         crops = [np.asarray(c, dtype=np.float32) for c in loader]
     else:
         crops = [_crop_row(base, row, roi_size_mm, input_size) for row in rows]

@@ -193,7 +193,9 @@ class Deliverer:
         transient = {k: o for k, o in outcomes.items() if not o.ok and not o.permanent}
         refused = {k: o for k, o in outcomes.items() if not o.ok and o.permanent}
         ok = not transient and not refused
-        metrics.delivery_attempt(name, ok, ms / 1000)
+        if outcomes:  # an attempt opened associations; a closing pass with nothing left to
+            # send (each kind went as it was built) is no attempt
+            metrics.delivery_attempt(name, ok, ms / 1000)
         for kind in refused:
             metrics.delivery_kind_failed(name, kind)
         errors = "; ".join(f"{k}: {o.error}" for k, o in outcomes.items()
@@ -218,12 +220,10 @@ class Deliverer:
                   study_id=study_id, kind=kind, status=out.status or None, error=out.error,
                   effect="the other kinds are delivered; `mammo-node retry` re-sends this one")
         if ok and state == "done":
-            if not outcomes:  # the result's end: its kinds went in the attempts before
-                sent = len(objects)
-                kinds = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
-                                               for o in objects)) or "none"
-            else:
-                kinds = ",".join(outcomes)
+            # the whole delivery, whichever passes sent its kinds (each went as it was built)
+            sent = len(objects)
+            kinds = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
+                                           for o in objects)) or "none"
             event(log, "delivery.sent", destination=name, study_id=study_id,
                   objects=sent, kinds=kinds, status=last_status, attempt=attempts, ms=ms)
         elif ok:  # pending: the result is still being built, or grew meanwhile
