@@ -220,12 +220,13 @@ class Deliverer:
                   study_id=study_id, kind=kind, status=out.status or None, error=out.error,
                   effect="the other kinds are delivered; `mammo-node retry` re-sends this one")
         if ok and state == "done":
-            # the whole delivery, whichever passes sent its kinds (each went as it was built)
-            sent = len(objects)
-            kinds = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
+            # objects/kinds: what this pass sent (0/none when every kind went as it was built);
+            # total_*: the whole delivery, whichever passes sent it
+            total = ",".join(dict.fromkeys(kind_of(o.sop_class_uid) or o.sop_class_uid
                                            for o in objects)) or "none"
             event(log, "delivery.sent", destination=name, study_id=study_id,
-                  objects=sent, kinds=kinds, status=last_status, attempt=attempts, ms=ms)
+                  objects=sent, kinds=",".join(outcomes) or "none", status=last_status,
+                  attempt=attempts, ms=ms, total_objects=len(objects), total_kinds=total)
         elif ok:  # pending: the result is still being built, or grew meanwhile
             event(log, "delivery.kinds_sent", destination=name, study_id=study_id,
                   objects=sent, kinds=",".join(outcomes) or "none", status=last_status,

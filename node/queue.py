@@ -519,7 +519,8 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
         if o.ok:
             row.sent_at = now
     statuses = [o.status for o in kinds.values() if o.status]
-    d.last_status = statuses[-1] if statuses else None
+    if statuses:  # a closing pass that sent nothing keeps the last answer
+        d.last_status = statuses[-1]
     grown = ok and seen is not None and any(
         i not in seen for i in s.execute(select(ResultObject.id).where(
             ResultObject.result_id == d.result_id)).scalars())

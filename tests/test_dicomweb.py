@@ -95,8 +95,10 @@ def test_stow_rs_destinations_auth_refusal_backoff_and_retry(tmp_path: Path) -> 
     assert errors["badauth"]["attempts"] == 1 and "HTTP 401" in errors["badauth"]["error"]
     # Down: retried with backoff up to max_attempts, then failed; `retry` sent it.
     assert errors["later"]["attempts"] == 3 and "cannot reach" in errors["later"]["error"]
-    assert re.search(r"delivery\.sent destination=cloud .*objects=5 .*status=\"?HTTP 200", log)
-    assert re.search(r"delivery\.sent destination=later .*objects=5", log)
+    # Each kind goes as it is written: the closing line names the whole delivery (total_*).
+    assert re.search(r"delivery\.sent destination=cloud .*status=\"?HTTP 200\"? .*"
+                     r"total_objects=5 total_kinds=tid1500,sc", log)
+    assert re.search(r"delivery\.sent destination=later .*total_objects=5", log)
     # Each object once in the PACS (the refused attempts stored nothing).
     assert in_pacs == {"MG": 0, "SR": 1, "OT": 4} or in_pacs == {"SR": 1, "OT": 4}
 
