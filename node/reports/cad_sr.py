@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, MammographyCADSRStorage
 
 from node.reports.cad_sr_content import cad_report
-from node.reports.common import set_document_dates
+from node.reports.common import set_document_dates, study_identity
 from node.reports.context import ReportContext
 from node.reports.images import ReportedStudy
 
@@ -75,7 +75,7 @@ class MammographyCADSR(hd.SOPClass):
             raise ValueError("a Mammography CAD SR needs at least one evidence image")
         identity = evidence[0]
         super().__init__(
-            study_instance_uid=identity.StudyInstanceUID,
+            **study_identity(identity),
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
@@ -84,15 +84,6 @@ class MammographyCADSR(hd.SOPClass):
             modality="SR",
             manufacturer=manufacturer,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            patient_id=identity.PatientID,
-            patient_name=identity.PatientName,
-            patient_birth_date=identity.PatientBirthDate,
-            patient_sex=identity.PatientSex,
-            accession_number=identity.AccessionNumber,
-            study_id=identity.StudyID,
-            study_date=identity.StudyDate,
-            study_time=identity.StudyTime,
-            referring_physician_name=identity.get("ReferringPhysicianName"),
             specific_character_set=identity.get("SpecificCharacterSet"),
             **kwargs,  # type: ignore[arg-type]
         )

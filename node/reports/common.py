@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -34,6 +35,23 @@ def evidence_header(ds: Dataset) -> Dataset:
         if keyword not in out:
             setattr(out, keyword, "")
     return out
+
+
+def study_identity(ds: Dataset) -> dict[str, Any]:
+    """The patient and study attributes a derived SOP instance copies from its first evidence
+    image, as ``highdicom.SOPClass`` keyword arguments."""
+    return {
+        "study_instance_uid": ds.StudyInstanceUID,
+        "patient_id": ds.PatientID,
+        "patient_name": ds.PatientName,
+        "patient_birth_date": ds.PatientBirthDate,
+        "patient_sex": ds.PatientSex,
+        "accession_number": ds.AccessionNumber,
+        "study_id": ds.StudyID,
+        "study_date": ds.StudyDate,
+        "study_time": ds.StudyTime,
+        "referring_physician_name": ds.get("ReferringPhysicianName"),
+    }
 
 
 def date_and_time(created: dt.datetime) -> tuple[str, str]:

@@ -28,6 +28,8 @@ from highdicom.sr.value_types import ContentItem, ContentSequence
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.reports.common import study_identity
+
 __all__ = ["ComprehensiveSRDocument", "comprehensive_sr", "content_references"]
 
 _REFERENCE_TYPES = frozenset({"IMAGE", "COMPOSITE"})
@@ -131,7 +133,7 @@ def comprehensive_sr(
     sr = ComprehensiveSRDocument.__new__(ComprehensiveSRDocument)
     hd.SOPClass.__init__(
         sr,
-        study_instance_uid=first.StudyInstanceUID,
+        **study_identity(first),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -140,15 +142,6 @@ def comprehensive_sr(
         manufacturer=manufacturer,
         modality="SR",
         transfer_syntax_uid=transfer_syntax_uid,
-        patient_id=first.PatientID,
-        patient_name=first.PatientName,
-        patient_birth_date=first.PatientBirthDate,
-        patient_sex=first.PatientSex,
-        accession_number=first.AccessionNumber,
-        study_id=first.StudyID,
-        study_date=first.StudyDate,
-        study_time=first.StudyTime,
-        referring_physician_name=getattr(first, "ReferringPhysicianName", None),
         specific_character_set=charset,
         **kwargs,
     )
