@@ -15,6 +15,10 @@ the answer, and the other kinds are still sent; a kind already sent is never sen
 connection failure is retried with exponential backoff up to ``delivery.max_attempts``.
 ``mammo-node retry`` puts failed deliveries back (only their unsent kinds go).
 
+A C-STORE of a file in its own transfer syntax over plain TCP goes through node.fastsend (the
+file's bytes written to the socket as PDUs); TLS and converted datasets through pynetdicom's
+send. The association is released after the last answer, in a thread of its own.
+
 A result's kinds reach the deliverer one by one, as each is written (node.worker): the first
 kind is on its way while the next is built; the delivery is ``done`` once the result is
 complete and every kind went (node.queue.finish_delivery).
@@ -306,7 +310,22 @@ class CStoreTransport:
             return SendOutcome(True, False, last, "")
         finally:
             if assoc.is_established:
-                assoc.release()
+                _release_soon(assoc)
+
+
+def _release_soon(assoc: Association) -> None:
+    """A-RELEASE in a short-lived thread: every object was answered already (the outcome
+    stands whatever the release does), and pynetdicom's release (the RP, then its threads
+    stopping with 10 ms sleeps) would hold the outcome's record 3-15 ms per kind."""
+    threading.Thread(target=_release, args=(assoc,), name="c-store-release",
+                     daemon=True).start()
+
+
+def _release(assoc: Association) -> None:
+    try:
+        assoc.release()
+    except Exception as exc:  # noqa: BLE001 - a failed release changes nothing recorded
+        log.debug("delivery.release_failed error=%s", exc)
 
 
 def _store(assoc: Association, path: Path, meta: Dataset, offset: int, message_id: int,
