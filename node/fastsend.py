@@ -147,9 +147,11 @@ def send_file(assoc: Association, path: Path, offset: int, sop_class: str, sop_i
             _write(sock, path, offset, command, context_id, payload, timeout)
             _quick_ack(sock)
         except SendBroken:
+            # a peer may answer (a failure status) and close before it has read everything
+            early = _response(assoc, message_id, 0)
             assoc._reactor_checkpoint.set()
             assoc.abort()
-            return Dataset()
+            return assoc._check_received_status(early) if early is not None else Dataset()
         rsp = _response(assoc, message_id, assoc.dimse_timeout, sock)
     finally:
         assoc._reactor_checkpoint.set()
@@ -217,7 +219,12 @@ def _response(assoc: Association, message_id: int, limit: float | None,
     while True:
         waited = time.monotonic() - start
         if limit is not None and waited >= limit:
-            return None
+            try:  # one that is already there (limit 0: a look without waiting)
+                _, msg = assoc.dimse.msg_queue.get_nowait()
+            except queue.Empty:
+                return None
+            return msg if isinstance(msg, C_STORE) and \
+                msg.MessageIDBeingRespondedTo == message_id else None
         quick = sock is not None and waited < _QUICK_S
         if quick:
             _quick_ack(cast(socket.socket, sock))

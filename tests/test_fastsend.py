@@ -168,7 +168,7 @@ def _associate_ac(rq: bytes, max_pdu: int) -> bytes:
     return struct.pack(">BBL", 0x02, 0, len(body)) + body
 
 
-def _store_rsp(command: bytes, context_id: int) -> bytes:
+def _store_rsp(command: bytes, context_id: int, status: int = 0x0000) -> bytes:
     rq = decode(BytesIO(command), True, True)
     rsp = Dataset()
     rsp.CommandGroupLength = 0
@@ -176,7 +176,7 @@ def _store_rsp(command: bytes, context_id: int) -> bytes:
     rsp.CommandField = 0x8001
     rsp.MessageIDBeingRespondedTo = rq.MessageID
     rsp.CommandDataSetType = 0x0101
-    rsp.Status = 0x0000
+    rsp.Status = status
     rsp.AffectedSOPInstanceUID = rq.AffectedSOPInstanceUID
     rsp.CommandGroupLength = len(encode(rsp, True, True) or b"") - 12
     cmd = encode(rsp, True, True) or b""
@@ -227,6 +227,11 @@ class RawAcceptor:
             _read_exact(conn, self.abort_after)
             conn.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 0))
             return
+        if self.mode == "refuse":  # out of resources, said after the command, then gone
+            _, body = _read_pdu(conn)
+            conn.sendall(_store_rsp(body[6:], body[4], 0xA700))
+            time.sleep(0.2)
+            return
         while True:
             command, data, ctx = b"", b"", 0
             while True:  # one message: command fragments, then data set fragments
@@ -271,7 +276,7 @@ def raw_acceptor() -> Iterator[Callable[..., RawAcceptor]]:
         peer.close()
 
 
-@pytest.mark.parametrize("max_pdu", [4096, 4099])
+@pytest.mark.parametrize("max_pdu", [64, 4096, 4099])
 def test_every_pdu_is_framed_as_ps3_8_says(tmp_path: Path, max_pdu: int, counted: list[Path],
                                            raw_acceptor: Callable[..., RawAcceptor]) -> None:
     peer = raw_acceptor("store", max_pdu=max_pdu)
@@ -292,6 +297,15 @@ def test_a_peer_aborting_mid_send_is_a_transient_failure(
     assert not out.ok and not out.permanent, out  # retried, never marked sent
     assert "no response" in out.error
     assert time.monotonic() - t0 < 10  # noticed at once, not after the 20 s timeout
+    assert counted == [big]
+
+
+def test_a_refusal_before_the_dataset_was_read_is_the_peers_answer(
+        tmp_path: Path, counted: list[Path], raw_acceptor: Callable[..., RawAcceptor]) -> None:
+    big = _sc_file(tmp_path, 24 * 1024 * 1024)
+    peer = raw_acceptor("refuse")
+    out = CStoreTransport("MAMMO_AI", timeout=20).send(_dest(peer.port), [big])
+    assert not out.ok and out.permanent and out.status == "0xA700", out
     assert counted == [big]
 
 
