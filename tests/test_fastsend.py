@@ -21,7 +21,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import decode, encode, split_dataset
 from sqlalchemy import select
 
 from node import fastsend
@@ -63,14 +63,8 @@ def _sc_file(folder: Path, data_bytes: int, odd_tail: bool = False) -> Path:
 
 
 def _after_meta(path: Path) -> bytes:
-    _, offset = fastsend_split(path)
+    _, offset = split_dataset(path)
     return path.read_bytes()[offset:]
-
-
-def fastsend_split(path: Path) -> tuple[Dataset, int]:
-    from pynetdicom.dsutils import split_dataset
-
-    return split_dataset(path)
 
 
 def _dest(port: int, ae_title: str = "PACS") -> Destination:
