@@ -376,3 +376,20 @@ def test_usable_only_on_a_plain_tcp_socket(tmp_path: Path,
             tls.close()
     finally:
         assoc.release()
+
+
+@pytest.mark.dcmtk
+def test_the_send_bench_runs() -> None:
+    """bench/send.py end to end, this tree as its own baseline (one run per PDU size)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "bench.send", "--baseline-dir", str(repo),
+                          "--repeats", "1", "--calls", "1", "--pdus", "16384"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.startswith(("tid1500 ", "sc "))]
+    assert [r[0] for r in rows] == ["tid1500", "sc"], out.stdout
+    assert all(float(r[7]) > 0 for r in rows)  # a ratio per kind
