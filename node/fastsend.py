@@ -234,6 +234,8 @@ def _response(assoc: Association, message_id: int, limit: float | None,
             if assoc.acse.is_aborted() or not assoc.dul.is_alive():
                 return None
             continue
+        if msg is None:  # the state machine's sign that the association was aborted
+            return None
         if isinstance(msg, C_STORE) and msg.MessageIDBeingRespondedTo == message_id:
             return msg
         # anything else on a requestor's association (a late answer to nothing we sent) is
