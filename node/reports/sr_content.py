@@ -12,6 +12,7 @@ tests/test_sr_content_bytes.py checks that both give the same dataset and the sa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,11 +72,7 @@ class MeasurementReportContent:
 
 def _known_to_highdicom(sop_class_uid: str) -> bool:
     try:
-        from highdicom.sr.templates import _get_coded_modality
-    except ImportError:  # pragma: no cover - another highdicom layout: assume it knows
-        return True
-    try:
-        _get_coded_modality(sop_class_uid)
+        _coded_modality(sop_class_uid)
     except ValueError:
         return False
     return True
@@ -153,6 +150,20 @@ _SELECTED_FROM = "SELECTED FROM"
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
 _PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
 _FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
+_MODALITY = codes.DCM.Modality
+_FRAME_OF_REFERENCE_UID = codes.DCM.FrameOfReferenceUID
+_PIXEL_DATA_ROWS = codes.DCM.PixelDataRows
+_PIXEL_DATA_COLUMNS = codes.DCM.PixelDataColumns
+_ORIENTATION_ROW = codes.DCM.PatientOrientationRow
+_ORIENTATION_COLUMN = codes.DCM.PatientOrientationColumn
+_HORIZONTAL_SPACING = codes.DCM.HorizontalPixelSpacing
+_VERTICAL_SPACING = codes.DCM.VerticalPixelSpacing
+_MILLIMETER = codes.UCUM.Millimeter
+_IMAGE_LIBRARY = codes.DCM.ImageLibrary
+_IMAGE_LIBRARY_GROUP = codes.DCM.ImageLibraryGroup
+_PROCEDURE_REPORTED = codes.DCM.ProcedureReported
+_TITLE = codes.cid7021.ImagingMeasurementReport
+_MEASUREMENT_GROUP = hd.sr.CodedConcept("125007", "DCM", "Measurement Group")
 _PROTO_UID = "1.2.3"
 _CROSS_SECTIONAL = ("CT", "MR", "PT")
 
@@ -162,7 +173,16 @@ def _name(concept: C.Concept, enc: E.Encodings) -> bytes:
     return _code_sequence(E.CONCEPT_NAME_CODE_SEQUENCE, concept, enc)
 
 
+_CODE_SEQUENCES: dict[tuple[int, int, E.Encodings], tuple[C.Concept, bytes]] = {}
+
+
 def _code_sequence(tag: int, concept: C.Concept, enc: E.Encodings) -> bytes:
+    """A one-item code sequence (``tag``) of ``concept``, pydicom-encoded once. Looked up by
+    the concept object first (the node's concepts are module constants; the entry keeps the
+    object alive, so its id is not reused), then by its code."""
+    hit = _CODE_SEQUENCES.get((tag, id(concept), enc))
+    if hit is not None and hit[0] is concept:
+        return hit[1]
     key = (tag, concept.value, concept.scheme_designator, concept.meaning,
            concept.scheme_version)
 
@@ -173,7 +193,10 @@ def _code_sequence(tag: int, concept: C.Concept, enc: E.Encodings) -> bytes:
         ds.add_new(tag, "SQ", [coded])
         return ds, tag
 
-    return E.frozen_element(key, make, enc)
+    out = E.frozen_element(key, make, enc)
+    if len(_CODE_SEQUENCES) < 4096:
+        _CODE_SEQUENCES[(tag, id(concept), enc)] = (concept, out)
+    return out
 
 
 def _value(concept: C.Concept, enc: E.Encodings) -> bytes:
@@ -291,8 +314,7 @@ def _roi_group(finding: Finding, image: AnalysedImage, *, context: ReportContext
                               reference.SOPClassUID, reference.SOPInstanceUID))
     items.append(E.text_item(_CONTAINS, _name(C.COMMENT, enc),
                              finding_label(finding, lat, view, model, threshold), enc))
-    return E.container_item(_CONTAINS, _name(hd.sr.CodedConcept("125007", "DCM",
-                                                                "Measurement Group"), enc),
+    return E.container_item(_CONTAINS, _name(_MEASUREMENT_GROUP, enc),
                             items, template_id="1501")
 
 
@@ -314,40 +336,52 @@ def _not_validated_item() -> hd.sr.TextContentItem:
                                  relationship_type=RT.CONTAINS)
 
 
+@functools.lru_cache(maxsize=64)
+def _coded_modality(sop_class_uid: str) -> hd.sr.CodedConcept:
+    """highdicom's coded modality of an image SOP class (raises ``ValueError`` for one it
+    does not know), one object per class."""
+    from highdicom.sr.templates import _get_coded_modality
+
+    return _get_coded_modality(sop_class_uid)
+
+
+@functools.lru_cache(maxsize=64)
+def _has_pixel_data(sop_class_uid: str) -> bool:
+    return bool(does_iod_have_pixel_data(sop_class_uid))
+
+
 def _library_entry(header: Dataset, view: Dataset, enc: E.Encodings
                    ) -> tuple[tuple[object, ...], bytes]:
     """(group key, IMAGE item) of one Image Library entry: highdicom's ``ImageLibrary`` entry
     with its TID 1602/1603 descriptors for ``view`` (:func:`_library_view`), referencing the
     image's real SOP class."""
-    from highdicom.sr.templates import _get_coded_modality
-
-    modality = _get_coded_modality(view.SOPClassUID)
-    if not does_iod_have_pixel_data(view.SOPClassUID):
+    modality = _coded_modality(str(view.SOPClassUID))
+    if not _has_pixel_data(str(view.SOPClassUID)):
         raise ValueError(f"Dataset with SOPInstanceUID {view.SOPInstanceUID}"
                          "is not a DICOM image")
     if view.Modality in _CROSS_SECTIONAL:  # never from _library_view's views: highdicom's
         items = [E.encode_items(hd.sr.ImageLibraryEntryDescriptors(view), enc)]
     else:
-        items = [E.code_item(_HAS_ACQ_CONTEXT, _name(codes.DCM.Modality, enc),
+        items = [E.code_item(_HAS_ACQ_CONTEXT, _name(_MODALITY, enc),
                              _value(modality, enc))]
         if "FrameOfReferenceUID" in view:
             items.append(E.uidref_item(_HAS_ACQ_CONTEXT,
-                                       _name(codes.DCM.FrameOfReferenceUID, enc),
+                                       _name(_FRAME_OF_REFERENCE_UID, enc),
                                        view.FrameOfReferenceUID))
-        items.append(_num(codes.DCM.PixelDataRows, view.Rows, _PIXELS, (), enc,
+        items.append(_num(_PIXEL_DATA_ROWS, view.Rows, _PIXELS, (), enc,
                           _HAS_ACQ_CONTEXT))
-        items.append(_num(codes.DCM.PixelDataColumns, view.Columns, _PIXELS, (), enc,
+        items.append(_num(_PIXEL_DATA_COLUMNS, view.Columns, _PIXELS, (), enc,
                           _HAS_ACQ_CONTEXT))
         if view.Modality in _PROJECTION_MODALITIES:
             orientation, spacing = view.PatientOrientation, view.ImagerPixelSpacing
             items += [
-                E.text_item(_HAS_ACQ_CONTEXT, _name(codes.DCM.PatientOrientationRow, enc),
+                E.text_item(_HAS_ACQ_CONTEXT, _name(_ORIENTATION_ROW, enc),
                             orientation[0], enc),
-                E.text_item(_HAS_ACQ_CONTEXT, _name(codes.DCM.PatientOrientationColumn, enc),
+                E.text_item(_HAS_ACQ_CONTEXT, _name(_ORIENTATION_COLUMN, enc),
                             orientation[1], enc),
-                _num(codes.DCM.HorizontalPixelSpacing, spacing[1], codes.UCUM.Millimeter, (),
+                _num(_HORIZONTAL_SPACING, spacing[1], _MILLIMETER, (),
                      enc, _HAS_ACQ_CONTEXT),
-                _num(codes.DCM.VerticalPixelSpacing, spacing[0], codes.UCUM.Millimeter, (),
+                _num(_VERTICAL_SPACING, spacing[0], _MILLIMETER, (),
                      enc, _HAS_ACQ_CONTEXT),
             ]
     key = (modality.value, modality.scheme_designator, modality.meaning,
@@ -364,15 +398,15 @@ def _image_library(headers: Sequence[Dataset], views: Sequence[Dataset], enc: E.
     for header, view in zip(headers, views, strict=True):
         key, entry = _library_entry(header, view, enc)
         groups.setdefault(key, []).append(entry)
-    group_name = _name(codes.DCM.ImageLibraryGroup, enc)
-    return E.container_item(_CONTAINS, _name(codes.DCM.ImageLibrary, enc),
+    group_name = _name(_IMAGE_LIBRARY_GROUP, enc)
+    return E.container_item(_CONTAINS, _name(_IMAGE_LIBRARY, enc),
                             [E.container_item(_CONTAINS, group_name, entries)
                              for entries in groups.values()])
 
 
 def _root() -> Dataset:
     """The root CONTAINER's own attributes (its Content Sequence is set by the caller)."""
-    return hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport,
+    return hd.sr.ContainerContentItem(name=_TITLE,
                                       template_id="1500")
 
 
@@ -404,7 +438,7 @@ def measurement_report(study: ReportedStudy, context: ReportContext) -> Measurem
         hd.sr.templates.DEFAULT_LANGUAGE), enc)]
     items += _observer_items(study, context, enc)
     items.append(E.frozen(("procedure", C.MAMMOGRAPHY.value), lambda: [hd.sr.CodeContentItem(
-        name=codes.DCM.ProcedureReported, value=C.MAMMOGRAPHY,
+        name=_PROCEDURE_REPORTED, value=C.MAMMOGRAPHY,
         relationship_type=RT.HAS_CONCEPT_MOD)], enc))
     items.append(_image_library(headers, views, enc))
     if rois:
