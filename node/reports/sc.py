@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.reports import codes as C
-from node.reports.common import pixel_free, set_date_time, stamp_dates
+from node.reports.common import acquisition_equipment, pixel_free, set_date_time, stamp_dates
 from node.reports.context import ReportContext
 from node.reports.images import AnalysedImage, ReportedStudy
 from node.reports.sc_content import (
     BENIGN_RGB,
     MALIGNANT_RGB,
     MARK_RGB,
+    pixel_buffer,
     render_overlay,
 )
 
@@ -29,6 +31,7 @@ __all__ = ["BENIGN_RGB", "MALIGNANT_RGB", "MARK_RGB", "SC_SERIES_DESCRIPTION", "
 log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI Grad-CAM"
+_STAND_IN = np.zeros((1, 1, 3), np.uint8)
 
 
 def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext) -> hd.sc.SCImage:
@@ -42,29 +45,48 @@ def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext)
     series holds both breasts); PixelSpacing is never written.
     """
     analysed, source, model = image.analysis, image.source, study.model
-    rgb = render_overlay(analysed, threshold=float(context.threshold), model=model)
+    pixels = pixel_buffer(analysed)
+    rgb = render_overlay(analysed, threshold=float(context.threshold), model=model, into=pixels)
     uids = context.uids
     header = pixel_free(source)
+    acquisition = acquisition_equipment(header)
 
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=rgb,
+    # highdicom's SCImage.from_ref_dataset(header, rgb, ...), built around a 1x1 stand-in
+    # array: Pixel Data is the rendering's own buffer (a memoryview: pydicom takes it as it is
+    # and writes it unchanged; highdicom flattens and copies the whole array twice), with
+    # Rows/Columns; the acquisition equipment item comes with its IOD check cached (common.py).
+    sc = hd.sc.SCImage(
+        pixel_array=_STAND_IN,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
+        study_instance_uid=header.StudyInstanceUID,
         series_instance_uid=uids.sc_series,
         series_number=context.series.sc,
         sop_instance_uid=uids.sc_instance(analysed.sop_instance_uid),
         instance_number=image.number,
         manufacturer=context.manufacturer,
+        patient_id=getattr(header, "PatientID", None),
+        patient_name=getattr(header, "PatientName", None),
+        patient_birth_date=getattr(header, "PatientBirthDate", None),
+        patient_sex=getattr(header, "PatientSex", None),
+        accession_number=getattr(header, "AccessionNumber", None),
+        study_id=getattr(header, "StudyID", None),
+        study_date=getattr(header, "StudyDate", None),
+        study_time=getattr(header, "StudyTime", None),
+        referring_physician_name=getattr(header, "ReferringPhysicianName", None),
         # highdicom validates against single-letter enums ("FL" is refused although PS3.3
         # C.7.6.1.1.1 allows it): a placeholder here, the source's own values below.
         patient_orientation=("A", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[acquisition] if acquisition is not None else None,
+        specific_character_set=header.get("SpecificCharacterSet"),
         series_description=SC_SERIES_DESCRIPTION,
         software_versions=context.software_version,
         manufacturer_model_name=model.name[:64],
     )
+    sc.Rows, sc.Columns = rgb.shape[0], rgb.shape[1]
+    sc.PixelData = memoryview(pixels)  # type: ignore[assignment]
     # The source's orientation as it is (e.g. A\FR for a left MLO); Type 2: empty rather than
     # a guess when the source has none or an illegal one.
     orientation = image.source_orientation

@@ -41,10 +41,22 @@ def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
     cv2.putText(img, text, org, font, scale, colour, thickness, cv2.LINE_AA)
 
 
-def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) -> np.ndarray:
+def pixel_buffer(image: ImageAnalysis) -> bytearray:
+    """A buffer for the RGB rendering of ``image`` (rows x columns x 3 bytes)."""
+    if image.display is None:
+        raise ValueError("the analysed image has no display image or no Grad-CAM map")
+    h, w = np.shape(image.display)[:2]
+    return bytearray(int(h) * int(w) * 3)
+
+
+def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo,
+                   into: bytearray | None = None) -> np.ndarray:
     """RGB uint8 rendering: display image, Grad-CAM heat map, numbered ROI outlines with their
     label (:func:`node.reports.labels.mark_label`), a "NOT FOR DIAGNOSTIC USE" banner at the top
-    and, at the bottom, the finding site and what the marks mean."""
+    and, at the bottom, the finding site and what the marks mean.
+
+    With ``into`` (rows x columns x 3 bytes, e.g. from :func:`pixel_buffer`) the image is drawn
+    in that buffer and the returned array is a view of it: the SC's Pixel Data without a copy."""
     display, cam = image.display, image.cam
     if display is None or cam is None:
         raise ValueError("the analysed image has no display image or no Grad-CAM map")
@@ -63,7 +75,12 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
         raise ValueError(f"display image {w}x{h} is too small for the annotations")
 
     cam32 = cam.astype(np.float32, copy=False)
-    out = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)  # RGB; cv2 draws channel-agnostic
+    if into is None:
+        into = pixel_buffer(image)
+    if len(into) != h * w * 3:
+        raise ValueError(f"the pixel buffer holds {len(into)} bytes, not {h}x{w}x3")
+    out = np.frombuffer(into, dtype=np.uint8).reshape(h, w, 3)
+    cv2.cvtColor(display, cv2.COLOR_GRAY2RGB, dst=out)  # RGB; cv2 draws channel-agnostic
     # grey * (1 - alpha) + heat * alpha per pixel, in one OpenCV pass (~10x the numpy speed),
     # only over the rectangles where the map is above 0: elsewhere alpha is 0 and the grey
     # pixel stays as it is (a Grad-CAM map is zero outside its ROIs: a few % of the image).

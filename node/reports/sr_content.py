@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
-from highdicom._standard_utils import does_iod_have_pixel_data
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
@@ -32,7 +31,12 @@ from pydicom.uid import (
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo
 from node.reports import codes as C
 from node.reports import sr_encode as E
-from node.reports.common import algorithm_identification, evidence_header, percent
+from node.reports.common import (
+    algorithm_identification,
+    evidence_header,
+    has_pixel_data,
+    percent,
+)
 from node.reports.context import ReportContext
 from node.reports.images import AnalysedImage, ReportedStudy
 from node.reports.labels import NOT_VALIDATED, cluster_score, is_malignant
@@ -345,18 +349,13 @@ def _coded_modality(sop_class_uid: str) -> hd.sr.CodedConcept:
     return _get_coded_modality(sop_class_uid)
 
 
-@functools.lru_cache(maxsize=64)
-def _has_pixel_data(sop_class_uid: str) -> bool:
-    return bool(does_iod_have_pixel_data(sop_class_uid))
-
-
 def _library_entry(header: Dataset, view: Dataset, enc: E.Encodings
                    ) -> tuple[tuple[object, ...], bytes]:
     """(group key, IMAGE item) of one Image Library entry: highdicom's ``ImageLibrary`` entry
     with its TID 1602/1603 descriptors for ``view`` (:func:`_library_view`), referencing the
     image's real SOP class."""
     modality = _coded_modality(str(view.SOPClassUID))
-    if not _has_pixel_data(str(view.SOPClassUID)):
+    if not has_pixel_data(str(view.SOPClassUID)):
         raise ValueError(f"Dataset with SOPInstanceUID {view.SOPInstanceUID}"
                          "is not a DICOM image")
     if view.Modality in _CROSS_SECTIONAL:  # never from _library_view's views: highdicom's

@@ -28,7 +28,7 @@ from highdicom.sr.value_types import ContentItem, ContentSequence
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.reports.common import study_identity
+from node.reports.common import acquisition_equipment, study_identity
 
 __all__ = ["ComprehensiveSRDocument", "comprehensive_sr", "content_references"]
 
@@ -184,7 +184,8 @@ def comprehensive_sr(
     sr.PerformedProcedureCodeSequence = []
     sr.ReferencedPerformedProcedureStepSequence = []
     sr.copy_patient_and_study_information(first)
-    sr._add_contributing_equipment(None, first)
+    acquisition = acquisition_equipment(first)  # highdicom's, with its IOD check cached
+    sr._add_contributing_equipment([acquisition] if acquisition is not None else None, None)
     if any(elem.is_raw for elem in content.elements()):
         # the content's raw (already encoded) elements are written as they are: only when the
         # dataset says it is in the encoding they were made in (else pydicom decodes them)
