@@ -12,7 +12,9 @@ a tree without it), then written durably the way the worker writes a kind
 (``Spool.write_datasets``: written, fsynced, renamed, folder fsynced; one ``write_dataset`` per
 object in a tree without it) into a temporary folder beside the current directory (the same
 disk as a node's data). ``write`` includes the spool's own encoding: ``build + write`` is what
-the worker spends on a kind. Medians over ``--repeats`` builds per round.
+the worker spends on a kind; ``cpu b+e`` is the process CPU time of build + encode (on a
+shared machine the wall time also counts the waits for a core). Medians over ``--repeats``
+builds per round.
 
 ``--baseline PATH`` (a ``git worktree add PATH <commit>`` checkout, e.g. 667f167) measures that
 tree's code with the same script in the same run: the two trees alternate, one child process
@@ -120,13 +122,15 @@ def measure(rows: int, cols: int, rois: int, repeats: int, kinds: list[str]) -> 
         write = _writer(spool)
         build_reports(analysis, sources, context, list(kinds))  # warm-up (imports, caches)
         for kind in kinds:
-            row: dict[str, Any] = {"build": [], "encode": [], "write": []}
+            row: dict[str, Any] = {"build": [], "encode": [], "write": [], "cpu": []}
             for _ in range(repeats):
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 objs = build_reports(analysis, sources, context, [kind])
                 t1 = time.perf_counter()
                 size = sum(sum(len(p) for p in encode(ds)) for ds in objs)
                 t2 = time.perf_counter()
+                row["cpu"].append((time.process_time() - c0) * 1e3)
                 for rel in write(objs):
                     spool.remove(rel)
                 t3 = time.perf_counter()
@@ -158,8 +162,8 @@ def _child(tree: Path | None, args: argparse.Namespace) -> dict:
 
 def _merge(into: dict, part: dict) -> None:
     for kind, row in part.items():
-        dest = into.setdefault(kind, {"build": [], "encode": [], "write": []})
-        for key in ("build", "encode", "write"):
+        dest = into.setdefault(kind, {"build": [], "encode": [], "write": [], "cpu": []})
+        for key in ("build", "encode", "write", "cpu"):
             dest[key] += row[key]
         dest["objects"], dest["MB"] = row["objects"], row["MB"]
 
@@ -196,7 +200,7 @@ def main() -> None:
     if args.baseline is not None:
         print(f"baseline: {args.baseline}")
     print(f"{'tree':<10} {'kind':<10} {'objects':>7} {'MB':>6} {'build ms':>9} "
-          f"{'encode ms':>10} {'write ms':>9} {'build+write':>12}")
+          f"{'encode ms':>10} {'write ms':>9} {'build+write':>12} {'cpu b+e':>8}")
     totals: dict[str, float] = {}
     for name, rows in results.items():
         default_total = 0.0
@@ -204,13 +208,14 @@ def main() -> None:
             row = rows[kind]
             b, e, w = _med(row, "build"), _med(row, "encode"), _med(row, "write")
             print(f"{name:<10} {kind:<10} {row['objects']:>7} {row['MB']:>6.2f} {b:>9.1f} "
-                  f"{e:>10.1f} {w:>9.1f} {b + w:>12.1f}")
+                  f"{e:>10.1f} {w:>9.1f} {b + w:>12.1f} {_med(row, 'cpu'):>8.1f}")
             if kind in DEFAULT:
                 default_total += b + w
         if all(k in args.kinds for k in DEFAULT):
             build_only = sum(_med(rows[k], "build") + _med(rows[k], "encode") for k in DEFAULT)
-            print(f"{name:<10} default kinds (tid1500 + sc): build+encode {build_only:.1f} ms, "
-                  f"build+write {default_total:.1f} ms")
+            cpu = sum(_med(rows[k], "cpu") for k in DEFAULT)
+            print(f"{name:<10} default kinds (tid1500 + sc): build+encode {build_only:.1f} ms "
+                  f"(CPU {cpu:.1f} ms), build+write {default_total:.1f} ms")
             totals[name] = default_total
     if "baseline" in results:
         base, this = results["baseline"], results["this tree"]
