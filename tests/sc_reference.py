@@ -1,8 +1,8 @@
 """The Grad-CAM Secondary Capture as node.reports.sc built it up to 667f167: highdicom's
 ``SCImage.from_ref_dataset`` around the full pixel array.
 
-Kept as the reference node.reports.sc is compared with (tests/test_sc_document.py) and as the
-baseline row of bench/outputs.py. Not used by the node.
+Kept as the reference node.reports.sc is compared with (tests/test_sc_document.py); not used by
+the node.
 """
 
 from __future__ import annotations

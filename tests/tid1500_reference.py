@@ -1,8 +1,8 @@
 """The TID 1500 content tree as node.reports.sr_content built it up to 667f167: with highdicom's
 template objects (MeasurementReport, MeasurementsAndQualitativeEvaluations, ...).
 
-Kept as the reference the byte-emitting builder is compared with (tests/test_sr_content_bytes.py)
-and as the baseline row of bench/outputs.py. Not used by the node.
+Kept as the reference the byte-emitting builder is compared with (tests/test_sr_content_bytes.py).
+Not used by the node.
 """
 
 from __future__ import annotations
