@@ -206,7 +206,7 @@ def encode_file(ds: Dataset) -> list[bytes | memoryview]:
         return [buf.getbuffer()]
     assert elem is not None
     if elem.VR not in ("OB", "OW"):  # 'OB or OW': resolved as pydicom's writer resolves it
-        elem = correct_ambiguous_vr_element(elem, ds, True)
+        correct_ambiguous_vr_element(elem, ds, True)  # sets elem.VR in place
     value = memoryview(elem.value).cast("B")
     del ds[_PIXEL_DATA]
     try:

@@ -237,7 +237,7 @@ def _observer_items(study: ReportedStudy, context: ReportContext, enc: E.Encodin
                 uid=_PROTO_UID, name="n", manufacturer_name="m", model_name="mm"))
 
     observer_type = E.frozen("observer-type", lambda: proto()[:1], enc)
-    names = [_proto_name(f"observer-{n}", lambda n=n: proto()[n], enc)  # type: ignore[misc]
+    names = [_proto_name(f"observer-{n}", lambda n=n: proto()[n], enc)
              for n in range(1, 5)]
     return [
         observer_type,
@@ -341,7 +341,7 @@ def _not_validated_item() -> hd.sr.TextContentItem:
 
 
 @functools.lru_cache(maxsize=64)
-def _coded_modality(sop_class_uid: str) -> hd.sr.CodedConcept:
+def _coded_modality(sop_class_uid: str) -> C.Concept:
     """highdicom's coded modality of an image SOP class (raises ``ValueError`` for one it
     does not know), one object per class."""
     from highdicom.sr.templates import _get_coded_modality

@@ -140,7 +140,7 @@ def comprehensive_sr(
     first = evidence[0]
     charset = kwargs.pop("specific_character_set", first.get("SpecificCharacterSet"))
     if references is not None:  # a tree the node encoded itself: no SCOORD3D item in it
-        refs, value_types = set(references), set()
+        refs, value_types = set(references), set[str]()
     else:
         refs, value_types = content_references(content)
     if "SCOORD3D" in value_types:
