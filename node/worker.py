@@ -373,7 +373,7 @@ class AnalysisWorker:
                                          gsps=o.gsps_series_number),
                     cad_operating_point=o.cad_operating_point, previous_srs=previous)
                 datasets = self.build_reports(analysis, sources, context, (kind,))
-                paths = [self.spool.write_dataset(ds) for ds in datasets]
+                paths = self.spool.write_datasets(datasets)  # fsynced together
             except Exception as exc:
                 failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
                 log.exception("output.build_failed study=%s kind=%s", analysis.study_instance_uid,

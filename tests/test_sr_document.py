@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,12 @@ class BothConstructors:
         self.pairs: list[tuple[hd.sr.ComprehensiveSR, ComprehensiveSRDocument]] = []
 
     def __call__(self, **kwargs: Any) -> ComprehensiveSRDocument:
-        reference = hd.sr.ComprehensiveSR(**kwargs)
         ours = comprehensive_sr(**kwargs)
+        # highdicom's constructor has no ``references`` (it walks the tree) and parses the raw
+        # (encoded) content in place: it gets a copy
+        theirs = {k: v for k, v in kwargs.items() if k != "references"}
+        theirs["content"] = deepcopy(kwargs["content"])
+        reference = hd.sr.ComprehensiveSR(**theirs)
         self.pairs.append((reference, ours))
         return ours
 

@@ -4,12 +4,15 @@ dates, the algorithm identification."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import highdicom as hd
+from highdicom._standard_utils import does_iod_have_pixel_data
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo, StudyAnalysis
 
@@ -52,6 +55,48 @@ def study_identity(ds: Dataset) -> dict[str, Any]:
         "study_time": ds.StudyTime,
         "referring_physician_name": ds.get("ReferringPhysicianName"),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def has_pixel_data(sop_class_uid: str) -> bool:
+    """highdicom's ``does_iod_have_pixel_data`` (a scan of the IOD's module tables, ~2 ms),
+    once per SOP class."""
+    return bool(does_iod_have_pixel_data(sop_class_uid))
+
+
+_ACQUISITION_EQUIPMENT = codes.DCM.AcquisitionEquipment
+
+
+def acquisition_equipment(ds: Dataset) -> hd.ContributingEquipment | None:
+    """The Contributing Equipment item highdicom's SOP constructors add for the source image
+    ``ds`` (``ContributingEquipment.for_image_acquisition``, with its IOD check cached), or
+    None where highdicom adds none (not an image, no Manufacturer, or a value it refuses)."""
+    try:
+        if not has_pixel_data(str(ds.SOPClassUID)):
+            return None
+        manufacturer = ds.get("Manufacturer")
+        if manufacturer is None or manufacturer == "":
+            return None
+        when = ds.get("AcquisitionDateTime")
+        if when is None:
+            date, time = ds.get("AcquisitionDate"), ds.get("AcquisitionTime")
+            if isinstance(date, dt.date) and isinstance(time, dt.time):
+                when = dt.datetime.combine(ds.AcquisitionDate, ds.AcquisitionTime)
+        return hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=_ACQUISITION_EQUIPMENT,
+            manufacturer_model_name=ds.get("ManufacturerModelName"),
+            software_versions=ds.get("SoftwareVersions"),
+            device_serial_number=ds.get("DeviceSerialNumber"),
+            institution_name=ds.get("InstitutionName"),
+            institutional_department_name=ds.get("InstitutionalDepartmentName"),
+            institution_address=ds.get("InstitutionAddress"),
+            station_name=ds.get("StationName"),
+            contribution_datetime=when,
+            contribution_description="Acquisition equipment of the source image(s)",
+        )
+    except Exception:  # noqa: BLE001 - highdicom drops the item on any error too
+        return None
 
 
 def date_and_time(created: dt.datetime) -> tuple[str, str]:

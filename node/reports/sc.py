@@ -6,20 +6,27 @@ instance.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 import highdicom as hd
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from highdicom.enum import PatientSexValues
+from highdicom.valuerep import _check_long_string, _check_specific_character_set
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.valuerep import DA, TM
 
 from node.reports import codes as C
-from node.reports.common import pixel_free, set_date_time, stamp_dates
+from node.reports.common import acquisition_equipment, pixel_free, set_date_time, stamp_dates
 from node.reports.context import ReportContext
 from node.reports.images import AnalysedImage, ReportedStudy
 from node.reports.sc_content import (
     BENIGN_RGB,
     MALIGNANT_RGB,
     MARK_RGB,
+    pixel_buffer,
     render_overlay,
 )
 
@@ -29,6 +36,86 @@ __all__ = ["BENIGN_RGB", "MALIGNANT_RGB", "MARK_RGB", "SC_SERIES_DESCRIPTION", "
 log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI Grad-CAM"
+_HIGHDICOM_IMPLEMENTATION = UID("1.2.826.0.1.3680043.9.7433.1.1")  # highdicom's, as it writes
+
+
+def _sc_instance(header: Dataset, *, series_instance_uid: str, series_number: int,
+                 sop_instance_uid: str, instance_number: int, manufacturer: str,
+                 contributing_equipment: list[hd.ContributingEquipment] | None,
+                 series_description: str, software_versions: str,
+                 manufacturer_model_name: str, rows: int, columns: int) -> hd.sc.SCImage:
+    """The RGB 8-bit Secondary Capture (without Pixel Data) that highdicom's
+    ``SCImage.from_ref_dataset(header, ..., coordinate_system="PATIENT",
+    patient_orientation=("A", "F"), transfer_syntax_uid=ExplicitVRLittleEndian)`` makes for
+    these arguments: ``SOPClass.__init__`` and ``SCImage.__init__`` step by step, without the
+    IOD table scans whose answers are fixed for this SOP class (ContentDate/ContentTime are in
+    the SC IOD) and without encoding a pixel array. tests/test_sc_document.py compares the
+    result with highdicom's, element by element and byte for byte."""
+    if series_number < 1 or instance_number < 1:
+        raise ValueError("series and instance numbers must be positive integers")
+    for value in (series_description, manufacturer, manufacturer_model_name, software_versions):
+        _check_long_string(value)
+    sc = hd.sc.SCImage.__new__(hd.sc.SCImage)
+    Dataset.__init__(sc)
+    sc.preamble = b"\x00" * 128
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
+    meta.MediaStorageSOPClassUID = UID(SecondaryCaptureImageStorage)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.ImplementationClassUID = _HIGHDICOM_IMPLEMENTATION
+    meta.ImplementationVersionName = f"highdicom{hd.__version__}"
+    sc.file_meta = meta
+    fp = DicomBytesIO()  # highdicom passes a BytesIO: the same bytes
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    meta.FileMetaInformationGroupLength = len(fp.getvalue())
+    sc.PatientID = getattr(header, "PatientID", None)
+    sc.PatientName = getattr(header, "PatientName", None)
+    sc.PatientBirthDate = DA(getattr(header, "PatientBirthDate", None))
+    sex = getattr(header, "PatientSex", None)
+    sc.PatientSex = PatientSexValues(sex).value if sex is not None and sex != "" else sex
+    sc.StudyInstanceUID = str(header.StudyInstanceUID)
+    sc.AccessionNumber = getattr(header, "AccessionNumber", None)
+    sc.StudyID = getattr(header, "StudyID", None)
+    study_date = getattr(header, "StudyDate", None)
+    study_time = getattr(header, "StudyTime", None)
+    sc.StudyDate = DA(study_date) if study_date is not None else None
+    sc.StudyTime = TM(study_time) if study_time is not None else None
+    sc.ReferringPhysicianName = getattr(header, "ReferringPhysicianName", None)
+    sc.SeriesInstanceUID = str(series_instance_uid)
+    sc.SeriesNumber = series_number
+    sc.Modality = "OT"
+    sc.SeriesDescription = series_description
+    sc.Manufacturer = manufacturer
+    sc.ManufacturerModelName = manufacturer_model_name
+    sc.SoftwareVersions = software_versions
+    sc.SOPInstanceUID = str(sop_instance_uid)
+    sc.SOPClassUID = str(SecondaryCaptureImageStorage)
+    sc.InstanceNumber = instance_number
+    now = dt.datetime.now()
+    sc.InstanceCreationDate = DA(now.date())
+    sc.InstanceCreationTime = TM(now.time())
+    charset = header.get("SpecificCharacterSet")
+    if charset is not None:
+        sc.SpecificCharacterSet = _check_specific_character_set(charset)
+    sc.ContentDate = DA(now.date())
+    sc.ContentTime = TM(now.time())
+    sc._add_contributing_equipment(contributing_equipment)
+    sc.PatientOrientation = ["A", "F"]
+    sc.ConversionType = "DI"
+    sc.DateOfSecondaryCapture = DA(now.date())
+    sc.TimeOfSecondaryCapture = TM(now.time())
+    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    sc.Rows = rows
+    sc.Columns = columns
+    sc.BitsAllocated = 8
+    sc.HighBit = 7
+    sc.BitsStored = 8
+    sc.PixelRepresentation = 0
+    sc.PhotometricInterpretation = "RGB"
+    sc.SamplesPerPixel = 3
+    sc.PlanarConfiguration = 0
+    return sc
 
 
 def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext) -> hd.sc.SCImage:
@@ -42,29 +129,30 @@ def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext)
     series holds both breasts); PixelSpacing is never written.
     """
     analysed, source, model = image.analysis, image.source, study.model
-    rgb = render_overlay(analysed, threshold=float(context.threshold), model=model)
+    pixels = pixel_buffer(analysed)
+    rgb = render_overlay(analysed, threshold=float(context.threshold), model=model, into=pixels)
     uids = context.uids
     header = pixel_free(source)
+    acquisition = acquisition_equipment(header)
 
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=rgb,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
+    # What highdicom's SCImage.from_ref_dataset(header, rgb, ...) makes (_sc_instance), with
+    # Pixel Data the rendering's own buffer: a memoryview, which pydicom keeps as it is and
+    # writes unchanged (highdicom flattens and copies the whole array twice).
+    sc = _sc_instance(
+        header,
         series_instance_uid=uids.sc_series,
         series_number=context.series.sc,
         sop_instance_uid=uids.sc_instance(analysed.sop_instance_uid),
         instance_number=image.number,
         manufacturer=context.manufacturer,
-        # highdicom validates against single-letter enums ("FL" is refused although PS3.3
-        # C.7.6.1.1.1 allows it): a placeholder here, the source's own values below.
-        patient_orientation=("A", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[acquisition] if acquisition is not None else None,
         series_description=SC_SERIES_DESCRIPTION,
         software_versions=context.software_version,
         manufacturer_model_name=model.name[:64],
+        rows=int(rgb.shape[0]),
+        columns=int(rgb.shape[1]),
     )
+    sc.PixelData = memoryview(pixels)  # type: ignore[assignment]
     # The source's orientation as it is (e.g. A\FR for a left MLO); Type 2: empty rather than
     # a guess when the source has none or an illegal one.
     orientation = image.source_orientation

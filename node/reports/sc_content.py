@@ -6,6 +6,8 @@ with their labels, a "NOT FOR DIAGNOSTIC USE" banner and the finding site.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -41,10 +43,66 @@ def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
     cv2.putText(img, text, org, font, scale, colour, thickness, cv2.LINE_AA)
 
 
-def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) -> np.ndarray:
+def _strip_text(text: str, width: int, height: int, thick: int, centred: bool
+                ) -> tuple[float, tuple[int, int]]:
+    """Font scale and origin (relative to the strip's top left) of a strip's text: centred
+    (the banner) or at the left (the footer), vertically centred."""
+    scale = _fit_text(text, width - 8, int(height * 0.7), thick)
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    if centred:
+        return scale, ((width - tw) // 2, (height + th) // 2)
+    return scale, (4, height - (height - th) // 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _text_strip(text: str, width: int, height: int, thick: int, colour: tuple[int, int, int],
+                centred: bool) -> np.ndarray | None:
+    """The opaque strip with its text, drawn once (every SC of a study, and of every study at
+    the same display size, has the same banner). None when the text would reach outside the
+    strip: then it is drawn on the image itself, where those pixels land on the picture."""
+    scale, (x, y) = _strip_text(text, width, height, thick, centred)
+    canvas = np.zeros((3 * height, width, 3), np.uint8)
+    canvas[height:2 * height] = BANNER_BG_RGB
+    cv2.putText(canvas, text, (x, y + height), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick,
+                cv2.LINE_AA)
+    if canvas[:height].any() or canvas[2 * height:].any():
+        return None
+    strip = canvas[height:2 * height].copy()
+    strip.flags.writeable = False
+    return strip
+
+
+def _paste_strip(out: np.ndarray, top: int, text: str, height: int, thick: int,
+                 colour: tuple[int, int, int], centred: bool) -> None:
+    """Rows ``top`` .. ``top + height`` of ``out`` become the opaque strip with ``text``:
+    exactly what filling them and drawing the text there gives."""
+    width = out.shape[1]
+    strip = _text_strip(text, width, height, thick, colour, centred)
+    if strip is not None:
+        out[top:top + height] = strip
+        return
+    out[top:top + height] = BANNER_BG_RGB
+    scale, (x, y) = _strip_text(text, width, height, thick, centred)
+    cv2.putText(out, text, (x, top + y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick,
+                cv2.LINE_AA)
+
+
+def pixel_buffer(image: ImageAnalysis) -> bytearray:
+    """A buffer for the RGB rendering of ``image`` (rows x columns x 3 bytes)."""
+    if image.display is None:
+        raise ValueError("the analysed image has no display image or no Grad-CAM map")
+    h, w = np.shape(image.display)[:2]
+    return bytearray(int(h) * int(w) * 3)
+
+
+def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo,
+                   into: bytearray | None = None) -> np.ndarray:
     """RGB uint8 rendering: display image, Grad-CAM heat map, numbered ROI outlines with their
     label (:func:`node.reports.labels.mark_label`), a "NOT FOR DIAGNOSTIC USE" banner at the top
-    and, at the bottom, the finding site and what the marks mean."""
+    and, at the bottom, the finding site and what the marks mean.
+
+    With ``into`` (rows x columns x 3 bytes, e.g. from :func:`pixel_buffer`) the image is drawn
+    in that buffer and the returned array is a view of it: the SC's Pixel Data without a copy."""
     display, cam = image.display, image.cam
     if display is None or cam is None:
         raise ValueError("the analysed image has no display image or no Grad-CAM map")
@@ -63,7 +121,12 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
         raise ValueError(f"display image {w}x{h} is too small for the annotations")
 
     cam32 = cam.astype(np.float32, copy=False)
-    out = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)  # RGB; cv2 draws channel-agnostic
+    if into is None:
+        into = pixel_buffer(image)
+    if len(into) != h * w * 3:
+        raise ValueError(f"the pixel buffer holds {len(into)} bytes, not {h}x{w}x3")
+    out = np.frombuffer(into, dtype=np.uint8).reshape(h, w, 3)
+    cv2.cvtColor(display, cv2.COLOR_GRAY2RGB, dst=out)  # RGB; cv2 draws channel-agnostic
     # grey * (1 - alpha) + heat * alpha per pixel, in one OpenCV pass (~10x the numpy speed),
     # only over the rectangles where the map is above 0: elsewhere alpha is 0 and the grey
     # pixel stays as it is (a Grad-CAM map is zero outside its ROIs: a few % of the image).
@@ -107,18 +170,9 @@ def render_overlay(image: ImageAnalysis, *, threshold: float, model: ModelInfo) 
         y = int(np.clip(y, band + th + 2, h - fband - base - 2))
         _put_text(out, text, (x, y), label_scale, colour, label_thick)
 
-    # Banner (top) and model identity (bottom), opaque strips.
-    thick = max(1, round(band / 14))
-    out[:band] = BANNER_BG_RGB
-    scale = _fit_text(BANNER_TEXT, w - 8, int(band * 0.7), thick)
-    (tw, th), _ = cv2.getTextSize(BANNER_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    cv2.putText(out, BANNER_TEXT, ((w - tw) // 2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX,
-                scale, BANNER_FG_RGB, thick, cv2.LINE_AA)
+    # Banner (top) and model identity (bottom), opaque strips (drawn once per size and text).
+    _paste_strip(out, 0, BANNER_TEXT, band, max(1, round(band / 14)), BANNER_FG_RGB, True)
     footer = f"{site_name(image.laterality, image.view)} - {legend(model, threshold)}"
-    fthick = max(1, round(fband / 14))
-    out[h - fband:] = BANNER_BG_RGB
-    fscale = _fit_text(footer, w - 8, int(fband * 0.7), fthick)
-    (fw, fh), _ = cv2.getTextSize(footer, cv2.FONT_HERSHEY_SIMPLEX, fscale, fthick)
-    cv2.putText(out, footer, (4, h - (fband - fh) // 2), cv2.FONT_HERSHEY_SIMPLEX, fscale,
-                (255, 255, 255), fthick, cv2.LINE_AA)
+    _paste_strip(out, h - fband, footer, fband, max(1, round(fband / 14)), (255, 255, 255),
+                 False)
     return out

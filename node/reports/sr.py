@@ -47,6 +47,7 @@ def build_sr(study: ReportedStudy, context: ReportContext) -> hd.sr.Comprehensiv
         manufacturer_model_name=study.model.name[:64],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         previous_versions=context.previous_of(ComprehensiveSRStorage) or None,
+        references=content.references,
     )
     set_document_dates(sr, context.created)
     log.info("built TID 1500 SR: %d ROI(s), %d image(s) without ROI, %d library image(s)",

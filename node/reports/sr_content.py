@@ -2,18 +2,24 @@
 "Calcification Cluster = Absent" per image without one, and the Image Library.
 
 :func:`measurement_report` returns the root item and the evidence headers; :mod:`node.reports.sr`
-wraps them in the Comprehensive SR document.
+wraps them in the Comprehensive SR document. The tree is the one highdicom's templates
+(``MeasurementReport``, ``MeasurementsAndQualitativeEvaluations``, ``ImageLibrary``, ...) make
+for these arguments, item for item, but written straight to its encoded bytes
+(:mod:`node.reports.sr_encode`): the root's Content Sequence is one raw element that pydicom
+writes as it is. tests/tid1500_reference.py keeps the highdicom-template builder;
+tests/test_sr_content_bytes.py checks that both give the same dataset and the same file.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import (
     BreastProjectionXRayImageStorageForPresentation,
     BreastProjectionXRayImageStorageForProcessing,
@@ -24,11 +30,16 @@ from pydicom.uid import (
 
 from node.analysis.result import Finding, ImageAnalysis, ModelInfo
 from node.reports import codes as C
-from node.reports.common import algorithm_identification, evidence_header, percent
+from node.reports import sr_encode as E
+from node.reports.common import (
+    algorithm_identification,
+    evidence_header,
+    has_pixel_data,
+    percent,
+)
 from node.reports.context import ReportContext
 from node.reports.images import AnalysedImage, ReportedStudy
 from node.reports.labels import NOT_VALIDATED, cluster_score, is_malignant
-from node.reports.uids import ResultUIDs
 
 RT = hd.sr.RelationshipTypeValues
 
@@ -59,28 +70,16 @@ class MeasurementReportContent:
     evidence: list[Dataset]
     rois: int
     absent: int
+    #: SOP Instance UIDs the tree references (IMAGE items), for the evidence check
+    references: frozenset[str] = field(default_factory=frozenset)
 
 
 def _known_to_highdicom(sop_class_uid: str) -> bool:
     try:
-        from highdicom.sr.templates import _get_coded_modality
-    except ImportError:  # pragma: no cover - another highdicom layout: assume it knows
-        return True
-    try:
-        _get_coded_modality(sop_class_uid)
+        _coded_modality(sop_class_uid)
     except ValueError:
         return False
     return True
-
-
-def _restore_library_classes(item: Dataset, real: dict[str, str]) -> None:
-    """Set the Image Library references built on a stand-in class back to the real class."""
-    for child in item.get("ContentSequence", []):
-        if child.get("ValueType") == "IMAGE":
-            ref = child.ReferencedSOPSequence[0]
-            if str(ref.ReferencedSOPInstanceUID) in real:
-                ref.ReferencedSOPClassUID = real[str(ref.ReferencedSOPInstanceUID)]
-        _restore_library_classes(child, real)
 
 
 def _library_view(header: Dataset, image: AnalysedImage) -> Dataset:
@@ -144,15 +143,135 @@ def outline_area_mm2(finding: Finding, image: ImageAnalysis) -> float | None:
     return round(pixels * float(image.pixel_spacing_mm) ** 2, 3)
 
 
-def _roi_group(
-    finding: Finding,
-    image: AnalysedImage,
-    *,
-    uids: ResultUIDs,
-    algo: hd.sr.AlgorithmIdentification,
-    model: ModelInfo,
-    threshold: float,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+# --------------------------------------------------------------------------- encoded pieces
+# Relationship types (PS3.3 C.17.3.2.4)
+_CONTAINS = "CONTAINS"
+_HAS_OBS_CONTEXT = "HAS OBS CONTEXT"
+_HAS_ACQ_CONTEXT = "HAS ACQ CONTEXT"
+_HAS_CONCEPT_MOD = "HAS CONCEPT MOD"
+_INFERRED_FROM = "INFERRED FROM"
+_SELECTED_FROM = "SELECTED FROM"
+_SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+_PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
+_FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
+_MODALITY = codes.DCM.Modality
+_FRAME_OF_REFERENCE_UID = codes.DCM.FrameOfReferenceUID
+_PIXEL_DATA_ROWS = codes.DCM.PixelDataRows
+_PIXEL_DATA_COLUMNS = codes.DCM.PixelDataColumns
+_ORIENTATION_ROW = codes.DCM.PatientOrientationRow
+_ORIENTATION_COLUMN = codes.DCM.PatientOrientationColumn
+_HORIZONTAL_SPACING = codes.DCM.HorizontalPixelSpacing
+_VERTICAL_SPACING = codes.DCM.VerticalPixelSpacing
+_MILLIMETER = codes.UCUM.Millimeter
+_IMAGE_LIBRARY = codes.DCM.ImageLibrary
+_IMAGE_LIBRARY_GROUP = codes.DCM.ImageLibraryGroup
+_PROCEDURE_REPORTED = codes.DCM.ProcedureReported
+_TITLE = codes.cid7021.ImagingMeasurementReport
+_MEASUREMENT_GROUP = hd.sr.CodedConcept("125007", "DCM", "Measurement Group")
+_PROTO_UID = "1.2.3"
+_CROSS_SECTIONAL = ("CT", "MR", "PT")
+
+
+def _name(concept: C.Concept, enc: E.Encodings) -> bytes:
+    """Concept Name Code Sequence of ``concept`` (pydicom-encoded once)."""
+    return _code_sequence(E.CONCEPT_NAME_CODE_SEQUENCE, concept, enc)
+
+
+_CODE_SEQUENCES: dict[tuple[int, int, E.Encodings], tuple[C.Concept, bytes]] = {}
+
+
+def _code_sequence(tag: int, concept: C.Concept, enc: E.Encodings) -> bytes:
+    """A one-item code sequence (``tag``) of ``concept``, pydicom-encoded once. Looked up by
+    the concept object first (the node's concepts are module constants; the entry keeps the
+    object alive, so its id is not reused), then by its code."""
+    hit = _CODE_SEQUENCES.get((tag, id(concept), enc))
+    if hit is not None and hit[0] is concept:
+        return hit[1]
+    key = (tag, concept.value, concept.scheme_designator, concept.meaning,
+           concept.scheme_version)
+
+    def make() -> tuple[Dataset, int]:
+        ds = Dataset()
+        coded = (concept if isinstance(concept, hd.sr.CodedConcept)
+                 else hd.sr.CodedConcept.from_code(concept))
+        ds.add_new(tag, "SQ", [coded])
+        return ds, tag
+
+    out = E.frozen_element(key, make, enc)
+    if len(_CODE_SEQUENCES) < 4096:
+        _CODE_SEQUENCES[(tag, id(concept), enc)] = (concept, out)
+    return out
+
+
+def _value(concept: C.Concept, enc: E.Encodings) -> bytes:
+    return _code_sequence(E.CONCEPT_CODE_SEQUENCE, concept, enc)
+
+
+def _unit(concept: C.Concept, enc: E.Encodings) -> bytes:
+    return _code_sequence(E.MEASUREMENT_UNITS_CODE_SEQUENCE, concept, enc)
+
+
+def _proto_name(key: str, make: object, enc: E.Encodings) -> bytes:
+    """The concept name highdicom gives the item ``make()`` returns (its own constants)."""
+    return E.concept_name(make, key, enc)  # type: ignore[arg-type]
+
+
+def _tracking_names(enc: E.Encodings) -> tuple[bytes, bytes]:
+    def proto(n: int) -> Dataset:
+        return hd.sr.TrackingIdentifier(uid=_PROTO_UID, identifier="x")[n]
+
+    return (_proto_name("tracking-id", lambda: proto(0), enc),
+            _proto_name("tracking-uid", lambda: proto(1), enc))
+
+
+def _observer_items(study: ReportedStudy, context: ReportContext, enc: E.Encodings
+                    ) -> list[bytes]:
+    """TID 1002 Observer Context of the node's device (highdicom's ``ObserverContext`` with
+    ``DeviceObserverIdentifyingAttributes``: observer type, UID, name, manufacturer, model)."""
+    model = study.model
+
+    def proto() -> hd.sr.ObserverContext:
+        return hd.sr.ObserverContext(
+            observer_type=C.DEVICE,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=_PROTO_UID, name="n", manufacturer_name="m", model_name="mm"))
+
+    observer_type = E.frozen("observer-type", lambda: proto()[:1], enc)
+    names = [_proto_name(f"observer-{n}", lambda n=n: proto()[n], enc)
+             for n in range(1, 5)]
+    return [
+        observer_type,
+        E.uidref_item(_HAS_OBS_CONTEXT, names[0], context.uids.observer_device),
+        E.text_item(_HAS_OBS_CONTEXT, names[1], model.name[:64], enc),
+        E.text_item(_HAS_OBS_CONTEXT, names[2], context.manufacturer, enc),
+        E.text_item(_HAS_OBS_CONTEXT, names[3], f"{model.name} {model.version}"[:64], enc),
+    ]
+
+
+def _algorithm(model: ModelInfo, enc: E.Encodings) -> bytes:
+    return E.frozen(("algorithm", model.name, model.version),
+                    lambda: algorithm_identification(model), enc)
+
+
+def _num(name: C.Concept, value: float, unit: C.Concept, children: Sequence[bytes],
+         enc: E.Encodings, relationship: str = _CONTAINS) -> bytes:
+    return E.num_item(relationship, _name(name, enc), value, _unit(unit, enc), children)
+
+
+def _outline(finding: Finding, reference: Dataset, enc: E.Encodings) -> bytes:
+    """The POLYLINE SCOORD (highdicom's ``CoordinatesForMeasurement`` on a
+    ``SourceImageForRegion``)."""
+    selected = E.image_item(_SELECTED_FROM, _name(_SOURCE, enc), reference.SOPClassUID,
+                            reference.SOPInstanceUID)
+    data = np.asarray(finding.outline_xy, dtype=np.float64)
+    if data.ndim != 2 or data.shape[0] < 2 or data.shape[1] != 2:
+        raise ValueError("Graphic data of a SCOORD must be multiple (column, row) pairs in "
+                         "two-dimensional image coordinate space.")
+    return E.scoord_item(_INFERRED_FROM, _name(_SOURCE, enc), "POLYLINE", data, [selected])
+
+
+def _roi_group(finding: Finding, image: AnalysedImage, *, context: ReportContext,
+               model: ModelInfo, threshold: float, enc: E.Encodings) -> bytes:
     """TID 1501 Measurement Group of one calcification cluster.
 
     Laid out the way Cornerstone3D writes (and so OHIF reads back) a freehand ROI: the outline is
@@ -166,92 +285,54 @@ def _roi_group(
     analysed, reference = image.analysis, image.reference
     lat = analysed.laterality or finding.laterality or image.header_laterality
     view = analysed.view or finding.view
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=reference.SOPClassUID,
-        referenced_sop_instance_uid=reference.SOPInstanceUID,
-    )
-    outline = hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.asarray(finding.outline_xy, dtype=np.float64),
-        source_image=source,
-    )
-    measurements = []
+    algo = _algorithm(model, enc)
+    outline = _outline(finding, reference, enc)
+    under_num = [outline, algo]
+    tracking_id, tracking_uid = _tracking_names(enc)
+    items = [
+        E.text_item(_HAS_OBS_CONTEXT, tracking_id, tracking_identifier_text(finding.index), enc),
+        E.uidref_item(_HAS_OBS_CONTEXT, tracking_uid, context.uids.tracking(finding.index)),
+        E.frozen("finding-type", lambda: [hd.sr.CodeContentItem(
+            name=_FINDING, value=C.CALCIFICATION_CLUSTER,
+            relationship_type=RT.CONTAINS)], enc),
+        E.frozen(("finding-site", lat if lat in ("L", "R") else None),
+                 lambda: [_finding_site(lat)], enc),
+        algo,
+    ]
     area = outline_area_mm2(finding, analysed)
     if area is not None:  # first: OHIF shows the first NUM's value as the outline's area
-        measurements.append(hd.sr.Measurement(
-            name=C.AREA, value=area, unit=C.SQUARE_MILLIMETER, algorithm_id=algo,
-            referenced_coordinates=[outline]))
-    values, evaluations = _values(finding, algo, threshold, model.classification_validated,
-                                  outline)
-    measurements.extend(values)
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking(finding.index),
-            identifier=tracking_identifier_text(finding.index),
-        ),
-        finding_type=C.CALCIFICATION_CLUSTER,
-        finding_sites=[_finding_site(lat)],
-        algorithm_id=algo,
-        measurements=measurements,
-        qualitative_evaluations=evaluations or None,
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=reference.SOPClassUID,
-                referenced_sop_instance_uid=reference.SOPInstanceUID,
-            )
-        ],
-    )
-    group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=C.COMMENT,
-        value=finding_label(finding, lat, view, model, threshold),
-        relationship_type=RT.CONTAINS,
-    ))
-    return group
+        items.append(_num(C.AREA, area, C.SQUARE_MILLIMETER, under_num, enc))
+    if not model.classification_validated:
+        items.append(_num(C.CERTAINTY_OF_FINDING, percent(cluster_score(finding)), C.PERCENT,
+                          under_num, enc))
+    else:
+        items.append(_num(C.PROBABILITY_OF_CANCER, percent(finding.probability), C.PERCENT,
+                          under_num, enc))
+        if finding.detection_score is not None:
+            items.append(_num(C.CERTAINTY_OF_FINDING, percent(finding.detection_score),
+                              C.PERCENT, under_num, enc))
+        call = C.MALIGNANT if is_malignant(finding, threshold) else C.BENIGN
+        items.append(E.frozen(("pathology", call.value, call.scheme_designator),
+                              lambda: hd.sr.QualitativeEvaluation(C.PATHOLOGY, call), enc))
+    items.append(E.image_item(_CONTAINS, _name(C.SOURCE_OF_MEASUREMENT, enc),
+                              reference.SOPClassUID, reference.SOPInstanceUID))
+    items.append(E.text_item(_CONTAINS, _name(C.COMMENT, enc),
+                             finding_label(finding, lat, view, model, threshold), enc))
+    return E.container_item(_CONTAINS, _name(_MEASUREMENT_GROUP, enc),
+                            items, template_id="1501")
 
 
-def _values(finding: Finding, algo: hd.sr.AlgorithmIdentification, threshold: float,
-            validated: bool, outline: hd.sr.CoordinatesForMeasurement
-            ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
-    """The label values of one ROI: Certainty of Finding (the detector's cluster score) always;
-    Probability of cancer and Pathology = Malignant/Benign only for a validated classifier.
-    Each NUM is inferred from the outline (OHIF reads the SCOORD under the first NUM)."""
-    def as_percent(name: C.Concept, value: float) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=name, value=percent(value), unit=C.PERCENT,
-                                 algorithm_id=algo, referenced_coordinates=[outline])
-
-    if not validated:
-        return [as_percent(C.CERTAINTY_OF_FINDING, cluster_score(finding))], []
-    measurements = [as_percent(C.PROBABILITY_OF_CANCER, finding.probability)]
-    if finding.detection_score is not None:
-        measurements.append(as_percent(C.CERTAINTY_OF_FINDING, finding.detection_score))
-    call = C.MALIGNANT if is_malignant(finding, threshold) else C.BENIGN
-    return measurements, [hd.sr.QualitativeEvaluation(C.PATHOLOGY, call)]
-
-
-def _absent_item(image: AnalysedImage) -> hd.sr.CodeContentItem:
+def _absent_item(image: AnalysedImage, enc: E.Encodings) -> bytes:
     """"Calcification Cluster = Absent" for an analysed image without ROI, inferred from that
     image (TID 1500 Qualitative Evaluations, row 13; the image reference is an extension).
 
     Not a measurement group: a group without coordinates makes OHIF 3.x's SR loader fail
     (``_checkIfCanAddMeasurementsToDisplaySet`` reads ``coords[0]``) and no finding shows.
     """
-    item = hd.sr.CodeContentItem(
-        name=C.CALCIFICATION_CLUSTER,
-        value=C.ABSENT,
-        relationship_type=RT.CONTAINS,
-    )
-    item.ContentSequence = DicomSequence([hd.sr.ImageContentItem(
-        name=C.SOURCE_OF_MEASUREMENT,
-        referenced_sop_class_uid=image.reference.SOPClassUID,
-        referenced_sop_instance_uid=image.reference.SOPInstanceUID,
-        relationship_type=RT.INFERRED_FROM,
-    )])
-    return item
-
-
-def _placeholder_group(uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(0), identifier="none"))
+    source = E.image_item(_INFERRED_FROM, _name(C.SOURCE_OF_MEASUREMENT, enc),
+                          image.reference.SOPClassUID, image.reference.SOPInstanceUID)
+    return E.code_item(_CONTAINS, _name(C.CALCIFICATION_CLUSTER, enc), _value(C.ABSENT, enc),
+                       [source])
 
 
 def _not_validated_item() -> hd.sr.TextContentItem:
@@ -259,66 +340,115 @@ def _not_validated_item() -> hd.sr.TextContentItem:
                                  relationship_type=RT.CONTAINS)
 
 
-def _qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(name=C.QUALITATIVE_EVALUATIONS,
-                                           relationship_type=RT.CONTAINS)
-    container.ContentSequence = DicomSequence(items)
-    return container
+@functools.lru_cache(maxsize=64)
+def _coded_modality(sop_class_uid: str) -> C.Concept:
+    """highdicom's coded modality of an image SOP class (raises ``ValueError`` for one it
+    does not know), one object per class."""
+    from highdicom.sr.templates import _get_coded_modality
+
+    return _get_coded_modality(sop_class_uid)
 
 
-def _observation_context(study: ReportedStudy, context: ReportContext,
-                         uids: ResultUIDs) -> hd.sr.ObservationContext:
-    model = study.model
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=C.DEVICE,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=uids.observer_device,
-                name=model.name[:64],
-                manufacturer_name=context.manufacturer,
-                model_name=f"{model.name} {model.version}"[:64],
-            ),
-        )
-    )
+def _library_entry(header: Dataset, view: Dataset, enc: E.Encodings
+                   ) -> tuple[tuple[object, ...], bytes]:
+    """(group key, IMAGE item) of one Image Library entry: highdicom's ``ImageLibrary`` entry
+    with its TID 1602/1603 descriptors for ``view`` (:func:`_library_view`), referencing the
+    image's real SOP class."""
+    modality = _coded_modality(str(view.SOPClassUID))
+    if not has_pixel_data(str(view.SOPClassUID)):
+        raise ValueError(f"Dataset with SOPInstanceUID {view.SOPInstanceUID}"
+                         "is not a DICOM image")
+    if view.Modality in _CROSS_SECTIONAL:  # never from _library_view's views: highdicom's
+        items = [E.encode_items(hd.sr.ImageLibraryEntryDescriptors(view), enc)]
+    else:
+        items = [E.code_item(_HAS_ACQ_CONTEXT, _name(_MODALITY, enc),
+                             _value(modality, enc))]
+        if "FrameOfReferenceUID" in view:
+            items.append(E.uidref_item(_HAS_ACQ_CONTEXT,
+                                       _name(_FRAME_OF_REFERENCE_UID, enc),
+                                       view.FrameOfReferenceUID))
+        items.append(_num(_PIXEL_DATA_ROWS, view.Rows, _PIXELS, (), enc,
+                          _HAS_ACQ_CONTEXT))
+        items.append(_num(_PIXEL_DATA_COLUMNS, view.Columns, _PIXELS, (), enc,
+                          _HAS_ACQ_CONTEXT))
+        if view.Modality in _PROJECTION_MODALITIES:
+            orientation, spacing = view.PatientOrientation, view.ImagerPixelSpacing
+            items += [
+                E.text_item(_HAS_ACQ_CONTEXT, _name(_ORIENTATION_ROW, enc),
+                            orientation[0], enc),
+                E.text_item(_HAS_ACQ_CONTEXT, _name(_ORIENTATION_COLUMN, enc),
+                            orientation[1], enc),
+                _num(_HORIZONTAL_SPACING, spacing[1], _MILLIMETER, (),
+                     enc, _HAS_ACQ_CONTEXT),
+                _num(_VERTICAL_SPACING, spacing[0], _MILLIMETER, (),
+                     enc, _HAS_ACQ_CONTEXT),
+            ]
+    key = (modality.value, modality.scheme_designator, modality.meaning,
+           *((view.FrameOfReferenceUID,) if "FrameOfReferenceUID" in view else ()))
+    return key, E.image_item(_CONTAINS, _name(_SOURCE, enc), header.SOPClassUID,
+                             header.SOPInstanceUID, items)
+
+
+def _image_library(headers: Sequence[Dataset], views: Sequence[Dataset], enc: E.Encodings
+                   ) -> bytes:
+    """TID 1600 Image Library: one group per (modality, frame of reference), in first-seen
+    order (highdicom's ``ImageLibrary``)."""
+    groups: dict[tuple[object, ...], list[bytes]] = {}
+    for header, view in zip(headers, views, strict=True):
+        key, entry = _library_entry(header, view, enc)
+        groups.setdefault(key, []).append(entry)
+    group_name = _name(_IMAGE_LIBRARY_GROUP, enc)
+    return E.container_item(_CONTAINS, _name(_IMAGE_LIBRARY, enc),
+                            [E.container_item(_CONTAINS, group_name, entries)
+                             for entries in groups.values()])
+
+
+def _root() -> Dataset:
+    """The root CONTAINER's own attributes (its Content Sequence is set by the caller)."""
+    return hd.sr.ContainerContentItem(name=_TITLE,
+                                      template_id="1500")
 
 
 def measurement_report(study: ReportedStudy, context: ReportContext) -> MeasurementReportContent:
     """The TID 1500 root item of ``study`` and its evidence (headers of the referenced images,
     Image Library order)."""
-    uids = context.uids
-    algo = algorithm_identification(study.model)
     threshold = float(context.threshold)
-    rois: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
-    absent: list[hd.sr.CodeContentItem] = []
-    for image in study.images:
-        for finding in sorted(image.analysis.findings, key=lambda f: f.index):
-            rois.append(_roi_group(finding, image, uids=uids, algo=algo, model=study.model,
-                                   threshold=threshold))
-        if not image.analysis.findings:
-            absent.append(_absent_item(image))
-
+    model = study.model
     library = study.library()
     headers = [evidence_header(image.reference) for image in library]
+    if not headers:
+        raise ValueError("Argument 'datasets' must contain at least one item.")
+    enc = E.encodings_of(headers[0].get("SpecificCharacterSet"))
+    algorithm_identification(model)  # the model card's name and version are checked first
+    rois: list[bytes] = []
+    absent: list[bytes] = []
+    references: set[str] = set()
+    for image in study.images:
+        for finding in sorted(image.analysis.findings, key=lambda f: f.index):
+            rois.append(_roi_group(finding, image, context=context, model=model,
+                                   threshold=threshold, enc=enc))
+        if not image.analysis.findings:
+            absent.append(_absent_item(image, enc))
+        references.add(str(image.reference.SOPInstanceUID))
     views = [_library_view(h, image) for h, image in zip(headers, library, strict=True)]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(study, context, uids),
-        procedure_reported=C.MAMMOGRAPHY,
-        # highdicom needs one group; a study without ROI then loses the (empty) container
-        imaging_measurements=rois or [_placeholder_group(uids)],
-        referenced_images=views,
-    )
-    root = report[0]
-    stand_ins = {str(h.SOPInstanceUID): str(h.SOPClassUID)
-                 for h, v in zip(headers, views, strict=True)
-                 if str(v.SOPClassUID) != str(h.SOPClassUID)}
-    if stand_ins:
-        _restore_library_classes(root, stand_ins)
-    if not rois:
-        root.ContentSequence = [item for item in root.ContentSequence
-                                if item.ConceptNameCodeSequence[0].CodeValue
-                                != C.IMAGING_MEASUREMENTS.value]
-    evaluations = [*absent] + ([] if study.model.classification_validated
-                                else [_not_validated_item()])
+    references.update(str(h.SOPInstanceUID) for h in headers)
+
+    items = [E.frozen("language", lambda: hd.sr.LanguageOfContentItemAndDescendants(
+        hd.sr.templates.DEFAULT_LANGUAGE), enc)]
+    items += _observer_items(study, context, enc)
+    items.append(E.frozen(("procedure", C.MAMMOGRAPHY.value), lambda: [hd.sr.CodeContentItem(
+        name=_PROCEDURE_REPORTED, value=C.MAMMOGRAPHY,
+        relationship_type=RT.HAS_CONCEPT_MOD)], enc))
+    items.append(_image_library(headers, views, enc))
+    if rois:
+        items.append(E.container_item(_CONTAINS, _name(C.IMAGING_MEASUREMENTS, enc), rois))
+    evaluations = [*absent]
+    if not model.classification_validated:
+        evaluations.append(E.frozen("not-validated", lambda: [_not_validated_item()], enc))
     if evaluations:
-        root.ContentSequence.append(_qualitative_evaluations(evaluations))
-    return MeasurementReportContent(root, headers, len(rois), len(absent))
+        items.append(E.container_item(_CONTAINS, _name(C.QUALITATIVE_EVALUATIONS, enc),
+                                      evaluations))
+    root = _root()
+    root[E.CONTENT_SEQUENCE] = E.raw_sequence(E.CONTENT_SEQUENCE, items)
+    return MeasurementReportContent(root, headers, len(rois), len(absent),
+                                    frozenset(references))

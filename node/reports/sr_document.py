@@ -28,7 +28,7 @@ from highdicom.sr.value_types import ContentItem, ContentSequence
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.reports.common import study_identity
+from node.reports.common import acquisition_equipment, study_identity
 
 __all__ = ["ComprehensiveSRDocument", "comprehensive_sr", "content_references"]
 
@@ -91,7 +91,17 @@ class ComprehensiveSRDocument(hd.sr.ComprehensiveSR):
     @property
     def content(self) -> ContentSequence:
         if getattr(self, "_content", None) is None:
-            item = ContentItem._from_dataset_derived(deepcopy(self._root))
+            root = deepcopy(self._root)
+            if any(elem.is_raw for elem in root.elements()):
+                # decode raw (encoded) elements with the document's character set
+                decoder = Dataset()
+                if "SpecificCharacterSet" in self:
+                    decoder.SpecificCharacterSet = self.SpecificCharacterSet
+                for elem in list(root.elements()):
+                    if elem.is_raw:
+                        decoder[elem.tag] = elem
+                        root[elem.tag] = decoder[elem.tag]
+            item = ContentItem._from_dataset_derived(root)
             self._content = ContentSequence([item], is_root=True)
         return self._content
 
@@ -108,6 +118,7 @@ def comprehensive_sr(
     previous_versions: Sequence[Dataset] | None = None,
     record_evidence: bool = True,
     transfer_syntax_uid: str | UID = ExplicitVRLittleEndian,
+    references: frozenset[str] | None = None,
     **kwargs: Any,
 ) -> ComprehensiveSRDocument:
     """The Comprehensive SR highdicom's ``ComprehensiveSR(evidence=..., content=..., ...)``
@@ -115,8 +126,11 @@ def comprehensive_sr(
     performed procedure, no extra contributing equipment: what the node asks for), built once.
 
     ``kwargs`` go to :class:`highdicom.SOPClass` as highdicom passes them (series_description,
-    software_versions, manufacturer_model_name, ...). Raises ``ValueError`` as highdicom does:
-    no evidence, an unsupported transfer syntax, a referenced instance not in ``evidence``, a
+    software_versions, manufacturer_model_name, ...). ``references`` (the SOP Instance UIDs the
+    content's IMAGE items reference, from a builder that knows them and writes no SCOORD3D item:
+    :mod:`node.reports.sr_content`) saves the walk of the tree; ``content`` may then hold raw
+    (encoded) elements, which the dataset keeps as they are. Raises ``ValueError`` as highdicom
+    does: no evidence, an unsupported transfer syntax, a referenced instance not in ``evidence``, a
     SCOORD3D item.
     """
     if len(evidence) == 0:
@@ -125,7 +139,10 @@ def comprehensive_sr(
         raise ValueError(f'Transfer syntax "{transfer_syntax_uid}" is not supported.')
     first = evidence[0]
     charset = kwargs.pop("specific_character_set", first.get("SpecificCharacterSet"))
-    refs, value_types = content_references(content)
+    if references is not None:  # a tree the node encoded itself: no SCOORD3D item in it
+        refs, value_types = set(references), set[str]()
+    else:
+        refs, value_types = content_references(content)
     if "SCOORD3D" in value_types:
         raise ValueError("Comprehensive SR does not support content items with SCOORD3D "
                          "value type.")
@@ -167,5 +184,10 @@ def comprehensive_sr(
     sr.PerformedProcedureCodeSequence = []
     sr.ReferencedPerformedProcedureStepSequence = []
     sr.copy_patient_and_study_information(first)
-    sr._add_contributing_equipment(None, first)
+    acquisition = acquisition_equipment(first)  # highdicom's, with its IOD check cached
+    sr._add_contributing_equipment([acquisition] if acquisition is not None else None, None)
+    if any(elem.is_raw for elem in content.elements()):
+        # the content's raw (already encoded) elements are written as they are: only when the
+        # dataset says it is in the encoding they were made in (else pydicom decodes them)
+        sr.set_original_encoding(False, True, sr._character_set)
     return sr
