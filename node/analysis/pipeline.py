@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import pydicom
 
+from models.detector.anatomy import reuse_downscaled
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
 from node.analysis.gradcam import finish_cam, paint_evidence, paste_cam
@@ -309,6 +310,14 @@ class AnalysisPipeline:
             return self._prepare_within_budget(item, t0)
 
     def _prepare_within_budget(
+        self, item: ImageInput, t0: float
+    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
+               np.ndarray | None]:
+        # the breast mask and the detector's anatomy share one ~1 mm copy of the image
+        with reuse_downscaled():
+            return self._prepare_and_search(item, t0)
+
+    def _prepare_and_search(
         self, item: ImageInput, t0: float
     ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
                np.ndarray | None]:
