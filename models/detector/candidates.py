@@ -277,9 +277,12 @@ def find_candidates(
     prev = cv2.GaussianBlur(region, (0, 0), sigmas[0])
     best = np.zeros(region.shape, np.float32)
     coarse_sd = []
+    # Buffers are reused in place (the response in the previous blur's, the noise map in the
+    # whole-grid buffer once the noise is estimated): a few region-sized arrays at a time.
+    up: np.ndarray | None = None
     for sigma in sigmas[1:]:
         nxt = cv2.GaussianBlur(prev, (0, 0), sigma)
-        resp = prev - nxt
+        resp = np.subtract(prev, nxt, out=prev)
         if full_resp is None:
             whole = resp
         else:
@@ -287,7 +290,8 @@ def find_candidates(
             whole = full_resp
         sd = coarse_noise(whole, wmask, p.noise_window_mm / px, mask_cache=mask_cache)
         coarse_sd.append(sd)
-        up = cv2.resize(sd, (work.shape[1], work.shape[0]), interpolation=cv2.INTER_LINEAR)
+        up = cv2.resize(sd, (work.shape[1], work.shape[0]), dst=full_resp if full_resp is not None
+                        else up, interpolation=cv2.INTER_LINEAR)
         resp /= up[r0:r1, c0:c1]
         np.maximum(best, resp, out=best)
         prev = nxt
