@@ -251,11 +251,9 @@ def to_unit_range_per_pixel(
     if padding is _UNSET:
         padding = _padding_mask(raw, ds)
     assert padding is None or isinstance(padding, np.ndarray)
-    x = raw.astype(np.float32)
+    x = _rescaled(raw, ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1.0 or intercept != 0.0:
-        x = x * np.float32(slope) + np.float32(intercept)
     mono1 = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
 
     if not for_presentation:
