@@ -86,3 +86,21 @@ def test_turnaround_baseline_bench_alternates_two_nodes(tmp_path: Path) -> None:
                      res.stdout, re.M), res.stdout
     assert re.search(rf"^\| tiny raw, images 0.5 s apart, this tree \| 1 \|.* \| "
                      rf"\*\*{num}\*\* \|$", res.stdout, re.M), res.stdout
+
+
+def test_sustained_bench_runs_this_tree_and_a_baseline_back_to_back(tmp_path: Path) -> None:
+    """bench.sustained --baseline REV checks REV out in a temporary worktree, runs both nodes one
+    after the other and prints a row for each with studies/h, VmHWM and the ratios."""
+    for tool in ("storescu", "storescp"):
+        require_binary(tool)
+    res = subprocess.run([sys.executable, "-m", "bench.sustained", "--baseline", "HEAD",
+                          "--studies", "2", "--format", "tiny-raw", "--workdir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    num = r"\d+(?:\.\d+)?"
+    for i, tree in ((1, "baseline"), (2, "this tree")):
+        assert re.search(rf"^\| {i} \| {tree} \| 2 \| {num} \| \*\*{num}\*\* \| {num} \|",
+                         res.stdout, re.M), res.stdout
+    assert re.search(rf"studies/h: this tree {num}, baseline {num}, ratio \*\*{num}\*\*",
+                     res.stdout), res.stdout
+    assert re.search(rf"node peak RSS: this tree {num} MiB, baseline {num} MiB", res.stdout)

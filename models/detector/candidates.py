@@ -84,20 +84,27 @@ def to_work_grid(
     return work, wmask, size[0] / cols
 
 
-def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2
-                 ) -> np.ndarray:
+def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2,
+                 *, mask_cache: dict | None = None) -> np.ndarray:
     """Local robust noise SD of a filter response inside the breast, on a coarse grid.
 
     Computed from every ``stride``-th pixel on a grid of a quarter window (the window is
     ~12 mm) as the RMS of the response after clipping its strongest values (the specks
-    themselves).
+    themselves). Only the response inside ``mask`` is read. ``mask_cache`` (one dict per
+    image, while ``mask`` is alive and unchanged) keeps the coarse mask across the bands.
     """
     r2, m2 = resp[::stride, ::stride], mask[::stride, ::stride]
     step = max(1, int(window_px // (4 * stride)))
     sr, sc = max(1, r2.shape[0] // step), max(1, r2.shape[1] // step)
     # coarse first (area average = box filter + decimation), then the window blur on the coarse
     # grid: ~20x cheaper than blurring the full-resolution map with a 12 mm box.
-    m = cv2.resize(m2.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
+    key = (mask.ctypes.data, mask.shape, stride, sc, sr)
+    if mask_cache is not None and key in mask_cache:
+        m = mask_cache[key]  # the same mask for every band of one image: resized once
+    else:
+        m = cv2.resize(m2.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
+        if mask_cache is not None:
+            mask_cache[key] = m
     sub = max(1, int(np.sqrt(r2.size / 250000)))  # the 98th percentile from ~250k pixels
     inside = r2[::sub, ::sub][m2[::sub, ::sub]]
     cap = max(float(np.quantile(inside, 0.98)) if inside.size else 1.0, 1e-6)
@@ -184,6 +191,52 @@ def _hessian_at(g: np.ndarray, r: np.ndarray, c: np.ndarray, h: int
     return l1, l2, grad
 
 
+def _filter_box(mask: np.ndarray, sigmas: list[float]) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1): the bounding box of ``mask`` widened by more than the reach of the
+    chained Gaussian blurs ``sigmas`` (OpenCV's float kernels reach 4 sigma), clipped to the
+    image; the left edge rounded down to a multiple of 32 columns."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    reach = sum(int(np.ceil(4.0 * s)) + 1 for s in sigmas)
+    margin = 2 * reach + 32
+    r0 = max(0, int(rows[0]) - margin)
+    r1 = min(mask.shape[0], int(rows[-1]) + 1 + margin)
+    c0 = max(0, (int(cols[0]) - margin) // 32 * 32)
+    c1 = min(mask.shape[1], int(cols[-1]) + 1 + margin)
+    return r0, r1, c0, c1
+
+
+def _peak_centroids(peak: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (row, col; float64) of the 8-connected groups of ``peak`` pixels: what
+    ``cv2.connectedComponentsWithStats(peak, connectivity=8)`` gives (without the background),
+    in another order, from the few thousand peak pixels instead of a labelling of the whole
+    grid. Local maxima touch only on a plateau of equal values, so most groups are one pixel."""
+    idx = np.flatnonzero(peak)  # raster order, sorted
+    width = peak.shape[1]
+    r, c = np.divmod(idx, width)
+    if len(idx) == 0:
+        return r.astype(np.float64), c.astype(np.float64)
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    for dr, dc in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each neighbour pair once
+        target = idx + dr * width + dc
+        pos = np.minimum(np.searchsorted(idx, target), len(idx) - 1)
+        hit = (idx[pos] == target) & (c + dc >= 0) & (c + dc < width)
+        src.append(np.flatnonzero(hit))
+        dst.append(pos[hit])
+    a, b = np.concatenate(src), np.concatenate(dst)
+    if len(a) == 0:
+        return r.astype(np.float64), c.astype(np.float64)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(idx), len(idx)))
+    n, labels = connected_components(graph, directed=False)
+    count = np.bincount(labels, minlength=n).astype(np.float64)
+    return (np.bincount(labels, r.astype(np.float64), n) / count,
+            np.bincount(labels, c.astype(np.float64), n) / count)
+
+
 def find_candidates(
     image01: np.ndarray,
     mask: np.ndarray,
@@ -208,26 +261,49 @@ def find_candidates(
     # Pass 1, detection: differences of Gaussians between successive blurs (ratio 1.5:
     # scale-normalised up to a constant that the noise normalisation removes), each blur from
     # the previous one; only the running maximum SNR is kept (memory: a few image copies).
-    prev = cv2.GaussianBlur(work, (0, 0), EDGES_MM[0] / px)
-    best = np.zeros(work.shape, np.float32)
+    # Only the breast's bounding box is filtered (with a margin wider than the chained blurs'
+    # reach, its left edge on a multiple of 32 columns so that OpenCV's vector lanes fall on
+    # the same columns as in the whole image: every value inside the breast is bit-identical
+    # to filtering the whole grid, tests/test_detector_speed.py); the noise estimate reads the
+    # response inside the breast only, from a whole-grid buffer (zero outside the box).
+    sigmas = [EDGES_MM[0] / px] + [np.sqrt(s1 * s1 - s0 * s0) / px
+                                   for s0, s1 in zip(EDGES_MM[:-1], EDGES_MM[1:], strict=True)]
+    box = _filter_box(wmask, sigmas)
+    r0, r1, c0, c1 = box
+    region = work[r0:r1, c0:c1]
+    rmask = wmask[r0:r1, c0:c1]
+    full_resp = np.zeros(work.shape, np.float32) if region.shape != work.shape else None
+    mask_cache: dict = {}
+    prev = cv2.GaussianBlur(region, (0, 0), sigmas[0])
+    best = np.zeros(region.shape, np.float32)
     coarse_sd = []
-    for s0, s1 in zip(EDGES_MM[:-1], EDGES_MM[1:], strict=True):
-        nxt = cv2.GaussianBlur(prev, (0, 0), np.sqrt(s1 * s1 - s0 * s0) / px)
-        resp = prev - nxt
-        sd = coarse_noise(resp, wmask, p.noise_window_mm / px)
+    # Buffers are reused in place (the response in the previous blur's, the noise map in the
+    # whole-grid buffer once the noise is estimated): a few region-sized arrays at a time.
+    up: np.ndarray | None = None
+    for sigma in sigmas[1:]:
+        nxt = cv2.GaussianBlur(prev, (0, 0), sigma)
+        resp = np.subtract(prev, nxt, out=prev)
+        if full_resp is None:
+            whole = resp
+        else:
+            full_resp[r0:r1, c0:c1] = resp
+            whole = full_resp
+        sd = coarse_noise(whole, wmask, p.noise_window_mm / px, mask_cache=mask_cache)
         coarse_sd.append(sd)
-        resp /= cv2.resize(sd, (work.shape[1], work.shape[0]), interpolation=cv2.INTER_LINEAR)
+        up = cv2.resize(sd, (work.shape[1], work.shape[0]), dst=full_resp if full_resp is not None
+                        else up, interpolation=cv2.INTER_LINEAR)
+        resp /= up[r0:r1, c0:c1]
         np.maximum(best, resp, out=best)
         prev = nxt
-    del prev, nxt, resp
-    best[~wmask] = 0.0
+    del prev, nxt, resp, full_resp, whole, up, mask_cache
+    best[~rmask] = 0.0
     peak = (best >= p.snr) & (best >= cv2.dilate(best, np.ones((5, 5), np.uint8)))
-    n, _, _, cent = cv2.connectedComponentsWithStats(peak.astype(np.uint8), connectivity=8)
-    if n <= 1:
+    cent_r, cent_c = _peak_centroids(peak)
+    if len(cent_r) == 0:
         return empty
-    pr = np.clip(np.round(cent[1:, 1]).astype(int), 0, work.shape[0] - 1)
-    pc = np.clip(np.round(cent[1:, 0]).astype(int), 0, work.shape[1] - 1)
-    order = np.lexsort((pc, pr, -best[pr, pc]))[: p.max_candidates]
+    pr = np.clip(np.round(cent_r + r0).astype(int), 0, work.shape[0] - 1)
+    pc = np.clip(np.round(cent_c + c0).astype(int), 0, work.shape[1] - 1)
+    order = np.lexsort((pc, pr, -best[pr - r0, pc - c0]))[: p.max_candidates]
     pr, pc = pr[order], pc[order]
     ok = wmask[pr, pc]
     pr, pc = pr[ok], pc[ok]

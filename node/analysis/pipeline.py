@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ import cv2
 import numpy as np
 import pydicom
 
+from models.detector.anatomy import reuse_downscaled
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
 from node.analysis.gradcam import finish_cam, paint_evidence, paste_cam
@@ -122,6 +124,11 @@ class AnalysisPipeline:
         self.max_workers = max_workers or min(4, os.cpu_count() or 1)
         self.limits = limits or LimitsSettings()
         self.decode_budget = DecodeBudget(analysis.decode_memory_mb << 20)
+        # Images prepared at once, over the study's threads and node.preanalysis's pool
+        # together: one per CPU. Each holds ~200 MB of full-resolution arrays (3328 x 4096) and
+        # already spreads its OpenCV filters over the cores, so more at once only adds memory
+        # (measured: bench/results/2026-12-01-issue18c-C-cpu.md).
+        self.preparation_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     # ------------------------------------------------------------------------------ public
 
@@ -305,10 +312,19 @@ class AnalysisPipeline:
             g = None  # prepare() says what is wrong with it
         # The whole working set of this image (decoded, float copies, mask) is reserved until
         # its crops are made; concurrent decodes wait while the budget is spent.
-        with self.decode_budget.reserve(working_set_bytes(g) if g is not None else 0):
+        with self.preparation_slots, \
+                self.decode_budget.reserve(working_set_bytes(g) if g is not None else 0):
             return self._prepare_within_budget(item, t0)
 
     def _prepare_within_budget(
+        self, item: ImageInput, t0: float
+    ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
+               np.ndarray | None]:
+        # the breast mask and the detector's anatomy share one ~1 mm copy of the image
+        with reuse_downscaled():
+            return self._prepare_and_search(item, t0)
+
+    def _prepare_and_search(
         self, item: ImageInput, t0: float
     ) -> tuple[ImageAnalysis, list[np.ndarray] | None, list[Cluster], float, float,
                np.ndarray | None]:

@@ -144,13 +144,116 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
     normalised instead (:func:`_for_processing`). Pixels equal to Pixel Padding Value (up to
     Pixel Padding Range Limit; compared with the stored values, PS3.3 C.7.5.1.1.2) are
     background: 0, and left out of every statistic.
+
+    For Presentation images with 8- or 16-bit integer stored values go through one lookup table
+    indexed by the stored value (:func:`grey_lookup_table`): the same float32 maths run once per
+    possible value (65,536) instead of once per pixel (13.6 million for a 3328 x 4096 image), and
+    one gather replaces the full-resolution float temporaries. Everything else (For Processing,
+    whose stretch depends on the image's percentiles; 32-bit or float pixel data) takes
+    :func:`to_unit_range_per_pixel`, the reference the table is tested against.
     """
-    padding = _padding_mask(raw, ds)
+    if for_presentation:
+        table = grey_lookup_table(raw, ds)
+        if table is not None:
+            return apply_table(table, _table_index(raw))
+    return to_unit_range_per_pixel(raw, ds, for_presentation=for_presentation)
+
+
+def apply_table(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` as float32, gathered ~64k pixels at a time: numpy converts each block's
+    indices to intp, and a block's stay in cache (measured 23 ms vs 43 ms for one
+    ``np.take`` over a 3328 x 4096 image)."""
+    out = np.empty(index.shape, dtype=table.dtype)
+    if index.ndim != 2:
+        np.take(table, index, out=out)
+        return out
+    step = max(1, 65536 // max(1, index.shape[1]))
+    for r in range(0, index.shape[0], step):
+        np.take(table, index[r:r + step], out=out[r:r + step])
+    return out
+
+
+_TABLE_DTYPES = {np.dtype(np.uint8): np.uint8, np.dtype(np.int8): np.uint8,
+                 np.dtype(np.uint16): np.uint16, np.dtype(np.int16): np.uint16}
+
+
+def _table_index(raw: np.ndarray) -> np.ndarray:
+    """The stored values as unsigned table indices (a view: signed values wrap like the table)."""
+    return raw.view(_TABLE_DTYPES[raw.dtype])
+
+
+def grey_lookup_table(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """float32 table ``t`` with ``to_unit_range(raw) == t[raw.view(unsigned)]`` for a For
+    Presentation image, or None when the image needs the per-pixel path.
+
+    Entry ``i`` is :func:`to_unit_range_per_pixel` of the stored value whose unsigned bit
+    pattern is ``i``, with the image's own statistics where the pipeline uses any (the value
+    range when there is no VOI, the padding present): the maths are element-wise, so each
+    pixel gets exactly the value the per-pixel path gives it.
+    """
+    unsigned = _TABLE_DTYPES.get(raw.dtype)
+    if unsigned is None or raw.size < 4096:  # small images: the per-pixel path is as fast
+        return None
+    n = 1 << (8 * raw.dtype.itemsize)
+    values = np.arange(n, dtype=unsigned).view(raw.dtype)  # every stored value, in index order
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    if has_lut and not has_window:
+        try:
+            nbits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+        if nbits not in range(8, 17):  # the per-pixel path sizes it from the image's maximum
+            return None
+    padding = _padding_mask(values, ds)
+    present: np.ndarray | None = None
+    if padding is not None or not (has_window or has_lut):
+        present = np.bincount(_table_index(raw).ravel(), minlength=n) > 0
+    if padding is not None:
+        assert present is not None
+        in_image = padding & present
+        if not in_image.any():
+            padding = None  # no pixel is padding: nothing to zero, no pixel to leave out
+        elif not (present & ~padding).any():
+            return None  # every pixel is padding: the per-pixel path's special case
+    data_range = None
+    if not (has_window or has_lut):
+        assert present is not None
+        used = present if padding is None else present & ~padding
+        x = _rescaled(values[used], ds)
+        data_range = float(x.min()), float(x.max())
+    return to_unit_range_per_pixel(values, ds, for_presentation=True, padding=padding,
+                                   data_range=data_range)
+
+
+def _rescaled(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT's rescale, float32 (the stored values when slope 1, intercept 0)."""
     x = raw.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1.0 or intercept != 0.0:
         x = x * np.float32(slope) + np.float32(intercept)
+    return x
+
+
+_UNSET = object()
+
+
+def to_unit_range_per_pixel(
+    raw: np.ndarray, ds: Dataset, *, for_presentation: bool,
+    padding: np.ndarray | None | object = _UNSET,
+    data_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """:func:`to_unit_range` computed pixel by pixel. ``padding`` (the padding mask) and
+    ``data_range`` (min, max of the rescaled non-padding values, used when there is no VOI)
+    default to the image's own; :func:`grey_lookup_table` passes the image's when ``raw`` is
+    the table's domain."""
+    if padding is _UNSET:
+        padding = _padding_mask(raw, ds)
+    assert padding is None or isinstance(padding, np.ndarray)
+    x = _rescaled(raw, ds)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
     mono1 = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
 
     if not for_presentation:
@@ -167,8 +270,11 @@ def to_unit_range(raw: np.ndarray, ds: Dataset, *, for_presentation: bool) -> np
     else:
         # No VOI: the full stored range (or the data's actual range when that is much smaller).
         bits = int(ds.get("BitsStored", 16))
-        values = x[~padding] if padding is not None and not padding.all() else x
-        lo, hi = float(values.min()), float(values.max())
+        if data_range is None:
+            values = x[~padding] if padding is not None and not padding.all() else x
+            lo, hi = float(values.min()), float(values.max())
+        else:
+            lo, hi = data_range
         if hi - lo < 1e-6:
             hi = lo + 1.0
         if hi - lo < 0.25 * ((1 << bits) - 1):

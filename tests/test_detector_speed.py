@@ -1,0 +1,137 @@
+"""The faster candidate search gives exactly the candidates, features and clusters of the dense one.
+
+``models.detector.candidates.find_candidates`` filters only the breast's bounding box and groups
+the local maxima from the peak pixels; tests/reference_candidates.py is the search as it was
+(whole-grid filtering, OpenCV's labelling). The shipped detector's validated figures rest on its
+features, so they must not move: both run on real mini-MIAS films (at their 0.2 mm, and enlarged
+to 0.1 mm and 0.067 mm so that the work-grid resampling runs) and on the benchmark's 3328 x 4096
+synthetic mammograms, and must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tests.reference_candidates as reference
+from bench.studies import FORMATS, synthetic_mammogram
+from models.detector import candidates
+from models.detector.anatomy import breast_mask
+from node.analysis.prepare import prepare
+from node.analysis.rois import DEFAULT_DETECTOR, load_detector
+from tests.testdata import mg_dataset, mias_to_mg
+
+
+def _mias(refnum: str, upsample: int, view: str) -> tuple[np.ndarray, np.ndarray, float, str]:
+    im = prepare(None, ds=mias_to_mg(refnum, upsample=upsample, view=view))
+    return im.image01, im.breast_mask, im.pixel_spacing_mm, im.view
+
+
+def _bench(fmt: str, laterality: str, view: str, seed: int
+           ) -> tuple[np.ndarray, np.ndarray, float, str]:
+    f = FORMATS[fmt]
+    px = synthetic_mammogram(f, laterality, view, seed)
+    ds = mg_dataset(px, patient_id="P", study_uid="1.2.3", sop_uid=f"1.2.3.{seed}",
+                    laterality=laterality, view=view, spacing_mm=f.spacing_mm, bits_stored=f.bits)
+    im = prepare(None, ds=ds)
+    return im.image01, im.breast_mask, im.pixel_spacing_mm, im.view
+
+
+IMAGES = {
+    "mias-mdb219-0.2mm": lambda: _mias("mdb219", 1, "MLO"),
+    "mias-mdb209-0.1mm": lambda: _mias("mdb209", 2, "MLO"),
+    "mias-mdb223-0.067mm": lambda: _mias("mdb223", 3, "CC"),
+    "bench-small-RCC": lambda: _bench("small", "R", "CC", 2),
+    "bench-big-LMLO": lambda: _bench("big", "L", "MLO", 1),
+}
+
+
+def _same_candidates(a: candidates.Candidates, b: reference.Candidates) -> None:
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.cols, b.cols)
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_candidates_and_clusters_are_unchanged(name: str, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    image01, mask, spacing, view = IMAGES[name]()
+    new = candidates.find_candidates(image01, mask, spacing, view=view)
+    old = reference.find_candidates(image01, mask, spacing, view=view)
+    assert len(new) > 20  # real work: the images have calcification-like specks
+    _same_candidates(new, old)
+    detector = load_detector(DEFAULT_DETECTOR)
+    got = detector.detect(image01, mask, spacing, view=view, min_score=0.0)
+    monkeypatch.setattr("models.detector.model.find_candidates", reference.find_candidates)
+    want = detector.detect(image01, mask, spacing, view=view, min_score=0.0)
+    assert got == want  # every cluster: centre, members, outline, features, score
+
+
+def test_a_mask_reaching_every_edge_and_an_empty_mask() -> None:
+    image01, _, spacing, view = IMAGES["mias-mdb219-0.2mm"]()
+    full = np.ones(image01.shape, bool)  # the box is the whole grid
+    _same_candidates(candidates.find_candidates(image01, full, spacing, view=view),
+                     reference.find_candidates(image01, full, spacing, view=view))
+    small = np.zeros(image01.shape, bool)
+    small[400:470, 500:530] = True  # a box narrower than the margin, off the 32-column grid
+    _same_candidates(candidates.find_candidates(image01, small, spacing, view=view),
+                     reference.find_candidates(image01, small, spacing, view=view))
+    none = np.zeros(image01.shape, bool)
+    assert len(candidates.find_candidates(image01, none, spacing, view=view)) == 0
+
+
+def test_peak_groups_match_opencv_labelling() -> None:
+    """Plateaus (touching peak pixels, 8-connected, across rows and at the image's edges) are
+    grouped as cv2.connectedComponentsWithStats groups them."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    peak = rng.random((300, 257)) > 0.93
+    peak[0, :3] = peak[-1, -3:] = peak[:4, -1] = True
+    peak[10, 0] = peak[11, 256] = True  # not neighbours: different rows' ends
+    n, _, _, cent = cv2.connectedComponentsWithStats(peak.astype(np.uint8), connectivity=8)
+    r, c = candidates._peak_centroids(peak)
+    got = sorted(zip(r.tolist(), c.tolist(), strict=True))
+    want = sorted(zip(cent[1:, 1].tolist(), cent[1:, 0].tolist(), strict=True))
+    assert len(got) == n - 1
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-9)
+
+
+def test_breast_mask_of_the_bench_image_is_the_one_searched() -> None:
+    # guards the test images above: a real breast, neither empty nor the whole frame
+    image01, mask, spacing, _ = IMAGES["bench-small-RCC"]()
+    assert 0.2 < mask.mean() < 0.8
+    np.testing.assert_array_equal(mask, breast_mask(image01, spacing))
+
+
+def test_breast_mask_and_anatomy_share_one_downscaled_copy_inside_the_block() -> None:
+    from models.detector import anatomy as anatomy_module
+
+    image01, _, spacing, view = IMAGES["bench-small-RCC"]()
+    calls: list[tuple[int, int]] = []
+    real = anatomy_module._area_downscaled
+
+    def counting(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        out = real(img, size)
+        calls.append((id(img), id(out)))
+        return out
+
+    outside_mask = breast_mask(image01, spacing)
+    outside = reference.find_candidates(image01, outside_mask, spacing, view=view)
+    anatomy_module._area_downscaled = counting  # type: ignore[assignment]
+    try:
+        with anatomy_module.reuse_downscaled():
+            mask = breast_mask(image01, spacing)
+            got = candidates.find_candidates(image01, mask, spacing, view=view)
+            other = image01.copy()  # another image object: never served the first one's copy
+            breast_mask(other, spacing)
+    finally:
+        anatomy_module._area_downscaled = real  # type: ignore[assignment]
+    assert calls[0][1] == calls[1][1]  # the anatomy got the breast mask's copy
+    assert calls[2][1] != calls[0][1]
+    np.testing.assert_array_equal(mask, outside_mask)
+    _same_candidates(got, outside)
+    assert got.anatomy is not None and outside.anatomy is not None
+    np.testing.assert_array_equal(got.anatomy.pectoral_mm, outside.anatomy.pectoral_mm)
+    assert getattr(anatomy_module._downscaled, "entries", None) is None  # dropped on exit
