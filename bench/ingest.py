@@ -63,6 +63,7 @@ class IngestResult:
     peak_rss_mib: dict[str, float]
     ratio: float  # node/dcmtk throughput, median of per-pair ratios (>1 = node faster)
     durable_ratio: float | None = None  # node / (storescp + fsync per file), likewise
+    base_ratios: dict[str, float] | None = None  # node-base / storescp, storescp+fsync, node
 
     def rate(self, server: str) -> tuple[float, float]:
         s = self.seconds[server]
@@ -90,9 +91,10 @@ def fsync_shim(work: Path) -> Path | None:
 
 
 def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
-             profile: Path | None = None) -> tuple[float, float]:
+             profile: Path | None = None, baseline: Path | None = None) -> tuple[float, float]:
     """One storescu association with every file; (seconds, server peak RSS MiB). ``profile``:
-    py-spy samples the node's receiver during the transfer (collapsed stacks written there)."""
+    py-spy samples the node's receiver during the transfer (collapsed stacks written there).
+    ``kind`` "node-base" runs the node's receiver from the source tree ``baseline``."""
     port = free_port()
     out = work / f"{kind}-{port}"
     env = dict(os.environ, TCP_NODELAY="1")
@@ -107,8 +109,11 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
                                    "-pdu", str(PDU), str(port)], env=server_env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
+        tree = baseline if kind == "node-base" else REPO
+        assert tree is not None, "node-base needs a baseline tree"
         server = subprocess.Popen([sys.executable, "-c", RECEIVER, str(out), str(port), str(pdu)],
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  cwd=tree, env=dict(env, PYTHONPATH=str(tree)),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spy = None
     try:
         wait_for_port(port, 60, server)
@@ -137,28 +142,40 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
     return seconds, rss
 
 
-def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = PDU
-            ) -> IngestResult:
-    """Alternating storescp / node runs over ``files``; medians and the paired ratio."""
+def _paired(runs: dict[str, list[tuple[float, float]]], fast: str, slow: str) -> float | None:
+    """Median over the repeats of ``slow`` seconds / ``fast`` seconds (>1: ``fast`` faster)."""
+    pairs = [d[0] / n[0] for n, d in zip(runs.get(fast, []), runs.get(slow, []), strict=False)]
+    return statistics.median(pairs) if pairs else None
+
+
+def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = PDU,
+            baseline: Path | None = None) -> IngestResult:
+    """Alternating storescp / node (/ node-base) runs over ``files``; medians and the paired
+    ratios (each node run against the dcmtk runs of the same repeat)."""
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
     mb = sum(f.stat().st_size for f in files) / 1e6
-    kinds = ["storescp", "node"] + (["storescp+fsync"] if fsync_shim(work) else [])
+    kinds = ["storescp", "node"] + (["node-base"] if baseline else []) + (
+        ["storescp+fsync"] if fsync_shim(work) else [])
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     run_once("node", files[:1], work, pdu)  # warm-up (imports, page cache)
+    if baseline:
+        run_once("node-base", files[:1], work, pdu, baseline=baseline)
     for i in range(repeats):
         for kind in kinds if i % 2 == 0 else kinds[::-1]:
-            runs[kind].append(run_once(kind, files, work, pdu))
-    ratios = [d[0] / n[0] for n, d in zip(runs["node"], runs["storescp"], strict=True)]
-    durable = [d[0] / n[0] for n, d in zip(runs["node"], runs.get("storescp+fsync", []),
-                                           strict=False)]
+            runs[kind].append(run_once(kind, files, work, pdu, baseline=baseline))
+    base = None
+    if baseline:
+        base = {k: r for k in ("storescp", "storescp+fsync", "node")
+                if (r := _paired(runs, "node-base", k)) is not None}
     return IngestResult(
         label=label, images=len(files), mb=mb,
         seconds={k: statistics.median(r[0] for r in v) for k, v in runs.items()},
         peak_rss_mib={k: max(r[1] for r in v) for k, v in runs.items()},
-        ratio=statistics.median(ratios),
-        durable_ratio=statistics.median(durable) if durable else None,
+        ratio=_paired(runs, "node", "storescp") or 0.0,
+        durable_ratio=_paired(runs, "node", "storescp+fsync"),
+        base_ratios=base,
     )
 
 
@@ -214,10 +231,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after the comparison, one more node run sampled by py-spy: where "
                          "the receiver's time goes")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also run the node's receiver from this source tree (e.g. a "
+                         "`git worktree add /tmp/base <rev>`), alternating with the others")
     args = ap.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="mammo-bench-") as tmp:
         files = build_files(Path(tmp), args.format, args.syntax, args.studies)
-        r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu)
+        r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu,
+                    baseline)
         prof = None
         if args.profile:
             if _py_spy() is None:
@@ -228,12 +250,17 @@ def main() -> None:
     print(f"ingest {r.label}: {r.images} images, {r.mb:.1f} MB, {args.repeats} alternating runs")
     for kind in r.seconds:
         mbs, ips = r.rate(kind)
-        print(f"{kind:<10} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
+        print(f"{kind:<14} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
               f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB")
     print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
     if r.durable_ratio is not None:
         print(f"node/(dcmtk + fsync per file) throughput ratio: {r.durable_ratio:.2f}")
-    print(f"load average: {os.getloadavg()[0]:.1f}")
+    if r.base_ratios:
+        print(f"baseline tree: {baseline}")
+        for k, v in r.base_ratios.items():
+            print(f"node-base/{k} throughput ratio: {v:.2f}")
+        print(f"node/node-base throughput ratio: {1 / r.base_ratios['node']:.2f}")
+    print(f"load average: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f}")
     if prof:
         print("\n".join(["", "Node receiver profile (py-spy, one more run):", *prof]))
 

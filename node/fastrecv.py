@@ -276,4 +276,7 @@ def install() -> None:
     # pynetdicom's decoder calls NamedTemporaryFile(...) by name at each dataset: a class with
     # the same call signature replaces the function (pinned: tests/test_fastrecv_patch_points.py)
     dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[assignment]
+    from node import fastpdu
+
+    fastpdu.install()  # the acceptor's reactors, with the P-DATA-TF shortcut (node/fastpdu.py)
     _installed = True
