@@ -185,7 +185,9 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
             owed = start + timeout + (n / rate if rate > 0 else float("inf")) - time.monotonic()
             if owed <= 0:
                 return _cut_off(self, buf, n, nr_bytes, start, "too slow")
-            sock.settimeout(min(timeout, owed))
+            wait = min(timeout, owed)
+            if wait != sock.gettimeout():  # settimeout costs an ioctl each time
+                sock.settimeout(wait)
         try:
             with memoryview(buf) as view:
                 got = sock.recv_into(view[n:], len(buf) - n)
@@ -199,7 +201,7 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
         n += got
         self.rx_bytes = getattr(self, "rx_bytes", 0) + got  # for the message watchdog
         self.rx_last = time.monotonic()
-    if limits is not None:
+    if limits is not None and sock.gettimeout() != limits[0]:
         sock.settimeout(limits[0])  # what a send may wait for the peer to read
     return buf
 
