@@ -23,10 +23,11 @@ for a P-DATA-TF, so it does not count). Reads keep the deadlines of :func:`node.
 The reactor's idle wait is a ``select`` on the socket bounded by pynetdicom's 1 ms loop delay
 instead of a plain 1 ms sleep, so data that arrives is read at once.
 
-The association thread's reactor (``Association._run_reactor``, acceptor side) polls for a
-complete DIMSE message every 1 ms; here it waits on the message queue itself (woken at once
-when the C-STORE request is complete) and polls its other checks (release, abort, the DUL
-alive, the idle timer) at the same 1 ms pace.
+The association thread's reactor (``Association._run_reactor``, acceptor side) wakes every 1 ms
+to poll for a complete DIMSE message, a release or an abort (~1,000 GIL hand-offs a second,
+each taken from the thread that is receiving); here it waits on the DIMSE message queue, which
+is also nudged whenever the DUL hands the association a primitive (release, abort, closed
+connection), and otherwise re-checks every 50 ms (DUL thread gone, network timeout, kill).
 
 Requestor associations (the node's own sends, node.deliver) keep pynetdicom's reactors.
 :func:`install` is idempotent; the replaced code is pinned by tests/test_fastrecv_patch_points.py.
@@ -226,21 +227,43 @@ def _run_reactor(self: Any) -> None:
         sleep = False
 
 
+class _WakingQueue(queue.Queue[Any]):
+    """The DUL's ``to_user_queue`` (A-RELEASE, A-ABORT, A-P-ABORT indications for the
+    association thread): each put also wakes that thread's wait on the DIMSE message queue."""
+
+    wake: queue.Queue[Any]
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.put((None, None))
+
+
+#: The association thread's longest wait between its checks. A DIMSE message, a release or an
+#: abort from the peer and a closed connection wake it at once; this bounds how late it sees
+#: the DUL thread gone without a word, the network timeout and a local kill().
+_ASSOC_POLL = 0.05
+
+
 def _assoc_run_reactor(self: Any) -> None:
     """``Association._run_reactor`` (acceptor): the 1 ms sleep + non-blocking poll of the DIMSE
-    message queue becomes a wait of at most 1 ms on that queue; the rest is pynetdicom's."""
+    message queue becomes a wait on that queue, woken by a complete message or by anything the
+    DUL hands the association (:class:`_WakingQueue`); the checks are pynetdicom's."""
     if not self.is_acceptor:
         _orig_assoc_run_reactor(self)
         return
     self._is_paused = False
     msg_queue = self.dimse.msg_queue
+    to_user = self.dul.to_user_queue
+    if type(to_user) is queue.Queue:
+        to_user.wake = msg_queue  # type: ignore[attr-defined]
+        to_user.__class__ = _WakingQueue  # in place: the DUL thread keeps putting into it
     while not self._kill:
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
         try:
-            # pynetdicom's dimse.get_msg(block=False) after a 1 ms sleep, woken by a message
-            context_id, msg = msg_queue.get(timeout=0.001)
+            # pynetdicom: dimse.get_msg(block=False) after a 1 ms sleep
+            context_id, msg = msg_queue.get(timeout=_ASSOC_POLL)
         except queue.Empty:
             msg = None
         if msg:
