@@ -186,7 +186,10 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
             if owed <= 0:
                 return _cut_off(self, buf, n, nr_bytes, start, "too slow")
             wait = min(timeout, owed)
-            if wait != sock.gettimeout():  # settimeout costs an ioctl each time
+            current = sock.gettimeout()
+            # settimeout costs an ioctl: keep the current one unless it would overshoot the
+            # deadline by more than 5 % of pdu_timeout (it is ~1 ms short at each PDU start)
+            if current is None or wait > current or wait < current - 0.05 * timeout:
                 sock.settimeout(wait)
         try:
             with memoryview(buf) as view:
