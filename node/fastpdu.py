@@ -21,7 +21,9 @@ fire for the PDUs taken here; pynetdicom's own logging handler of ``EVT_PDU_RECV
 for a P-DATA-TF, so it does not count). Reads keep the deadlines of :func:`node.fastrecv._recv`.
 
 The reactor's idle wait is a ``select`` on the socket bounded by pynetdicom's 1 ms loop delay
-instead of a plain 1 ms sleep, so data that arrives is read at once.
+instead of a plain 1 ms sleep, so data that arrives is read at once; and on a plain TCP socket
+the next PDU's header is polled with one non-blocking ``read`` instead of ``select`` + ``poll``
++ ``recv``.
 
 The association thread's reactor (``Association._run_reactor``, acceptor side) wakes every 1 ms
 to poll for a complete DIMSE message, a release or an abort (~1,000 GIL hand-offs a second,
@@ -36,8 +38,10 @@ Requestor associations (the node's own sends, node.deliver) keep pynetdicom's re
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import time
@@ -100,14 +104,15 @@ def _write_fragments(f: Any, body: bytearray) -> bool:
     return True
 
 
-def _read_pdu(dul: Any) -> int:
+def _read_pdu(dul: Any, head: bytes = b"") -> int:
     """``DULServiceProvider._read_pdu_data`` for an acceptor, with the P-DATA-TF shortcut.
+    ``head``: the first bytes of the PDU header, already read by :func:`_poll_header`.
 
     The error handling and the events put on the queue are pynetdicom's (READ_PDU_EXC_A..F).
     """
     sock = dul.socket
     try:
-        header = sock.recv(6)
+        header = head + sock.recv(6 - len(head)) if len(head) < 6 else head
     except (OSError, TimeoutError) as exc:
         LOGGER.error("Connection closed before the entire PDU was received")
         LOGGER.exception(exc)
@@ -158,9 +163,39 @@ def _transport_event(dul: Any) -> int:
     sock = dul.socket
     if dul.state_machine.current_state == "Sta13":
         return _TRANSPORT_EVENT if dul._is_transport_event() else _TRANSPORT_NONE
+    head = _poll_header(sock)
+    if head is not None:
+        return _read_pdu(dul, head) if head else _TRANSPORT_NONE
     if sock and sock.ready:
         return _read_pdu(dul)
     return _TRANSPORT_NONE
+
+
+_NOTHING = b""
+
+
+def _poll_header(assoc_socket: Any) -> bytes | None:
+    """Up to 6 bytes of the next PDU if they are there, in one non-blocking ``read`` (instead of
+    pynetdicom's ``select`` + Python's ``poll`` + ``recv``): b"" when nothing has arrived yet,
+    None when this does not apply (TLS, a blocking socket, not connected, the connection
+    closed or broken: pynetdicom's ``ready`` + read then see it and queue Evt17)."""
+    raw = getattr(assoc_socket, "socket", None) if assoc_socket is not None else None
+    if type(raw) is not socket.socket or not getattr(assoc_socket, "_is_connected", False):
+        return None
+    timeout = raw.gettimeout()
+    if timeout is None or timeout <= 0:  # only then is the descriptor non-blocking
+        return None
+    try:
+        head = os.read(raw.fileno(), 6)
+    except BlockingIOError:
+        return _NOTHING
+    except OSError:  # reset, closed: pynetdicom's own path reports it
+        return None
+    if not head:  # the peer closed: pynetdicom's path reads that too (Evt17)
+        return None
+    assoc_socket.rx_bytes = getattr(assoc_socket, "rx_bytes", 0) + len(head)
+    assoc_socket.rx_last = time.monotonic()
+    return head
 
 
 def _wait_readable(assoc_socket: Any, delay: float) -> None:
