@@ -44,6 +44,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any
 
@@ -264,13 +265,20 @@ def _run_reactor(self: Any) -> None:
 
 class _WakingQueue(queue.Queue[Any]):
     """The DUL's ``to_user_queue`` (A-RELEASE, A-ABORT, A-P-ABORT indications for the
-    association thread): each put also wakes that thread's wait on the DIMSE message queue."""
+    association thread): each put also wakes that thread's wait on the DIMSE message queue
+    with a ``(None, None)`` item, which the reactor reads as "no message".
+
+    Not while the reactor is paused: pynetdicom pauses it when a handler sends on its own
+    association (``send_c_store`` from a C-GET SCP...) and reads the answer from the same
+    queue, where a wake-up item would read as "no answer". The node's handlers never do."""
 
     wake: queue.Queue[Any]
+    running: threading.Event  # the association's _reactor_checkpoint
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self.wake.put((None, None))
+        if self.running.is_set():
+            self.wake.put((None, None))
 
 
 #: The association thread's longest wait between its checks. A DIMSE message, a release or an
@@ -291,6 +299,7 @@ def _assoc_run_reactor(self: Any) -> None:
     to_user = self.dul.to_user_queue
     if type(to_user) is queue.Queue:
         to_user.wake = msg_queue  # type: ignore[attr-defined]
+        to_user.running = self._reactor_checkpoint  # type: ignore[attr-defined]
         to_user.__class__ = _WakingQueue  # in place: the DUL thread keeps putting into it
     while not self._kill:
         self._is_paused = True
