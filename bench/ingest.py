@@ -63,10 +63,21 @@ class IngestResult:
     peak_rss_mib: dict[str, float]
     ratio: float  # node/dcmtk throughput, median of per-pair ratios (>1 = node faster)
     durable_ratio: float | None = None  # node / (storescp + fsync per file), likewise
+    base_ratios: dict[str, float] | None = None  # node-base / storescp, storescp+fsync, node
+    cpu_ms_per_image: dict[str, float] | None = None  # receiver CPU (user+sys), median run
 
     def rate(self, server: str) -> tuple[float, float]:
         s = self.seconds[server]
         return self.mb / s, self.images / s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _py_spy() -> str | None:
@@ -90,9 +101,14 @@ def fsync_shim(work: Path) -> Path | None:
 
 
 def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
-             profile: Path | None = None) -> tuple[float, float]:
-    """One storescu association with every file; (seconds, server peak RSS MiB). ``profile``:
-    py-spy samples the node's receiver during the transfer (collapsed stacks written there)."""
+             profile: Path | None = None, baseline: Path | None = None,
+             warm: Path | None = None) -> tuple[float, float, float]:
+    """One storescu association with every file; (seconds, server peak RSS MiB, server CPU
+    seconds during the transfer: the receive cost, start-up excluded). ``profile``:
+    py-spy samples the node's receiver during the transfer (collapsed stacks written there).
+    ``kind`` "node-base" runs the node's receiver from the source tree ``baseline``. ``warm``:
+    one file sent in an association of its own before the timed one (lazy imports, database
+    mappers, first-use caches: what a running node has paid long before), not timed."""
     port = free_port()
     out = work / f"{kind}-{port}"
     env = dict(os.environ, TCP_NODELAY="1")
@@ -107,23 +123,33 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
                                    "-pdu", str(PDU), str(port)], env=server_env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
+        tree = baseline if kind == "node-base" else REPO
+        assert tree is not None, "node-base needs a baseline tree"
         server = subprocess.Popen([sys.executable, "-c", RECEIVER, str(out), str(port), str(pdu)],
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  cwd=tree, env=dict(env, PYTHONPATH=str(tree)),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spy = None
     try:
         wait_for_port(port, 60, server)
         if profile is not None and kind == "node":
             spy = subprocess.Popen([_py_spy() or "py-spy", "record", "-p",
                                     str(server.pid), "-f", "raw", "-r", "250", "--threads",
-                                    "--native", "-o", str(profile)],
+                                    "-o", str(profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
+        if warm is not None:
+            subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU),
+                            *storescu_args([warm]), "127.0.0.1", str(port), str(warm)],
+                           check=True, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        cpu0 = cpu_seconds(server.pid)
         t0 = time.perf_counter()
         subprocess.run(["storescu", "-aec", "MAMMO_AI", "-pdu", str(PDU),
                         *storescu_args(files), "127.0.0.1",
                         str(port), *map(str, files)], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
+        cpu = cpu_seconds(server.pid) - cpu0
         rss = peak_rss_mib(server.pid)
         if spy is not None:
             import signal
@@ -134,31 +160,46 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
         server.terminate()
         server.wait(30)
         shutil.rmtree(out, ignore_errors=True)
-    return seconds, rss
+    return seconds, rss, cpu
 
 
-def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = PDU
-            ) -> IngestResult:
-    """Alternating storescp / node runs over ``files``; medians and the paired ratio."""
+def _paired(runs: dict[str, list[tuple[float, float, float]]], fast: str,
+            slow: str) -> float | None:
+    """Median over the repeats of ``slow`` seconds / ``fast`` seconds (>1: ``fast`` faster)."""
+    pairs = [d[0] / n[0] for n, d in zip(runs.get(fast, []), runs.get(slow, []), strict=False)]
+    return statistics.median(pairs) if pairs else None
+
+
+def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = PDU,
+            baseline: Path | None = None, warm: Path | None = None) -> IngestResult:
+    """Alternating storescp / node (/ node-base) runs over ``files``; medians and the paired
+    ratios (each node run against the dcmtk runs of the same repeat)."""
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
     mb = sum(f.stat().st_size for f in files) / 1e6
-    kinds = ["storescp", "node"] + (["storescp+fsync"] if fsync_shim(work) else [])
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    kinds = ["storescp", "node"] + (["node-base"] if baseline else []) + (
+        ["storescp+fsync"] if fsync_shim(work) else [])
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
     run_once("node", files[:1], work, pdu)  # warm-up (imports, page cache)
+    if baseline:
+        run_once("node-base", files[:1], work, pdu, baseline=baseline)
     for i in range(repeats):
         for kind in kinds if i % 2 == 0 else kinds[::-1]:
-            runs[kind].append(run_once(kind, files, work, pdu))
-    ratios = [d[0] / n[0] for n, d in zip(runs["node"], runs["storescp"], strict=True)]
-    durable = [d[0] / n[0] for n, d in zip(runs["node"], runs.get("storescp+fsync", []),
-                                           strict=False)]
+            runs[kind].append(run_once(kind, files, work, pdu, baseline=baseline, warm=warm))
+    base = None
+    if baseline:
+        base = {k: r for k in ("storescp", "storescp+fsync", "node")
+                if (r := _paired(runs, "node-base", k)) is not None}
     return IngestResult(
         label=label, images=len(files), mb=mb,
         seconds={k: statistics.median(r[0] for r in v) for k, v in runs.items()},
         peak_rss_mib={k: max(r[1] for r in v) for k, v in runs.items()},
-        ratio=statistics.median(ratios),
-        durable_ratio=statistics.median(durable) if durable else None,
+        cpu_ms_per_image={k: 1000 * statistics.median(r[2] for r in v) / len(files)
+                          for k, v in runs.items()},
+        ratio=_paired(runs, "node", "storescp") or 0.0,
+        durable_ratio=_paired(runs, "node", "storescp+fsync"),
+        base_ratios=base,
     )
 
 
@@ -170,7 +211,7 @@ def profile_table(collapsed: Path, top: int = 18) -> list[str]:
     own: dict[str, int] = {}
     total = 0
     idle = ("select", "accept", "wait (threading.py", "_wait_for_tstate_lock", "poll",
-            "epoll_wait", "sleep")
+            "epoll_wait", "sleep", "_wait_readable")
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -214,26 +255,40 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after the comparison, one more node run sampled by py-spy: where "
                          "the receiver's time goes")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also run the node's receiver from this source tree (e.g. a "
+                         "`git worktree add /tmp/base <rev>`), alternating with the others")
     args = ap.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="mammo-bench-") as tmp:
-        files = build_files(Path(tmp), args.format, args.syntax, args.studies)
-        r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu)
+        files = build_files(Path(tmp), args.format, args.syntax, args.studies + 1)
+        per_study = len(files) // (args.studies + 1)  # the last study only warms each receiver
+        warm, files = files[-per_study], files[:-per_study]
+        r = compare(files, Path(tmp), args.repeats, f"{args.format} {args.syntax}", args.pdu,
+                    baseline, warm)
         prof = None
         if args.profile:
             if _py_spy() is None:
                 raise SystemExit("--profile needs py-spy (pip install py-spy)")
             collapsed = Path(tmp) / "ingest.collapsed"
-            run_once("node", files, Path(tmp), args.pdu, profile=collapsed)
+            run_once("node", files, Path(tmp), args.pdu, profile=collapsed, warm=warm)
             prof = profile_table(collapsed)
-    print(f"ingest {r.label}: {r.images} images, {r.mb:.1f} MB, {args.repeats} alternating runs")
+    print(f"ingest {r.label}: {r.images} images, {r.mb:.1f} MB, {args.repeats} alternating runs"
+          " (each receiver warmed by one other image first)")
     for kind in r.seconds:
         mbs, ips = r.rate(kind)
-        print(f"{kind:<10} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
-              f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB")
+        print(f"{kind:<14} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
+              f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB"
+              + (f" CPU {r.cpu_ms_per_image[kind]:6.1f} ms/img" if r.cpu_ms_per_image else ""))
     print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
     if r.durable_ratio is not None:
         print(f"node/(dcmtk + fsync per file) throughput ratio: {r.durable_ratio:.2f}")
-    print(f"load average: {os.getloadavg()[0]:.1f}")
+    if r.base_ratios:
+        print(f"baseline tree: {baseline}")
+        for k, v in r.base_ratios.items():
+            print(f"node-base/{k} throughput ratio: {v:.2f}")
+        print(f"node/node-base throughput ratio: {1 / r.base_ratios['node']:.2f}")
+    print(f"load average: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f}")
     if prof:
         print("\n".join(["", "Node receiver profile (py-spy, one more run):", *prof]))
 

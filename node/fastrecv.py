@@ -185,7 +185,12 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
             owed = start + timeout + (n / rate if rate > 0 else float("inf")) - time.monotonic()
             if owed <= 0:
                 return _cut_off(self, buf, n, nr_bytes, start, "too slow")
-            sock.settimeout(min(timeout, owed))
+            wait = min(timeout, owed)
+            current = sock.gettimeout()
+            # settimeout costs an ioctl: keep the current one unless it would overshoot the
+            # deadline by more than 5 % of pdu_timeout (it is ~1 ms short at each PDU start)
+            if current is None or wait > current or wait < current - 0.05 * timeout:
+                sock.settimeout(wait)
         try:
             with memoryview(buf) as view:
                 got = sock.recv_into(view[n:], len(buf) - n)
@@ -199,7 +204,7 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
         n += got
         self.rx_bytes = getattr(self, "rx_bytes", 0) + got  # for the message watchdog
         self.rx_last = time.monotonic()
-    if limits is not None:
+    if limits is not None and sock.gettimeout() != limits[0]:
         sock.settimeout(limits[0])  # what a send may wait for the peer to read
     return buf
 
@@ -276,4 +281,7 @@ def install() -> None:
     # pynetdicom's decoder calls NamedTemporaryFile(...) by name at each dataset: a class with
     # the same call signature replaces the function (pinned: tests/test_fastrecv_patch_points.py)
     dimse_messages.NamedTemporaryFile = _HashingTempFile  # type: ignore[assignment]
+    from node import fastpdu
+
+    fastpdu.install()  # the acceptor's reactors, with the P-DATA-TF shortcut (node/fastpdu.py)
     _installed = True

@@ -581,11 +581,16 @@ class Receiver:
         """The same content again: forget the new copy; other content: :class:`Refused`."""
         import hashlib
 
-        h = hashlib.sha256()
-        with open(tmp, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() == existing.sha256:
+        streamed = fastrecv.take_digest(tmp)  # hashed while it was received
+        if streamed is not None and streamed[0] == tmp.stat().st_size:
+            digest = streamed[1]
+        else:
+            h = hashlib.sha256()
+            with open(tmp, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        if digest == existing.sha256:
             _unlink(tmp)
             return
         raise Refused(STATUS_CONFLICT, f"SOP Instance UID {existing.sop_uid} already stored "

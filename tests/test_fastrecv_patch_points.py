@@ -1,6 +1,6 @@
-"""node/fastrecv.py replaces two pynetdicom internals; this test fails the moment pynetdicom's
-code at those points changes, so an upgrade is re-verified instead of silently losing (or
-breaking) the hashing temp file and the bounded PDU reader.
+"""node/fastrecv.py and node/fastpdu.py replace pynetdicom internals; this test fails the moment
+pynetdicom's code at those points changes, so an upgrade is re-verified instead of silently
+losing (or breaking) the hashing temp file, the bounded PDU reader and the P-DATA-TF shortcut.
 
 The pinned digests are of the *source text* of the functions that are replaced or that call
 what is replaced, read from pynetdicom's files (not from the live, possibly patched, objects).
@@ -30,12 +30,35 @@ PATCH_POINTS = {  # verified against pynetdicom 3.0.4
     # creates the dataset temp file by the module-level name NamedTemporaryFile
     ("dimse_messages.py", "DIMSEMessage.decode_msg"):
         "4a6a0156bb315c5cadc7db2b977b77385716c0e9d281d6a10ab4d0418897a8b6",
+    # node/fastpdu.py: replaced for acceptors (_run_reactor: a copy with the select wait and
+    # the P-DATA-TF shortcut; _is_transport_event still runs in Sta13)
+    ("dul.py", "DULServiceProvider.run_reactor"):
+        "61c299b9a930fb8740258c5518eed55255153ee890a826bed3d3483b42e1b110",
+    ("dul.py", "DULServiceProvider._is_transport_event"):
+        "a192323b769ecd4ab1349db0b819516a7dce2d42fc65d8bdec919984e5ebbab0",
+    # replaced for acceptors (fastpdu._assoc_run_reactor: the same checks, woken by the queue)
+    ("association.py", "Association._run_reactor"):
+        "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",
+    # what the shortcut stands in for: Sta6 + Evt10 -> DT-2 -> DIMSE receive_primitive ->
+    # decode_msg writes data[1:] of each dataset fragment to the temp file and flushes
+    ("fsm.py", "DT_2"):
+        "6541e369216c2ab559df9a878a777934066282c0d8b7608c542127610c592230",
+    ("dimse.py", "DIMSEServiceProvider.receive_primitive"):
+        "533d17b6a815edee0cf264b62db31dd54ce9b3ec4c77c466a418bce0258ab584",
+    # pynetdicom's default EVT_PDU_RECV logging handler does nothing for a P-DATA-TF
+    ("_handlers.py", "_receive_data_tf"):
+        "57fc35037255ccfa120e92d1d161a54b18905c045e640231ddad7863dcfcd144",
 }
 
 
 def _function_source(module_file: Path, qualname: str) -> str:
-    cls_name, func_name = qualname.split(".")
     text = module_file.read_text(encoding="utf-8")
+    if "." not in qualname:  # a module-level function
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.FunctionDef) and node.name == qualname:
+                return ast.get_source_segment(text, node) or ""
+        raise AssertionError(f"pynetdicom has no {qualname} in {module_file.name} any more")
+    cls_name, func_name = qualname.split(".")
     for node in ast.parse(text).body:
         if isinstance(node, ast.ClassDef) and node.name == cls_name:
             for item in node.body:
@@ -61,3 +84,9 @@ def test_the_patch_targets_exist_and_install_replaces_them() -> None:
     fastrecv.install()
     assert transport.AssociationSocket.recv is fastrecv._recv
     assert dimse_messages.NamedTemporaryFile is fastrecv._HashingTempFile
+    from pynetdicom import association, dul
+
+    from node import fastpdu
+
+    assert dul.DULServiceProvider.run_reactor is fastpdu._run_reactor
+    assert association.Association._run_reactor is fastpdu._assoc_run_reactor
