@@ -96,14 +96,17 @@ def test_refusing_destination_is_failed_in_status_and_retry_resends(tmp_path: Pa
     try:
         assert storescu(node.port, small_study(tmp_path / "in", 2, tag="outage")).returncode == 0
         # 0xA700 (out of resources at the PACS): failed at once, not retried blindly.
-        wait_until(lambda: _status(node)["deliveries"].get("failed"), 120, 0.5, "failed")
+        # Each kind is refused at its first object (SR, then the first SC): the delivery may show
+        # "failed" after the SR's refusal while the SCs are still being built, so wait for both.
+        wait_until(lambda: len(scp.received) >= 2 and _status(node)["deliveries"].get("failed"),
+                   120, 0.5, "failed")
         first = _status(node)
         text = node.cli("status").stdout
         # 0xC000 (cannot understand) after `retry`: failed again, with that status.
         scp.answer = 0xC000
         out = node.cli("retry")
         assert "re-queued 1 failed deliveries" in out.stdout
-        wait_until(lambda: len(scp.received) >= 2, 60, 0.5, "second attempt")
+        wait_until(lambda: len(scp.received) >= 4, 60, 0.5, "second attempt")
         wait_until(lambda: _status(node)["deliveries"].get("failed"), 60, 0.5, "failed again")
         second = _status(node)
         # The PACS accepts now: `retry` sends everything, once.
