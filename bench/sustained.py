@@ -110,7 +110,7 @@ def run(fmt: str, syntax: str, studies: int, *, ahead: int = 2, max_seconds: flo
 
 
 def compare(fmt: str, syntax: str, studies: int, baseline: str, rounds: int,
-            work: Path | None) -> list[tuple[str, SustainedResult]]:
+            work: Path | None, ahead: int = 2) -> list[tuple[str, SustainedResult]]:
     """This tree and ``baseline`` back to back, ``rounds`` times, the order alternating."""
     from bench.turnaround_baseline import baseline_tree
 
@@ -123,7 +123,7 @@ def compare(fmt: str, syntax: str, studies: int, baseline: str, rounds: int,
             order: list[tuple[str, Path | None]] = [("baseline", base), ("this tree", None)]
             for name, repo in order if i % 2 == 0 else order[::-1]:
                 out.append((name, run(fmt, syntax, studies, work=work, repo=repo,
-                                      factory=factory)))
+                                      factory=factory, ahead=ahead)))
     return out
 
 
@@ -157,17 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=30, help="studies per run")
     ap.add_argument("--rounds", type=int, default=1, help="baseline + this tree pairs")
     ap.add_argument("--format", default="big-raw", help="FORMAT-SYNTAX (big/small/tiny, raw/j2k)")
+    ap.add_argument("--ahead", type=int, default=2,
+                    help="studies received but not yet delivered at most (2: latency-bound; "
+                         "more keeps both cores busy)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     fmt, syntax = args.format.split("-")
     t0 = time.monotonic()
     load0 = os.getloadavg()
-    results = compare(fmt, syntax, args.studies, args.baseline, args.rounds, args.workdir)
+    results = compare(fmt, syntax, args.studies, args.baseline, args.rounds, args.workdir,
+                      args.ahead)
     load1 = os.getloadavg()
     out = ["## Sustained throughput, this tree vs baseline (back to back, same run)", "",
            f"- this tree: {_rev('HEAD')}; baseline: {args.baseline} ({_rev(args.baseline)}); "
-           f"{os.cpu_count()} CPUs; {args.format}, {args.studies} four-view studies per run",
+           f"{os.cpu_count()} CPUs; {args.format}, {args.studies} four-view studies per run, "
+           f"at most {args.ahead} ahead",
            f"- load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
            f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}",
            f"- command: `python -m bench.sustained "
