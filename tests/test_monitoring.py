@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,18 @@ def _get(url: str) -> dict:
         return json.loads(rsp.read())
 
 
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as rsp:
+            return rsp.status == 200
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:  # still starting
+            return False
+        raise
+    except urllib.error.URLError:
+        return False
+
+
 def test_prometheus_scrapes_node_and_dashboard_queries_evaluate(tmp_path: Path) -> None:
     exe = require_binary("prometheus")
     dest = StoreSCP(tmp_path / "dest").start()
@@ -86,6 +99,9 @@ def test_prometheus_scrapes_node_and_dashboard_queries_evaluate(tmp_path: Path) 
                  f"--web.listen-address=127.0.0.1:{prom_port}"],
                 stdout=plog, stderr=subprocess.STDOUT)
             wait_for_port(prom_port, 60, prom)
+            # Prometheus opens its port before its storage is ready and answers 503 until then.
+            wait_until(lambda: _ready(f"http://127.0.0.1:{prom_port}/-/ready"), 60, 0.5,
+                       "Prometheus ready")
             api = f"http://127.0.0.1:{prom_port}/api/v1"
 
             def scraped() -> dict | None:
