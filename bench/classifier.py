@@ -64,7 +64,8 @@ def measure(card: Path, batch: int, *, device: str = "auto", precision: str = "a
     # Random-init B0-B4 produce denormal activations that slow a CPU 3-4x; trained weights
     # rarely do. Flushing them measures the network, not the denormal penalty.
     torch.set_flush_denormal(True)
-    clf = Classifier(card, device=device, batch_size=batch, precision=precision)
+    clf = Classifier(card, device=device, batch_size=batch, precision=precision,
+                     network=True)
     size = clf.card.input_size
     rng = np.random.default_rng(0)
     crops = [rng.random((size, size), dtype=np.float32) for _ in range(batch)]

@@ -23,7 +23,7 @@ CPU = ModelSettings(card=SHIPPED, device="cpu")
 @pytest.fixture(scope="module")
 def crops() -> list[np.ndarray]:
     rng = np.random.default_rng(3)
-    size = Classifier(SHIPPED, device="cpu").card.input_size
+    size = Classifier(SHIPPED, network=True, device="cpu").card.input_size
     out = []
     for _ in range(12):  # grey background with a few bright specks, like a real ROI
         img = 0.4 + 0.05 * rng.standard_normal((size, size)).astype(np.float32)
@@ -61,8 +61,8 @@ def test_config_precision_key(tmp_path: Path) -> None:
 
 
 def test_channels_last_and_batching_match_batch_one(crops: list[np.ndarray]) -> None:
-    one = Classifier(SHIPPED, device="cpu", batch_size=1, precision="fp32")
-    many = Classifier(SHIPPED, device="cpu", batch_size=8, precision="fp32")
+    one = Classifier(SHIPPED, network=True, device="cpu", batch_size=1, precision="fp32")
+    many = Classifier(SHIPPED, network=True, device="cpu", batch_size=8, precision="fp32")
     assert one.amp_dtype is None
     stem = many.model.conv_stem.weight
     assert stem.is_contiguous(memory_format=torch.channels_last)
@@ -79,8 +79,8 @@ def test_channels_last_and_batching_match_batch_one(crops: list[np.ndarray]) -> 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_matches_fp32(crops: list[np.ndarray], precision: str) -> None:
-    ref = Classifier(SHIPPED, device="cpu", batch_size=16, precision="fp32")
-    amp = Classifier(SHIPPED, device="cpu", batch_size=16, precision=precision)
+    ref = Classifier(SHIPPED, network=True, device="cpu", batch_size=16, precision="fp32")
+    amp = Classifier(SHIPPED, network=True, device="cpu", batch_size=16, precision=precision)
     assert amp.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     p_ref, cams_ref, _ = ref.predict(crops, with_cam=True)
     p_amp, cams_amp, _ = amp.predict(crops, with_cam=True)

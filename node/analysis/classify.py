@@ -3,6 +3,11 @@
 Nothing is downloaded: the network is built with ``pretrained=False`` and filled from the file the
 card names. Every way the card/weights can be unusable stops start-up with a ``RuntimeError``
 naming the file and the problem.
+
+The network is built only for a card whose classification head is the CNN. A card with a
+morphology head (the shipped one) calls benign/malignant from the detector's cluster features, so
+its node never imports torch or timm: about 700 MiB less resident memory with the default CUDA
+build of torch (``import torch`` 507 MiB, ``timm`` another 194 MiB on the 2-core bench machine).
 """
 
 from __future__ import annotations
@@ -11,20 +16,23 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import timm
-import torch
 
 from models.card import ModelCard, calibrate, classification_validated, sha256_of
-from node.analysis.gradcam import logits_and_cam
 from node.analysis.result import ModelInfo
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("node.analysis.classify")
 
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -45,6 +53,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
     emulated on CPUs without AVX-512-BF16/AMX and runs 10-50x slower). "bf16"/"fp16" are honoured
     on any device (used by the tests to exercise the GPU code path on the CPU).
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise RuntimeError(f"model.precision must be one of {', '.join(PRECISIONS)}, "
                            f"not {precision!r}")
@@ -71,7 +81,10 @@ class Classifier:
         batch_size: int = 16,
         threshold: float | None = None,
         precision: str = "auto",
+        network: bool | None = None,
     ) -> None:
+        """``network``: build the card's CNN (None: only when its head is the CNN; True also for
+        a morphology head, for benchmarks and tests of the CNN path on the shipped weights)."""
         card_path = Path(card_path)
         try:
             card = ModelCard.load(card_path)
@@ -95,6 +108,70 @@ class Classifier:
                     f"weights file {weights} does not match model card {card_path} "
                     f"(sha256 {digest[:12]}..., card says {card.weights_sha256[:12]}...)"
                 )
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise RuntimeError(f"model.threshold {threshold} is not in (0, 1)")
+        self.card = card
+        self.card_path = card_path
+        self.batch_size = max(1, int(batch_size))
+        self.threshold = float(threshold) if threshold is not None else card.threshold
+        self._parse_head(card, card_path)
+        self.model: Any = None
+        self.amp_dtype: torch.dtype | None = None
+        if network or (network is None and self.head_kind == "cnn"):
+            self.device: Any = resolve_device(device)
+            self.model = self._build_network(card, card_path, weights)
+            # Reduced precision on the GPU by default (bf16 is emulated, 10-50x slower, on CPUs).
+            self.amp_dtype = resolve_precision(self.device, precision)
+        else:
+            # No network: the head reads the detector's features. The weights file's digest is
+            # still checked above, so a card pointing at a damaged file is refused either way.
+            self.device = "cpu (no CNN: morphology head)"
+        validated, why = classification_validated(card)
+        self.validated_reason = why
+        domain = (card.classification or {}).get("validated_for", {}).get("pixel_spacing_mm")
+        self.validated_spacing = (float(domain[0]), float(domain[1])) if domain else None
+        self.info = ModelInfo(
+            name=card.name, version=card.version, architecture=card.architecture,
+            threshold=self.threshold, classification_validated=validated,
+        )
+        log.info(
+            "classifier %s %s (%s, %d px for %.1f mm) on %s%s, threshold %.3f",
+            card.name, card.version, card.architecture, card.input_size, card.roi_size_mm,
+            self.device, f" ({self.amp_dtype})" if self.amp_dtype else "", self.threshold,
+        )
+        log.log(logging.INFO if validated else logging.WARNING,
+                "classifier %s %s benign/malignant call: %s (%s)", card.name, card.version,
+                "validated" if validated else "NOT validated, reports show cluster marks and "
+                "scores only", why)
+
+    def _parse_head(self, card: ModelCard, card_path: Path) -> None:
+        """The card's classification head: "cnn" (the network's P(malignant)) or "morphology"
+        (a logistic head on named detector features, its weights in the card)."""
+        head = (card.classification or {}).get("head") or {"kind": "cnn"}
+        self.head_kind = str(head.get("kind", "cnn"))
+        if self.head_kind not in ("cnn", "morphology"):
+            raise RuntimeError(f"model card {card_path}: classification head "
+                               f"{self.head_kind!r} is not 'cnn' or 'morphology'")
+        self.head_features: tuple[str, ...] = ()
+        if self.head_kind == "morphology":
+            try:
+                self.head_features = tuple(str(f) for f in head["features"])
+                self.head_w = np.asarray(head["w"], dtype=np.float64)
+                self.head_b = float(head["b"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RuntimeError(f"model card {card_path}: unusable morphology head: {exc}"
+                                   ) from None
+            if len(self.head_w) != len(self.head_features):
+                raise RuntimeError(f"model card {card_path}: morphology head has "
+                                   f"{len(self.head_w)} weights for "
+                                   f"{len(self.head_features)} features")
+
+    def _build_network(self, card: ModelCard, card_path: Path, weights: Path) -> Any:
+        """The timm network of the card, filled from ``weights``, on ``self.device`` in eval
+        mode; every way it cannot be built is a ``RuntimeError`` naming the file."""
+        import timm
+        import torch
+
         try:
             model = timm.create_model(
                 card.architecture, pretrained=False, num_classes=card.num_classes,
@@ -121,52 +198,8 @@ class Classifier:
                 f"weights file {weights} does not fit {card.architecture!r} "
                 f"(num_classes={card.num_classes}, in_chans={card.in_chans}): {first}"
             ) from None
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise RuntimeError(f"model.threshold {threshold} is not in (0, 1)")
-        self.card = card
-        self.card_path = card_path
-        self.device = resolve_device(device)
-        self.batch_size = max(1, int(batch_size))
-        self.threshold = float(threshold) if threshold is not None else card.threshold
         # channels_last is a free ~13 % on this CPU and the preferred layout on CUDA.
-        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
-        # Reduced precision on the GPU by default (bf16 is emulated, 10-50x slower, on our CPUs).
-        self.amp_dtype = resolve_precision(self.device, precision)
-        validated, why = classification_validated(card)
-        self.validated_reason = why
-        head = (card.classification or {}).get("head") or {"kind": "cnn"}
-        self.head_kind = str(head.get("kind", "cnn"))
-        if self.head_kind not in ("cnn", "morphology"):
-            raise RuntimeError(f"model card {card_path}: classification head "
-                               f"{self.head_kind!r} is not 'cnn' or 'morphology'")
-        self.head_features: tuple[str, ...] = ()
-        if self.head_kind == "morphology":
-            try:
-                self.head_features = tuple(str(f) for f in head["features"])
-                self.head_w = np.asarray(head["w"], dtype=np.float64)
-                self.head_b = float(head["b"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise RuntimeError(f"model card {card_path}: unusable morphology head: {exc}"
-                                   ) from None
-            if len(self.head_w) != len(self.head_features):
-                raise RuntimeError(f"model card {card_path}: morphology head has "
-                                   f"{len(self.head_w)} weights for "
-                                   f"{len(self.head_features)} features")
-        domain = (card.classification or {}).get("validated_for", {}).get("pixel_spacing_mm")
-        self.validated_spacing = (float(domain[0]), float(domain[1])) if domain else None
-        self.info = ModelInfo(
-            name=card.name, version=card.version, architecture=card.architecture,
-            threshold=self.threshold, classification_validated=validated,
-        )
-        log.info(
-            "classifier %s %s (%s, %d px for %.1f mm) on %s%s, threshold %.3f",
-            card.name, card.version, card.architecture, card.input_size, card.roi_size_mm,
-            self.device, f" ({self.amp_dtype})" if self.amp_dtype else "", self.threshold,
-        )
-        log.log(logging.INFO if validated else logging.WARNING,
-                "classifier %s %s benign/malignant call: %s (%s)", card.name, card.version,
-                "validated" if validated else "NOT validated, reports show cluster marks and "
-                "scores only", why)
+        return model.to(self.device).eval().to(memory_format=torch.channels_last)
 
     def malignancy(self, cnn_p: np.ndarray, cluster_features: np.ndarray | None
                    ) -> np.ndarray:
@@ -192,6 +225,8 @@ class Classifier:
         return lo <= pixel_spacing_mm <= hi
 
     def _tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        import torch
+
         x = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops]))
         if self.device.type == "cuda":  # copy once, normalise on the device
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -209,6 +244,13 @@ class Classifier:
         With ``with_cam`` one pass gives both (Grad-CAM's forward is the classifier's forward);
         ``classify`` times the forward, ``gradcam`` the head-only backward and the maps.
         """
+        import torch
+
+        from node.analysis.gradcam import logits_and_cam
+
+        if self.model is None:
+            raise RuntimeError(f"model card {self.card_path} has a {self.head_kind} head: "
+                               "there is no CNN to run")
         probs: list[np.ndarray] = []
         cams: list[np.ndarray] = []
         t: dict[str, float] = {"forward": 0.0, "cam": 0.0}

@@ -34,7 +34,7 @@ import pydicom
 from models.detector.anatomy import reuse_downscaled
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
-from node.analysis.gradcam import finish_cam, paint_evidence, paste_cam
+from node.analysis.heatmap import finish_cam, paint_evidence, paste_cam
 from node.analysis.prepare import SkipImage, display_image, prepare
 from node.analysis.result import (
     Finding,
