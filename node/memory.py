@@ -5,9 +5,10 @@
   8 per core. The node's dozen threads (receive, pre-analysis pool, study prepare threads,
   worker, delivery) each free image arrays of tens of MB into their own arena, where the free
   pages stay mapped until a trim, and a new array of another thread cannot reuse them: the
-  peak resident size is the sum of every arena's high-water mark. Two arenas (measured:
-  bench/results/2026-12-01-issue18d-H-cpu.md) take ~180 MiB off the sustained peak and cost
-  no measurable time: the large allocations are few and numpy holds no lock while it computes.
+  peak resident size is the sum of every arena's high-water mark. With two arenas the idle
+  node holds 1 thread heap instead of 14; the sustained peak fell by 35-56 MiB against the
+  baseline in the same runs (180-250 MiB in single runs), with no slowdown the machine's noise
+  showed (bench/results/2026-12-01-issue18d-H-cpu.md).
 - :func:`release_free_memory` after each job (node.worker): ``malloc_trim(0)`` returns the free
   pages of every arena, so the resident size stays flat study after study.
 """
