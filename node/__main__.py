@@ -25,8 +25,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.log import setup_logging
+    from node.log import event, setup_logging
+    from node.memory import limit_arenas
 
+    # First, while this is the only thread: every arena a stage thread would get is an
+    # arena less (node/memory.py).
+    arena_max = limit_arenas()
     settings = _settings(args)
     os.umask(0o077)  # everything the node writes (instances, results, log) is private
     lg = settings.log
@@ -36,6 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks to stderr
+    import logging
+
+    event(logging.getLogger("node.memory"), "process.allocator",
+          arena_max=arena_max if arena_max is not None else "default (not glibc)")
     from node.service import Node
 
     roles = None
