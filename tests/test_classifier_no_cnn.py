@@ -62,3 +62,16 @@ def test_morphology_card_without_network_refuses_predict_and_still_checks_weight
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(RuntimeError, match="does not match"):
         Classifier(tmp_path / "card.json", device="cpu")
+
+
+def test_serving_node_on_the_shipped_card_maps_no_torch_library(node_process) -> None:
+    """The whole service (receive, pre-analysis, worker, delivery, status page), not only the
+    pipeline: no thread of it loads libtorch when the card needs no CNN."""
+    node = node_process("no-torch")
+    assert node.proc is not None
+    maps = Path(f"/proc/{node.proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc (Linux)")
+    mapped = maps.read_text()
+    assert "libtorch" not in mapped and "libc10" not in mapped
+    assert "morphology head" in node.log_path.read_text()
