@@ -20,6 +20,7 @@ size). On it:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import cv2
@@ -80,7 +81,9 @@ def to_work_grid(
     # keeps the contrast it was measured with (interpolation would blur it and change its SNR).
     interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_NEAREST
     work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
-    wmask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    bool_c = mask.dtype == np.bool_ and mask.flags.c_contiguous
+    m8 = mask.view(np.uint8) if bool_c else mask.astype(np.uint8)  # 0/1, no copy
+    wmask = cv2.resize(m8, size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return work, wmask, size[0] / cols
 
 
@@ -380,7 +383,9 @@ def find_candidates(
     counts = [tree.query_ball_point(pts, r, return_length=True) - 1 for r in (2.0, 5.0, 15.0)]
     # rank of this candidate's SNR among its 5 mm neighbours (1 = the strongest there)
     nb = tree.query_ball_point(pts, 5.0)
-    rank = np.array([int((snr[idx] > snr[i]).sum()) + 1 for i, idx in enumerate(nb)])
+    owner = np.repeat(np.arange(len(nb)), [len(idx) for idx in nb])
+    other = np.fromiter(itertools.chain.from_iterable(nb), np.intp, len(owner))
+    rank = np.bincount(owner, snr[other] > snr[owner], len(nb)).astype(np.int64) + 1
     feats = np.column_stack([
         snr, per_scale[0], per_scale[1], per_scale[2], per_scale[3], scale_mm, contrast,
         background, noise, elong, curv_ratio, ctx[0][0], ctx[1][0], ctx[0][1], ctx[0][2],
