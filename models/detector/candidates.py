@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -382,7 +383,7 @@ def find_candidates(
     tree = cKDTree(pts)
     counts = [tree.query_ball_point(pts, r, return_length=True) - 1 for r in (2.0, 5.0, 15.0)]
     # rank of this candidate's SNR among its 5 mm neighbours (1 = the strongest there)
-    nb = tree.query_ball_point(pts, 5.0)
+    nb = cast(list[list[int]], tree.query_ball_point(pts, 5.0))  # per point, its neighbours
     owner = np.repeat(np.arange(len(nb)), [len(idx) for idx in nb])
     other = np.fromiter(itertools.chain.from_iterable(nb), np.intp, len(owner))
     rank = np.bincount(owner, snr[other] > snr[owner], len(nb)).astype(np.int64) + 1
