@@ -135,3 +135,66 @@ def test_breast_mask_and_anatomy_share_one_downscaled_copy_inside_the_block() ->
     assert got.anatomy is not None and outside.anatomy is not None
     np.testing.assert_array_equal(got.anatomy.pectoral_mm, outside.anatomy.pectoral_mm)
     assert getattr(anatomy_module._downscaled, "entries", None) is None  # dropped on exit
+
+
+def test_forest_walk_gives_the_plain_walks_scores_bit_for_bit() -> None:
+    """The active-set tree walk reaches the leaves of the plain level-by-level walk (the
+    667f167 code, kept as ``Forest.decision_reference``): real candidate and cluster features,
+    with and without missing values, and a tree that is one leaf."""
+    from models.detector.clusters import build_clusters
+    from models.detector.trees import Forest
+
+    detector = load_detector(DEFAULT_DETECTOR)
+    image01, mask, spacing, view = IMAGES["bench-big-LMLO"]()
+    cands = candidates.find_candidates(image01, mask, spacing, view=view)
+    x = cands.features
+    assert len(x) > 100
+    forest = detector.candidate_forest
+    np.testing.assert_array_equal(forest.decision(x), forest.decision_reference(x))
+    holes = x.astype(np.float64)
+    rng = np.random.default_rng(3)
+    holes[rng.random(holes.shape) < 0.15] = np.nan  # both of each node's missing-value routes
+    np.testing.assert_array_equal(forest.decision(holes), forest.decision_reference(holes))
+    assert len(forest.decision(x[:0])) == 0
+    p = forest.predict_proba(x)
+    clusters = build_clusters(cands, p, p >= detector.keep_threshold, spacing,
+                              detector.cluster_params, image_shape=image01.shape)
+    assert clusters
+    xc = np.array([c.features for c in clusters])
+    cf = detector.cluster_forest
+    np.testing.assert_array_equal(cf.decision(xc), cf.decision_reference(xc))
+    stump = Forest(features=("a", "b"), baseline=0.25,
+                   feature=np.array([-1, 1, -1, -1], np.int32),
+                   threshold=np.array([0.0, 0.5, 0.0, 0.0]),
+                   left=np.array([0, 2, 0, 0], np.int32), right=np.array([0, 3, 0, 0], np.int32),
+                   missing_left=np.array([False, True, False, False]),
+                   value=np.array([0.5, 0.0, -1.0, 2.0]), roots=np.array([0, 1], np.int32),
+                   depth=1)
+    xs = np.array([[0.0, 0.2], [0.0, 0.5], [0.0, 0.9], [0.0, np.nan]])
+    np.testing.assert_array_equal(stump.decision(xs), [-0.25, -0.25, 2.75, -0.25])
+    np.testing.assert_array_equal(stump.decision(xs), stump.decision_reference(xs))
+
+
+@pytest.mark.parametrize("origin", [(0, 0), (37, 64), (38, 32), (101, 98), (3, 5)])
+def test_coarse_noise_of_a_region_is_that_of_the_whole_grid(origin: tuple[int, int]) -> None:
+    """A region at any origin (odd rows and columns too: the stride-2 and quantile sampling
+    stay on the whole grid's lattice) gives the whole grid's estimate bit for bit, band after
+    band with the cached mask."""
+    rng = np.random.default_rng(11)
+    shape = (2100, 2010)  # > 1e6 strided pixels: the quantile reads every 2nd of them
+    oy, ox = origin
+    region = (slice(oy, oy + 1800), slice(ox, ox + 1700))
+    mask = np.zeros(shape, bool)
+    mask[oy + 30:oy + 1750, ox + 20:ox + 1650] = True
+    cache_whole: dict = {}
+    cache_region: dict = {}
+    region_mask = mask[region].copy()  # one mask object: its coarse copy is cached
+    for band in range(3):
+        resp = np.zeros(shape, np.float32)
+        resp[region] = rng.normal(0, 1 + band, (1800, 1700)).astype(np.float32)
+        want = reference.coarse_noise(resp, mask, 120.0)
+        got_whole = candidates.coarse_noise(resp, mask, 120.0, mask_cache=cache_whole)
+        got = candidates.coarse_noise(resp[region].copy(), region_mask, 120.0,
+                                      mask_cache=cache_region, origin=origin, shape=shape)
+        np.testing.assert_array_equal(got_whole, want)
+        np.testing.assert_array_equal(got, want)

@@ -20,7 +20,9 @@ size). On it:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -80,36 +82,57 @@ def to_work_grid(
     # keeps the contrast it was measured with (interpolation would blur it and change its SNR).
     interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_NEAREST
     work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
-    wmask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    bool_c = mask.dtype == np.bool_ and mask.flags.c_contiguous
+    m8 = mask.view(np.uint8) if bool_c else mask.astype(np.uint8)  # 0/1, no copy
+    wmask = cv2.resize(m8, size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return work, wmask, size[0] / cols
 
 
 def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: int = 2,
-                 *, mask_cache: dict | None = None) -> np.ndarray:
+                 *, mask_cache: dict | None = None, origin: tuple[int, int] = (0, 0),
+                 shape: tuple[int, int] | None = None) -> np.ndarray:
     """Local robust noise SD of a filter response inside the breast, on a coarse grid.
 
     Computed from every ``stride``-th pixel on a grid of a quarter window (the window is
     ~12 mm) as the RMS of the response after clipping its strongest values (the specks
     themselves). Only the response inside ``mask`` is read. ``mask_cache`` (one dict per
     image, while ``mask`` is alive and unchanged) keeps the coarse mask across the bands.
+
+    ``resp`` and ``mask`` may be a region at ``origin`` of a grid of ``shape`` (default: the
+    whole grid), the mask being False outside the region: the estimate is then the one of the
+    whole grid (the same pixels, sampled on the whole grid's stride, in the same order).
     """
-    r2, m2 = resp[::stride, ::stride], mask[::stride, ::stride]
+    rows, cols = shape if shape is not None else resp.shape
+    oy, ox = origin
+    # the whole grid's every stride-th pixel that falls in the region
+    iy, ix = (-oy) % stride, (-ox) % stride
+    r2, m2 = resp[iy::stride, ix::stride], mask[iy::stride, ix::stride]
+    gy, gx = (oy + iy) // stride, (ox + ix) // stride  # where they sit in the strided grid
+    h2, w2 = -(-rows // stride), -(-cols // stride)
     step = max(1, int(window_px // (4 * stride)))
-    sr, sc = max(1, r2.shape[0] // step), max(1, r2.shape[1] // step)
+    sr, sc = max(1, h2 // step), max(1, w2 // step)
     # coarse first (area average = box filter + decimation), then the window blur on the coarse
     # grid: ~20x cheaper than blurring the full-resolution map with a 12 mm box.
-    key = (mask.ctypes.data, mask.shape, stride, sc, sr)
-    if mask_cache is not None and key in mask_cache:
-        m = mask_cache[key]  # the same mask for every band of one image: resized once
+    key = (mask.ctypes.data, mask.shape, stride, sc, sr, origin, rows, cols)
+    cached = mask_cache.get(key) if mask_cache is not None else None
+    if cached is not None:
+        m, t2 = cached  # the same mask for every band of one image: resized once
     else:
-        m = cv2.resize(m2.astype(np.float32), (sc, sr), interpolation=cv2.INTER_AREA)
+        m2_whole = np.zeros((h2, w2), np.float32)
+        m2_whole[gy:gy + r2.shape[0], gx:gx + r2.shape[1]] = m2
+        m = cv2.resize(m2_whole, (sc, sr), interpolation=cv2.INTER_AREA)
+        t2 = np.zeros((h2, w2), np.float32)  # zero outside the region, whatever the band
         if mask_cache is not None:
-            mask_cache[key] = m
-    sub = max(1, int(np.sqrt(r2.size / 250000)))  # the 98th percentile from ~250k pixels
-    inside = r2[::sub, ::sub][m2[::sub, ::sub]]
+            mask_cache[key] = (m, t2)
+    sub = max(1, int(np.sqrt(h2 * w2 / 250000)))  # the 98th percentile from ~250k pixels
+    jy, jx = (-gy) % sub, (-gx) % sub
+    inside = r2[jy::sub, jx::sub][m2[jy::sub, jx::sub]]
     cap = max(float(np.quantile(inside, 0.98)) if inside.size else 1.0, 1e-6)
-    t2 = np.minimum(np.abs(r2), cap) ** 2
-    t2[~m2] = 0.0
+    part = t2[gy:gy + r2.shape[0], gx:gx + r2.shape[1]]
+    np.abs(r2, out=part)
+    np.minimum(part, np.float32(cap), out=part)
+    np.square(part, out=part)
+    np.copyto(part, np.float32(0.0), where=~m2)
     num = cv2.resize(t2, (sc, sr), interpolation=cv2.INTER_AREA)
     k = (5, 5)
     num, den = cv2.blur(num, k), cv2.blur(m, k)
@@ -272,30 +295,24 @@ def find_candidates(
     r0, r1, c0, c1 = box
     region = work[r0:r1, c0:c1]
     rmask = wmask[r0:r1, c0:c1]
-    full_resp = np.zeros(work.shape, np.float32) if region.shape != work.shape else None
     mask_cache: dict = {}
     prev = cv2.GaussianBlur(region, (0, 0), sigmas[0])
     best = np.zeros(region.shape, np.float32)
     coarse_sd = []
-    # Buffers are reused in place (the response in the previous blur's, the noise map in the
-    # whole-grid buffer once the noise is estimated): a few region-sized arrays at a time.
-    up: np.ndarray | None = None
+    # Buffers are reused in place (the response in the previous blur's, the noise map in one
+    # whole-grid buffer): a few region-sized arrays at a time.
+    up = np.empty(work.shape, np.float32)
     for sigma in sigmas[1:]:
         nxt = cv2.GaussianBlur(prev, (0, 0), sigma)
         resp = np.subtract(prev, nxt, out=prev)
-        if full_resp is None:
-            whole = resp
-        else:
-            full_resp[r0:r1, c0:c1] = resp
-            whole = full_resp
-        sd = coarse_noise(whole, wmask, p.noise_window_mm / px, mask_cache=mask_cache)
+        sd = coarse_noise(resp, rmask, p.noise_window_mm / px, mask_cache=mask_cache,
+                          origin=(r0, c0), shape=work.shape)
         coarse_sd.append(sd)
-        up = cv2.resize(sd, (work.shape[1], work.shape[0]), dst=full_resp if full_resp is not None
-                        else up, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(sd, (work.shape[1], work.shape[0]), dst=up, interpolation=cv2.INTER_LINEAR)
         resp /= up[r0:r1, c0:c1]
         np.maximum(best, resp, out=best)
         prev = nxt
-    del prev, nxt, resp, full_resp, whole, up, mask_cache
+    del prev, nxt, resp, up, mask_cache
     best[~rmask] = 0.0
     peak = (best >= p.snr) & (best >= cv2.dilate(best, np.ones((5, 5), np.uint8)))
     cent_r, cent_c = _peak_centroids(peak)
@@ -366,8 +383,10 @@ def find_candidates(
     tree = cKDTree(pts)
     counts = [tree.query_ball_point(pts, r, return_length=True) - 1 for r in (2.0, 5.0, 15.0)]
     # rank of this candidate's SNR among its 5 mm neighbours (1 = the strongest there)
-    nb = tree.query_ball_point(pts, 5.0)
-    rank = np.array([int((snr[idx] > snr[i]).sum()) + 1 for i, idx in enumerate(nb)])
+    nb = cast(list[list[int]], tree.query_ball_point(pts, 5.0))  # per point, its neighbours
+    owner = np.repeat(np.arange(len(nb)), [len(idx) for idx in nb])
+    other = np.fromiter(itertools.chain.from_iterable(nb), np.intp, len(owner))
+    rank = np.bincount(owner, snr[other] > snr[owner], len(nb)).astype(np.int64) + 1
     feats = np.column_stack([
         snr, per_scale[0], per_scale[1], per_scale[2], per_scale[3], scale_mm, contrast,
         background, noise, elong, curv_ratio, ctx[0][0], ctx[1][0], ctx[0][1], ctx[0][2],

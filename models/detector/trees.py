@@ -9,6 +9,7 @@ reproduces scikit-learn's ``decision_function`` (tests/test_detector.py does too
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,53 @@ class Forest:
     depth: int
 
     def decision(self, x: np.ndarray) -> np.ndarray:
-        """Raw score (log-odds) per row of ``x`` (n, len(features))."""
+        """Raw score (log-odds) per row of ``x`` (n, len(features)).
+
+        All (row, tree) pairs walk down together, one level per step; a pair that has reached
+        its leaf leaves the active set, so each step touches only the pairs still inside a
+        tree. The leaves reached, and the sum of their values, are those of the plain
+        level-by-level walk (:meth:`decision_reference`, tests/test_detector.py)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.features):
             raise ValueError(f"expected (n, {len(self.features)}) features, got {x.shape}")
+        n, trees = len(x), len(self.roots)
+        if n == 0 or trees == 0:
+            return np.full(n, self.baseline)
+        inner, feature, child, missing_right = self._walk
+        node = np.tile(self.roots.astype(np.intp), n)  # (row, tree) pairs, row-major
+        row_start = np.repeat(np.arange(n, dtype=np.intp) * x.shape[1], trees)
+        flat = x.ravel()
+        has_nan = bool(np.isnan(flat).any())
+        active = np.arange(n * trees, dtype=np.intp)
+        cur = node
+        for _ in range(self.depth):
+            still = inner[cur]
+            active, cur = active[still], cur[still]
+            if len(active) == 0:
+                break
+            v = flat[row_start[active] + feature[cur]]
+            # x <= threshold goes left; a missing value goes where the tree learned to send it
+            right = v > self.threshold[cur]
+            if has_nan:
+                right |= np.isnan(v) & missing_right[cur]
+            cur = child[2 * cur + right]
+            node[active] = cur
+        return self.baseline + self.value[node.reshape(n, trees)].sum(axis=1)
+
+    @functools.cached_property
+    def _walk(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(inner, feature, child, missing_right) for :meth:`decision`: feature 0 at leaves,
+        ``child[2 * node + go_right]``, a leaf its own child."""
+        inner = self.feature >= 0
+        nodes = np.arange(len(self.feature), dtype=np.intp)
+        child = np.empty(2 * len(nodes), np.intp)
+        child[0::2] = np.where(inner, self.left, nodes)
+        child[1::2] = np.where(inner, self.right, nodes)
+        return inner, np.where(inner, self.feature, 0).astype(np.intp), child, ~self.missing_left
+
+    def decision_reference(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`decision` as a plain walk of every (row, tree) pair for ``depth`` levels."""
+        x = np.asarray(x, dtype=np.float64)
         n = len(x)
         if n == 0 or len(self.roots) == 0:
             return np.full(n, self.baseline)
