@@ -52,9 +52,11 @@ from node.db import (
     ResultObject,
     Study,
 )
+from node.intake import ANALYSED_SOP_CLASSES
 from node.kinds import SR_SOP_CLASSES, kind_of
 from node.log import event
 from node.memory import release_free_memory
+from node.reports.common import warm_up as warm_up_reports
 from node.reports.context import ReportContext, SeriesNumbers
 from node.store import Spool
 
@@ -217,6 +219,10 @@ class AnalysisWorker:
         return job_id
 
     def _loop(self) -> None:
+        try:
+            warm_up_reports(ANALYSED_SOP_CLASSES)
+        except Exception:  # a cold cache only costs time
+            log.exception("worker.warm_up_failed")
         while not self._stop.is_set():
             try:
                 worked = self.run_once()

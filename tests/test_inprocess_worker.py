@@ -116,3 +116,16 @@ def test_a_stop_during_the_analysis_requeues_it_and_the_restart_finishes_it(
         assert len(again.calls) == 1 and len(results(restarted, _uid(files))) == 1
     finally:
         restarted.stop(5)
+
+
+def test_the_worker_pays_the_report_builds_one_time_costs_before_the_first_study(
+        inprocess_node: Callable[..., Node]) -> None:
+    """highdicom's first IOD check loads the standard's tables (~0.2-0.6 s); the worker does it
+    as it starts, so the first study after a restart is not the slow one."""
+    from node.intake import ANALYSED_SOP_CLASSES
+    from node.reports.common import has_pixel_data
+
+    has_pixel_data.cache_clear()
+    inprocess_node(FakeAnalyser())  # started; nothing is sent
+    wait_until(lambda: has_pixel_data.cache_info().currsize >= len(ANALYSED_SOP_CLASSES), 30,
+               0.05, "the worker's warm-up")
