@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from node.analysis.result import ModelInfo
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 log = logging.getLogger("node.analysis.classify")
 
@@ -115,17 +116,16 @@ class Classifier:
         self.batch_size = max(1, int(batch_size))
         self.threshold = float(threshold) if threshold is not None else card.threshold
         self._parse_head(card, card_path)
-        self.model: Any = None
+        # No network for a head that does not use it: it reads the detector's features. The
+        # weights file's digest is still checked above, so a damaged file is refused either way.
+        self.model: nn.Module | None = None
+        self.device: torch.device | None = None
         self.amp_dtype: torch.dtype | None = None
         if network or (network is None and self.head_kind == "cnn"):
-            self.device: Any = resolve_device(device)
+            self.device = resolve_device(device)
             self.model = self._build_network(card, card_path, weights)
             # Reduced precision on the GPU by default (bf16 is emulated, 10-50x slower, on CPUs).
             self.amp_dtype = resolve_precision(self.device, precision)
-        else:
-            # No network: the head reads the detector's features. The weights file's digest is
-            # still checked above, so a card pointing at a damaged file is refused either way.
-            self.device = "cpu (no CNN: morphology head)"
         validated, why = classification_validated(card)
         self.validated_reason = why
         domain = (card.classification or {}).get("validated_for", {}).get("pixel_spacing_mm")
@@ -134,11 +134,11 @@ class Classifier:
             name=card.name, version=card.version, architecture=card.architecture,
             threshold=self.threshold, classification_validated=validated,
         )
-        log.info(
-            "classifier %s %s (%s, %d px for %.1f mm) on %s%s, threshold %.3f",
-            card.name, card.version, card.architecture, card.input_size, card.roi_size_mm,
-            self.device, f" ({self.amp_dtype})" if self.amp_dtype else "", self.threshold,
-        )
+        where = (f"on {self.device}" + (f" ({self.amp_dtype})" if self.amp_dtype else "")
+                 if self.model is not None else f"no CNN ({self.head_kind} head)")
+        log.info("classifier %s %s (%s, %d px for %.1f mm) %s, threshold %.3f", card.name,
+                 card.version, card.architecture, card.input_size, card.roi_size_mm, where,
+                 self.threshold)
         log.log(logging.INFO if validated else logging.WARNING,
                 "classifier %s %s benign/malignant call: %s (%s)", card.name, card.version,
                 "validated" if validated else "NOT validated, reports show cluster marks and "
@@ -166,7 +166,7 @@ class Classifier:
                                    f"{len(self.head_w)} weights for "
                                    f"{len(self.head_features)} features")
 
-    def _build_network(self, card: ModelCard, card_path: Path, weights: Path) -> Any:
+    def _build_network(self, card: ModelCard, card_path: Path, weights: Path) -> nn.Module:
         """The timm network of the card, filled from ``weights``, on ``self.device`` in eval
         mode; every way it cannot be built is a ``RuntimeError`` naming the file."""
         import timm
@@ -228,6 +228,7 @@ class Classifier:
         import torch
 
         x = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops]))
+        assert self.device is not None  # only called with a network (predict checks)
         if self.device.type == "cuda":  # copy once, normalise on the device
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.unsqueeze(1).expand(-1, self.card.in_chans, -1, -1)
@@ -251,24 +252,26 @@ class Classifier:
         if self.model is None:
             raise RuntimeError(f"model card {self.card_path} has a {self.head_kind} head: "
                                "there is no CNN to run")
+        model, device = self.model, self.device
+        assert device is not None  # set with the network
         probs: list[np.ndarray] = []
         cams: list[np.ndarray] = []
         t: dict[str, float] = {"forward": 0.0, "cam": 0.0}
         for i in range(0, len(crops), self.batch_size):
             x = self._tensor(crops[i : i + self.batch_size])
             autocast = torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32,
+                device.type, dtype=self.amp_dtype or torch.float32,
                 enabled=self.amp_dtype is not None,
             )
             if with_cam:
                 # One pass gives both: the head-only backward costs ~3 % of the forward.
                 with autocast:
-                    logits, cam = logits_and_cam(self.model, x, target_class=1, timings=t)
+                    logits, cam = logits_and_cam(model, x, target_class=1, timings=t)
                 cams.extend(list(cam.cpu().numpy()))
             else:
                 t0 = time.perf_counter()
                 with torch.inference_mode(), autocast:
-                    logits = self.model(x).float()
+                    logits = model(x).float()
                 t["forward"] += time.perf_counter() - t0
             probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
         t_cls, t_cam = t["forward"], t["cam"]
