@@ -16,6 +16,14 @@ it) and the pynetdicom internals this relies on present (pinned in pyproject; ch
 tests/test_fastsend.py). The state machine stays in Sta6 (data transfer) throughout: sending
 P-DATA does not change the association's state.
 
+The association's own reactor thread may take the C-STORE-RSP off the DIMSE queue before this
+module looks (and drop it as "unexpected"): pausing it, as pynetdicom's ``send_*`` do, leaves a
+window where a pause that has just ended still reads as paused (the reactor was woken but has not
+run yet), and on a busy process the next request's answer can come within it. Every C-STORE-RSP
+is therefore also caught as it is decoded (:class:`_Responses`, on ``EVT_DIMSE_RECV``), and an
+answer seen there but not on the queue is taken from there: a lost answer is never waited for
+until the DIMSE timeout.
+
 Guarantees: the status returned is the peer's C-STORE-RSP for this request's Message ID, or an
 empty Dataset (no status: nothing is marked sent) when the connection broke, the peer aborted,
 stopped reading for ``timeout`` seconds, or did not answer within the DIMSE timeout; after a
@@ -31,11 +39,14 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -47,6 +58,10 @@ _MAX_IOV = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 _UNLIMITED_PDU = 1 << 20  # payload per PDU when the peer sets no maximum (0)
 _POLL_S = 0.05  # how often the wait for the response looks for an abort
 _QUICK_S, _QUICK_POLL_S = 0.5, 0.002  # the first half second: quick ACKs (_quick_ack)
+# An answer caught on decoding (_Responses) but not on the DIMSE queue after this long was taken
+# by the reactor: the DUL thread puts it on the queue right after the catch, microseconds later.
+_STOLEN_AFTER_S = 0.01
+_LEAVE_PAUSE_S = 0.5  # the longest wait for the reactor to leave the previous request's pause
 
 
 class SendBroken(Exception):
@@ -97,6 +112,51 @@ def command_set(sop_class: str, sop_instance: str, message_id: int, priority: in
     return out
 
 
+class _Responses:
+    """The C-STORE-RSPs of one association by Message ID Being Responded To, caught by an
+    ``EVT_DIMSE_RECV`` handler in the DUL thread as each is decoded (before it is queued)."""
+
+    def __init__(self, assoc: Association) -> None:
+        self._lock = threading.Lock()
+        self._caught: dict[int, tuple[float, C_STORE]] = {}
+        self.paused_last = False  # whether a request of this module paused the reactor last
+        assoc.bind(evt.EVT_DIMSE_RECV, self._on_message)
+
+    def _on_message(self, event: evt.Event) -> None:
+        try:
+            primitive = event.message.message_to_primitive()
+        except Exception:  # noqa: BLE001 - pynetdicom reports an undecodable message itself
+            return
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            with self._lock:
+                self._caught[int(primitive.MessageIDBeingRespondedTo)] = (time.monotonic(),
+                                                                          primitive)
+
+    def forget(self, message_id: int) -> None:
+        with self._lock:
+            self._caught.pop(message_id, None)
+
+    def stolen(self, message_id: int) -> C_STORE | None:
+        """The answer to ``message_id`` when it was caught but never reached the queue."""
+        with self._lock:
+            got = self._caught.get(message_id)
+            if got is None or time.monotonic() - got[0] < _STOLEN_AFTER_S:
+                return None
+            del self._caught[message_id]
+        return got[1]
+
+
+_RESPONSES: weakref.WeakKeyDictionary[Association, _Responses] = weakref.WeakKeyDictionary()
+
+
+def _responses(assoc: Association) -> _Responses:
+    """The association's catcher, bound before its first request (nothing is in flight yet)."""
+    got = _RESPONSES.get(assoc)
+    if got is None:
+        got = _RESPONSES[assoc] = _Responses(assoc)
+    return got
+
+
 class _Sender:
     """Writes byte buffers to a socket with ``sendmsg``, never blocking longer than
     ``timeout`` for the peer to read."""
@@ -137,9 +197,17 @@ def send_file(assoc: Association, path: Path, offset: int, sop_class: str, sop_i
     sock = cast(socket.socket, assoc.dul.socket.socket)  # type: ignore[union-attr]
     payload = payload_size(assoc.acceptor.maximum_length)
     command = command_set(sop_class, sop_instance, message_id)
+    responses = _responses(assoc)
+    responses.forget(message_id)
     # Pause the association's reactor (as pynetdicom's send_* do) so that it does not take
-    # the response off the DIMSE queue first.
+    # the response off the DIMSE queue first. Right after the previous request's pause ended
+    # the reactor may not have run yet and still reads as paused: wait until it has left that
+    # pause (bounded: a reactor that has stopped never will), then pause it anew.
+    left_by = time.monotonic() + _LEAVE_PAUSE_S
+    while responses.paused_last and assoc._is_paused and time.monotonic() < left_by:
+        time.sleep(0.0001)
     assoc._reactor_checkpoint.clear()
+    responses.paused_last = True
     try:
         while not assoc._is_paused:
             time.sleep(0.0001)
@@ -148,11 +216,11 @@ def send_file(assoc: Association, path: Path, offset: int, sop_class: str, sop_i
             _quick_ack(sock)
         except SendBroken:
             # a peer may answer (a failure status) and close before it has read everything
-            early = _response(assoc, message_id, 0)
+            early = _response(assoc, message_id, 0, responses=responses)
             assoc._reactor_checkpoint.set()
             assoc.abort()
             return assoc._check_received_status(early) if early is not None else Dataset()
-        rsp = _response(assoc, message_id, assoc.dimse_timeout, sock)
+        rsp = _response(assoc, message_id, assoc.dimse_timeout, sock, responses)
     finally:
         assoc._reactor_checkpoint.set()
     if rsp is None:
@@ -210,11 +278,12 @@ def _quick_ack(sock: socket.socket) -> None:
 
 
 def _response(assoc: Association, message_id: int, limit: float | None,
-              sock: socket.socket | None = None) -> Any:
+              sock: socket.socket | None = None, responses: _Responses | None = None) -> Any:
     """The C-STORE-RSP to ``message_id`` from the DIMSE queue the DUL thread fills; None when
     the peer aborted, the connection closed or nothing came within ``limit`` seconds. For the
     first :data:`_QUICK_S` seconds ``sock`` ACKs at once (:func:`_quick_ack`: the kernel may
-    leave quick-ACK mode again, so it is set on every look)."""
+    leave quick-ACK mode again, so it is set on every look). ``responses``: the answer caught
+    on decoding is taken when the reactor took it off the queue first (module docstring)."""
     start = time.monotonic()
     while True:
         waited = time.monotonic() - start
@@ -222,7 +291,7 @@ def _response(assoc: Association, message_id: int, limit: float | None,
             try:  # one that is already there (limit 0: a look without waiting)
                 _, msg = assoc.dimse.msg_queue.get_nowait()
             except queue.Empty:
-                return None
+                return responses.stolen(message_id) if responses is not None else None
             return msg if isinstance(msg, C_STORE) and \
                 msg.MessageIDBeingRespondedTo == message_id else None
         quick = sock is not None and waited < _QUICK_S
@@ -231,12 +300,17 @@ def _response(assoc: Association, message_id: int, limit: float | None,
         try:
             _, msg = assoc.dimse.msg_queue.get(timeout=_QUICK_POLL_S if quick else _POLL_S)
         except queue.Empty:
+            stolen = responses.stolen(message_id) if responses is not None else None
+            if stolen is not None:
+                return stolen
             if assoc.acse.is_aborted() or not assoc.dul.is_alive():
                 return None
             continue
         if msg is None:  # the state machine's sign that the association was aborted
             return None
         if isinstance(msg, C_STORE) and msg.MessageIDBeingRespondedTo == message_id:
+            if responses is not None:
+                responses.forget(message_id)
             return msg
         # anything else on a requestor's association (a late answer to nothing we sent) is
         # not our answer: keep waiting
