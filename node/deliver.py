@@ -343,6 +343,8 @@ def _store(assoc: Association, path: Path, meta: Dataset, offset: int, message_i
         return fastsend.send_file(assoc, path, offset, sop_class,
                                   str(meta.MediaStorageSOPInstanceUID), int(cx.context_id or 0),
                                   message_id, timeout)
+    if message_id > 1:  # pynetdicom's pause has the same stale state (node.fastsend)
+        fastsend.leave_previous_pause(assoc)
     return assoc.send_c_store(what, msg_id=message_id)
 
 

@@ -203,9 +203,8 @@ def send_file(assoc: Association, path: Path, offset: int, sop_class: str, sop_i
     # the response off the DIMSE queue first. Right after the previous request's pause ended
     # the reactor may not have run yet and still reads as paused: wait until it has left that
     # pause (bounded: a reactor that has stopped never will), then pause it anew.
-    left_by = time.monotonic() + _LEAVE_PAUSE_S
-    while responses.paused_last and assoc._is_paused and time.monotonic() < left_by:
-        time.sleep(0.0001)
+    if responses.paused_last:
+        leave_previous_pause(assoc)
     assoc._reactor_checkpoint.clear()
     responses.paused_last = True
     try:
@@ -229,6 +228,15 @@ def send_file(assoc: Association, path: Path, offset: int, sop_class: str, sop_i
         return Dataset()
     status: Dataset = assoc._check_received_status(rsp)
     return status
+
+
+def leave_previous_pause(assoc: Association) -> None:
+    """Wait (at most :data:`_LEAVE_PAUSE_S`) until the association's reactor has run after the
+    pause of the request before (it reads as paused until it has): call before pausing it
+    again, here or in pynetdicom's ``send_*``."""
+    left_by = time.monotonic() + _LEAVE_PAUSE_S
+    while assoc._is_paused and time.monotonic() < left_by:
+        time.sleep(0.0001)
 
 
 def _write(sock: socket.socket, path: Path, offset: int, command: bytes, context_id: int,
