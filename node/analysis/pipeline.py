@@ -34,7 +34,7 @@ import pydicom
 from models.detector.anatomy import reuse_downscaled
 from models.roi import crop_roi
 from node.analysis.classify import Classifier
-from node.analysis.heatmap import finish_cam, paint_evidence, paste_cam
+from node.analysis.heatmap import SparseMap, evidence_map, finish_cam, paste_cam
 from node.analysis.prepare import SkipImage, display_image, prepare
 from node.analysis.result import (
     Finding,
@@ -141,10 +141,15 @@ class AnalysisPipeline:
         timings = {"decode": 0.0, "rois": 0.0, "classify": 0.0, "gradcam": 0.0}
         t_start = time.perf_counter()
         check = checkpoint or (lambda: None)
+        cnn = self.classifier.head_kind == "cnn"
 
         def one(item: ImageInput) -> tuple:
             check()  # a safe point before each image: a superseded analysis stops here
-            return self._prepare_cached(item, cache)
+            ia, crops, clusters, t_decode, t_rois, breast = self._prepare_cached(item, cache)
+            # A morphology head's heat map is this image's alone: made here, while the other
+            # images are still being prepared (or already made with a pre-analysed image).
+            t_map = 0.0 if cnn or crops is None else self._evidence_into(ia, clusters, breast)
+            return ia, crops, clusters, t_decode, t_rois, breast, t_map
 
         # Decode + ROI finding of the images of a study run side by side (OpenCV, numpy and the
         # JPEG 2000 decoder release the GIL); the classifier then sees every ROI of the study.
@@ -156,10 +161,11 @@ class AnalysisPipeline:
             done = [one(item) for item in images]
         check()
         wall = time.perf_counter() - t_start
-        busy = sum(d[3] + d[4] for d in done) or 1.0
+        busy = sum(d[3] + d[4] + d[6] for d in done) or 1.0
         # Per-stage shares of the parallel phase's wall time (so the stages add up to the total).
         timings["decode"] = wall * sum(d[3] for d in done) / busy
         timings["rois"] = wall * sum(d[4] for d in done) / busy
+        timings["gradcam"] = wall * sum(d[6] for d in done) / busy
         results: list[ImageAnalysis] = [d[0] for d in done]
         # (analysis, ROI crops, clusters) per analysed image; the full-resolution images are
         # already gone (cropped in the worker thread), which keeps the peak RSS down.
@@ -171,7 +177,6 @@ class AnalysisPipeline:
         clusters_all = [c for _, _, image_clusters, _ in work for c in image_clusters]
         check()  # before classifying
         card = self.classifier.card
-        cnn = self.classifier.head_kind == "cnn"
         if cnn:  # the CNN makes the call: its forward gives P(malignant) and the Grad-CAM
             cnn_p, cams, t = self.classifier.predict(crops, with_cam=True)
             timings["classify"] += t["classify"] / 1000.0
@@ -204,13 +209,10 @@ class AnalysisPipeline:
                 assert ia.cam is not None
                 if cnn:
                     paste_cam(ia.cam, cams[k], c.centre_rc, side_px, ia.display_scale)
-                else:
-                    paint_evidence(ia.cam, c.member_points, ia.display_scale,
-                                   max(1.0, 0.6 * px_per_mm))
                 k += 1
-            if not cnn:
+            if not cnn:  # its map is made already (one())
                 ia.cam_source = "calcification evidence of the detector"
-            if ia.cam is not None:
+            elif ia.cam is not None:
                 # ~1 mm of smoothing at display scale: one continuous surface over the breast
                 finish_cam(ia.cam, breast, px_per_mm)
         timings["gradcam"] += time.perf_counter() - t0
@@ -257,8 +259,22 @@ class AnalysisPipeline:
     def prepare_one(self, item: ImageInput) -> tuple:
         """The per-image work of :meth:`analyse` (decode, preparation, ROI finding, crops) for
         one image, in the form its ``cache`` holds: node.preanalysis runs it as soon as the
-        instance is stored. Never raises for a bad image (it comes back failed/skipped)."""
-        return self._prepare_image(item)
+        instance is stored. Never raises for a bad image (it comes back failed/skipped).
+
+        With a morphology head the image's finished heat map is made here too (it depends on
+        nothing else: :func:`node.analysis.heatmap.evidence_map`) and kept in place of the
+        breast mask as a :class:`~node.analysis.heatmap.SparseMap`, without the all-zero
+        canvas: the study's completion only pastes it."""
+        hit = self._prepare_image(item)
+        ia, crops, clusters, t_decode, t_rois, breast = hit
+        if self.classifier.head_kind == "cnn" or crops is None or ia.display is None:
+            return hit
+        t0 = time.perf_counter()
+        cam = np.zeros(ia.display.shape, np.float32)
+        evidence_map(cam, [c.member_points for c in clusters], ia.display_scale,
+                     ia.pixel_spacing_mm, breast)
+        made = SparseMap.of(cam, time.perf_counter() - t0)
+        return dataclasses.replace(ia, cam=None), crops, clusters, t_decode, t_rois, made
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -272,6 +288,20 @@ class AnalysisPipeline:
         idx = [CLUSTER_FEATURES.index(n) for n in names]
         return np.array([[c.features[i] for i in idx] for c in clusters],
                         dtype=np.float64).reshape(len(clusters), len(idx))
+
+    def _evidence_into(self, ia: ImageAnalysis, clusters: list[Cluster],
+                       breast: np.ndarray | SparseMap | None) -> float:
+        """A morphology head's heat map of one image into ``ia.cam`` (all zero): pasted when
+        :meth:`prepare_one` made it, else made now; the seconds it took to make."""
+        if ia.cam is None or ia.display is None:
+            return 0.0
+        if isinstance(breast, SparseMap):
+            breast.paste(ia.cam)
+            return breast.seconds
+        t0 = time.perf_counter()
+        evidence_map(ia.cam, [c.member_points for c in clusters], ia.display_scale,
+                     ia.pixel_spacing_mm, breast)
+        return time.perf_counter() - t0
 
     def _prepare_cached(self, item: ImageInput, cache: dict[str, Any] | None) -> tuple:
         """:meth:`_prepare_image`, reusing what an earlier (superseded) analysis of the same
