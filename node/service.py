@@ -90,11 +90,11 @@ class Node:
         # a switchable analyser, and the shadow model; followed live (node.activemodel).
         self.models = ModelManager(settings, self.db, load_analyser, default=analyser)
         self.analyser = self.models.analyser
-        from node.reports import build_reports
+        from node.reports import iter_reports  # each SC written while the next is rendered
 
         model = self.analyser.model
         self.worker = AnalysisWorker(
-            self.db, self.spool, self.analyser, build_reports,
+            self.db, self.spool, self.analyser, iter_reports,
             ReportOptions(
                 manufacturer=settings.output.manufacturer,
                 sr_series_number=settings.output.sr_series_number,

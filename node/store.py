@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -112,15 +112,18 @@ class Spool:
         and fsynced on the same descriptor."""
         return self.write_datasets([ds], area)[0]
 
-    def write_datasets(self, datasets: Sequence[Dataset], area: str = "results") -> list[str]:
+    def write_datasets(self, datasets: Iterable[Dataset], area: str = "results") -> list[str]:
         """Write several DICOM objects durably; their relpaths, in order. Each is encoded
-        (:func:`encode_file`) and written to a temporary name; the fsyncs of all of them run
-        at once in helper threads (fsync releases the GIL: the disk flushes overlap instead of
-        adding up), then each is renamed and its directory fsynced. When this returns, every
-        file and its directory entry is durable; on an error none of them is left behind."""
+        (:func:`encode_file`) as it comes and written to a temporary name and fsynced in a
+        helper thread (write and fsync release the GIL): given a generator that builds the
+        objects one after the other, each object's write overlaps the building of the next,
+        and the disk flushes overlap instead of adding up. Then each is renamed and its
+        directory fsynced. When this returns, every file and its directory entry is durable; on
+        an error (also one raised by ``datasets`` itself) none of them is left behind."""
         dests: list[Path] = []
         parts: list[Path] = []
         fds: list[int] = []
+        writers: list[_WriteSync] = []
         try:
             for ds in datasets:
                 relpath = self._new_relpath(area)
@@ -131,13 +134,12 @@ class Spool:
                 fds.append(fd)
                 parts.append(part)
                 dests.append(dest)
-                _write_all(fd, encode_file(ds))
-            syncers = [_Fsync(fd) for fd in fds[1:]]
-            if fds:
-                os.fsync(fds[0])
-            for syncer in syncers:
-                syncer.wait()
+                writers.append(_WriteSync(fd, encode_file(ds)))
+            for writer in writers:
+                writer.wait()
         except BaseException:
+            for writer in writers:  # no thread may still write to a descriptor closed below
+                writer.join()
             for fd in fds:
                 os.close(fd)
             for part in parts:
@@ -155,6 +157,31 @@ class Spool:
     def remove(self, relpath: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / relpath).unlink()
+
+
+class _WriteSync:
+    """Write ``parts`` to a file descriptor and fsync it, in a helper thread; :meth:`wait`
+    re-raises its error."""
+
+    def __init__(self, fd: int, parts: Sequence[bytes | memoryview]) -> None:
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd, parts), daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int, parts: Sequence[bytes | memoryview]) -> None:
+        try:
+            _write_all(fd, parts)
+            os.fsync(fd)
+        except Exception as exc:  # noqa: BLE001 - re-raised by wait() in the caller's thread
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class _Fsync:

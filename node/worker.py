@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,7 +67,7 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 
-ReportBuilder = Callable[..., list[Dataset]]
+ReportBuilder = Callable[..., Iterable[Dataset]]  # a list, or one at a time
 CHECK_EVERY_SECONDS = 0.25  # a safe point asks the database at most this often
 
 
@@ -378,8 +378,11 @@ class AnalysisWorker:
                                          mammo_cad=o.cad_sr_series_number,
                                          gsps=o.gsps_series_number),
                     cad_operating_point=o.cad_operating_point, previous_srs=previous)
-                datasets = self.build_reports(analysis, sources, context, (kind,))
-                paths = self.spool.write_datasets(datasets)  # fsynced together
+                datasets: list[Dataset] = []
+                # each object is written (and fsynced) while the next one is built, when the
+                # builder hands them over one at a time (node.reports.iter_reports)
+                paths = self.spool.write_datasets(_kept(
+                    self.build_reports(analysis, sources, context, (kind,)), datasets))
             except Exception as exc:
                 failed[kind] = f"{type(exc).__name__}: {exc}"[:2000]
                 log.exception("output.build_failed study=%s kind=%s", analysis.study_instance_uid,
@@ -669,6 +672,13 @@ class AnalysisWorker:
               attempt=attempts, final=final, error=message[:300])
         if final and self.preanalysis is not None:
             self.preanalysis.drop_study(study_uid)
+
+
+def _kept(datasets: Iterable[Dataset], into: list[Dataset]) -> Iterator[Dataset]:
+    """``datasets`` as they come, each also appended to ``into``."""
+    for ds in datasets:
+        into.append(ds)
+        yield ds
 
 
 class _Stale(Exception):

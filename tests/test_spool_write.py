@@ -68,3 +68,40 @@ def test_a_failing_object_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises((AttributeError, ValueError)):
         spool.write_datasets([objects[0], objects[1], broken])
     assert [p for p in spool.results.rglob("*") if p.is_file()] == []
+
+
+def test_objects_built_one_at_a_time_are_written_as_they_come(tmp_path: Path) -> None:
+    """The worker hands write_datasets a generator (node.reports.iter_reports): each object is
+    written while the next one is built, the files are the same bytes as from a list, and a
+    builder that fails half-way leaves nothing behind."""
+    from node.reports import iter_reports
+
+    analysis, sources = study(1024, 832, 2)
+    ctx = ReportContext(analysis_key="spool", created=dt.datetime(2026, 1, 1, 12),
+                        manufacturer="mammo-node", software_version="t",
+                        threshold=MODEL.threshold, series=SeriesNumbers(tid1500=1, sc=2))
+    spool = Spool(tmp_path / "spool")
+    listed = [spool.path(r).read_bytes()
+              for r in spool.write_datasets(build_reports(analysis, sources, ctx, ["sc"]))]
+    taken: list[int] = []
+
+    def counted():  # type: ignore[no-untyped-def]
+        for n, ds in enumerate(iter_reports(analysis, sources, ctx, ["sc"])):
+            # the previous object is on its way to disk before this one is handed over
+            assert len(list(spool.results.rglob("*.part"))) == n
+            taken.append(n)
+            yield ds
+
+    streamed = [spool.path(r).read_bytes() for r in spool.write_datasets(counted())]
+    assert streamed == listed and len(taken) == len(analysis.images) == 4
+
+    def failing():  # type: ignore[no-untyped-def]
+        it = iter_reports(analysis, sources, ctx, ["sc"])
+        yield next(it)
+        yield next(it)
+        raise RuntimeError("the third SC could not be built")
+
+    before = {p for p in spool.results.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="third SC"):
+        spool.write_datasets(failing())
+    assert {p for p in spool.results.rglob("*") if p.is_file()} == before

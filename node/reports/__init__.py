@@ -21,7 +21,7 @@ yields the same objects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -36,7 +36,13 @@ from node.reports.images import (
     describe_study,
     presentation_image_for,
 )
-from node.reports.sc import SC_SERIES_DESCRIPTION, build_sc, render_overlay, sc_objects
+from node.reports.sc import (
+    SC_SERIES_DESCRIPTION,
+    build_sc,
+    iter_sc_objects,
+    render_overlay,
+    sc_objects,
+)
 from node.reports.sr import SR_SERIES_DESCRIPTION, build_sr, tid1500_objects
 from node.reports.uids import ResultUIDs, derive_uid
 
@@ -59,6 +65,7 @@ __all__ = [
     "build_sr",
     "derive_uid",
     "describe_study",
+    "iter_reports",
     "presentation_image_for",
     "render_overlay",
 ]
@@ -88,13 +95,32 @@ def build_reports(
     a source header is unusable (before anything is built), or when a kind cannot be built
     (with ``sc`` selected, every analysed image must carry ``display`` and ``cam``).
     """
+    return list(iter_reports(analysis, sources, context, kinds))
+
+
+def iter_reports(
+    analysis: StudyAnalysis,
+    sources: Mapping[str, Dataset],
+    context: ReportContext,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+) -> Iterator[Dataset]:
+    """:func:`build_reports` one object at a time: each is built when the previous one was
+    taken, so that the caller writes (or sends) it while the next is built (the worker hands
+    this to ``Spool.write_datasets``). The checks run before the first object is built."""
     kinds = check_kinds(kinds, "kinds")
     if not isinstance(context, ReportContext):
         raise TypeError(f"context must be a ReportContext, got {type(context).__name__}")
     study = describe_study(analysis, sources)
-    out: list[Dataset] = []
+    n = 0
     for kind, builder in BUILDERS.items():
         if kind in kinds:
-            out.extend(builder(study, context))
-    log.info("built %d report object(s): %s", len(out), ", ".join(kinds))
-    return out
+            for ds in _ONE_BY_ONE.get(kind, builder)(study, context):
+                n += 1
+                yield ds
+    log.info("built %d report object(s): %s", n, ", ".join(kinds))
+
+
+#: Builders that make their objects one at a time (the others' lists are small and quick).
+_ONE_BY_ONE: Mapping[str, Callable[[ReportedStudy, ReportContext], Iterable[Dataset]]] = {
+    SC: iter_sc_objects,
+}

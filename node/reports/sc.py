@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterator
 
 import highdicom as hd
 from highdicom.enum import PatientSexValues
@@ -31,7 +32,7 @@ from node.reports.sc_content import (
 )
 
 __all__ = ["BENIGN_RGB", "MALIGNANT_RGB", "MARK_RGB", "SC_SERIES_DESCRIPTION", "build_sc",
-           "render_overlay", "sc_objects"]
+           "iter_sc_objects", "render_overlay", "sc_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,15 @@ def build_sc(image: AnalysedImage, study: ReportedStudy, context: ReportContext)
 def sc_objects(study: ReportedStudy, context: ReportContext) -> list[Dataset]:
     """The ``sc`` kind (:class:`node.reports.context.ReportBuilder`): one SC per analysed
     image, each of which must carry ``display`` and ``cam``."""
+    return list(iter_sc_objects(study, context))
+
+
+def iter_sc_objects(study: ReportedStudy, context: ReportContext) -> Iterator[Dataset]:
+    """:func:`sc_objects` one SC at a time (every image is checked before the first is
+    built): the caller writes each ~10 MB SC while the next one is rendered."""
     for image in study.images:
         if image.analysis.display is None or image.analysis.cam is None:
             raise ValueError(f"analysed image #{image.number} has no display image or "
                              "Grad-CAM map")
-    return [build_sc(image, study, context) for image in study.images]
+    for image in study.images:
+        yield build_sc(image, study, context)
