@@ -141,9 +141,39 @@ def measure(rows: int, cols: int, rois: int, repeats: int, kinds: list[str]) -> 
             row["objects"] = 1 if kind in ("tid1500", "mammo_cad") else len(analysis.images)
             row["MB"] = size / 1e6
             out[kind] = row
+        if all(k in kinds for k in DEFAULT):
+            out["as_worker"] = {"ms": _as_worker(analysis, sources, context, spool, repeats)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+def _as_worker(analysis: Any, sources: dict, context: Any, spool: Any, repeats: int
+               ) -> list[float]:
+    """ms per study for the default kinds built and written the way the tree's worker does
+    it: the heap handed back to the OS first (the worker does after each study,
+    node.memory.release_free_memory), then each kind built and written durably in turn, with
+    ``node.reports.iter_reports`` where the tree has it (each SC written while the next one is
+    rendered), else ``build_reports`` then the write."""
+    import node.reports as reports
+
+    try:
+        from node.memory import release_free_memory
+    except ImportError:  # a tree without it
+        def release_free_memory() -> bool:
+            return False
+    build = getattr(reports, "iter_reports", reports.build_reports)
+    write = _writer(spool)
+    times = []
+    for _ in range(repeats):
+        release_free_memory()
+        t0 = time.perf_counter()
+        written = [rel for kind in DEFAULT
+                   for rel in write(build(analysis, sources, context, [kind]))]
+        times.append((time.perf_counter() - t0) * 1e3)
+        for rel in written:
+            spool.remove(rel)
+    return times
 
 
 def _child(tree: Path | None, args: argparse.Namespace) -> dict:
@@ -162,6 +192,9 @@ def _child(tree: Path | None, args: argparse.Namespace) -> dict:
 
 def _merge(into: dict, part: dict) -> None:
     for kind, row in part.items():
+        if kind == "as_worker":
+            into.setdefault(kind, {"ms": []})["ms"] += row["ms"]
+            continue
         dest = into.setdefault(kind, {"build": [], "encode": [], "write": [], "cpu": []})
         for key in ("build", "encode", "write", "cpu"):
             dest[key] += row[key]
@@ -217,6 +250,9 @@ def main() -> None:
             print(f"{name:<10} default kinds (tid1500 + sc): build+encode {build_only:.1f} ms "
                   f"(CPU {cpu:.1f} ms), build+write {default_total:.1f} ms")
             totals[name] = default_total
+        if "as_worker" in rows:
+            print(f"{name:<10} default kinds as the worker builds and writes them (heap handed "
+                  f"back first): {_med(rows['as_worker'], 'ms'):.1f} ms")
     if "baseline" in results:
         base, this = results["baseline"], results["this tree"]
         print("ratios this tree / baseline (build, encode, write, build+write):")
@@ -227,6 +263,9 @@ def main() -> None:
             print(f"  {kind:<10} {r[0]:.2f} {r[1]:.2f} {r[2]:.2f} {tot:.2f}")
         if totals:
             print(f"  default kinds build+write: {totals['this tree'] / totals['baseline']:.2f}")
+        if "as_worker" in this and "as_worker" in base:
+            print("  default kinds as the worker builds and writes them: "
+                  f"{_med(this['as_worker'], 'ms') / _med(base['as_worker'], 'ms'):.2f}")
 
 
 if __name__ == "__main__":
