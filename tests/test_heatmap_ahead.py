@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -22,6 +23,36 @@ from node.analysis.result import ImageInput, StudyAnalysis
 from node.config import AnalysisSettings, LimitsSettings, ModelSettings
 from node.reports.sc_content import pixel_buffer, render_overlay
 from tests.testdata import mias_four_view
+
+
+def _finish_cam_as_before(canvas: np.ndarray, breast: np.ndarray | None, smooth_px: float
+                          ) -> None:
+    """node.analysis.heatmap.finish_cam as it was up to i18e-completion (one thread, the mask
+    always resized), kept as the reference."""
+    if not canvas.any():
+        return
+    before = float(canvas.max())
+    rows, cols = canvas.shape
+    f = max(1, int(smooth_px // 2))
+    small = (max(1, cols // f), max(1, rows // f))
+
+    def smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+        if f == 1:
+            return cv2.GaussianBlur(a, (0, 0), sigma)
+        s = cv2.resize(a, small, interpolation=cv2.INTER_AREA)
+        s = cv2.GaussianBlur(s, (0, 0), sigma / f)
+        return cv2.resize(s, (cols, rows), interpolation=cv2.INTER_LINEAR)
+
+    if smooth_px > 0:
+        canvas[...] = smooth(canvas, smooth_px)
+    if breast is not None:
+        m = cv2.resize(breast.astype(np.uint8), (cols, rows),
+                       interpolation=cv2.INTER_NEAREST).astype(np.float32)
+        canvas *= smooth(m, max(1.0, smooth_px))
+    peak = float(canvas.max())
+    if peak > 0:
+        canvas *= min(before, 1.0) / peak
+
 
 # mini-MIAS calcification cases (two right, two left) and one without findings
 REFS = ("mdb209", "mdb226", "mdb211", "mdb216")
@@ -54,7 +85,7 @@ def _reference_cams(pipeline: AnalysisPipeline, items: list[ImageInput]) -> list
         px_per_mm = ia.display_scale / ia.pixel_spacing_mm
         for c in clusters:
             paint_evidence(canvas, c.member_points, ia.display_scale, max(1.0, 0.6 * px_per_mm))
-        finish_cam(canvas, breast, px_per_mm)
+        _finish_cam_as_before(canvas, breast, px_per_mm)
         out.append(canvas)
     return out
 
@@ -117,3 +148,29 @@ def test_sc_pixel_buffer_needs_no_zeroing(pipeline: AnalysisPipeline,
         a = render_overlay(ia, threshold=0.5, model=analysis.model, into=zeroed)
         b = render_overlay(ia, threshold=0.5, model=analysis.model, into=garbage)
         assert a.tobytes() == b.tobytes() == bytes(zeroed) == garbage.tobytes()
+
+
+@pytest.mark.parametrize(("shape", "mask_shape", "mask_dtype", "smooth_px"), [
+    ((400, 300), (400, 300), np.uint8, 7.14),  # the node's case: a display-size uint8 mask
+    ((400, 300), (200, 150), np.bool_, 7.14),  # another size: resized
+    ((257, 199), (257, 199), np.bool_, 2.5),  # odd sizes, f = 1 (no downscale)
+    ((400, 300), None, None, 7.14),  # no mask
+])
+def test_finish_cam_is_the_single_threaded_one(shape, mask_shape, mask_dtype,  # type: ignore[no-untyped-def]
+                                               smooth_px) -> None:
+    rng = np.random.default_rng(3)
+    canvas = np.zeros(shape, np.float32)
+    for _ in range(5):
+        paint_evidence(canvas, tuple((float(rng.uniform(0, shape[0] * 2)),
+                                      float(rng.uniform(0, shape[1] * 2)),
+                                      float(rng.uniform(0.1, 0.9))) for _ in range(6)),
+                       0.5, 3.0)
+    breast = None
+    if mask_shape is not None:
+        yy, xx = np.mgrid[:mask_shape[0], :mask_shape[1]]
+        breast = ((yy - mask_shape[0] / 2) ** 2 + (xx / 1.5) ** 2 < (mask_shape[0] / 2.2) ** 2
+                  ).astype(mask_dtype)
+    expected = canvas.copy()
+    _finish_cam_as_before(expected, breast, smooth_px)
+    finish_cam(canvas, breast, smooth_px)
+    assert expected.any() and canvas.tobytes() == expected.tobytes()

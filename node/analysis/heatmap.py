@@ -6,6 +6,7 @@ numpy and OpenCV only (no torch): a node whose card has a morphology head never 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -97,12 +98,35 @@ def finish_cam(canvas: np.ndarray, breast: np.ndarray | None, smooth_px: float) 
         s = cv2.GaussianBlur(s, (0, 0), sigma / f)
         return cv2.resize(s, (cols, rows), interpolation=cv2.INTER_LINEAR)
 
-    if smooth_px > 0:
-        canvas[...] = smooth(canvas, smooth_px)
-    if breast is not None:
-        m = cv2.resize(breast.astype(np.uint8), (cols, rows),
-                       interpolation=cv2.INTER_NEAREST).astype(np.float32)
-        canvas *= smooth(m, max(1.0, smooth_px))
+    # The smoothed breast mask does not depend on the map: made in a helper thread while this
+    # one smooths the map (OpenCV releases the GIL; the same operations, the same values).
+    mask: list[np.ndarray] = []
+    failed: list[BaseException] = []
+
+    def smooth_mask() -> None:
+        assert breast is not None
+        try:
+            b = breast if breast.shape == (rows, cols) and breast.dtype == np.uint8 else \
+                cv2.resize(breast.astype(np.uint8), (cols, rows),
+                           interpolation=cv2.INTER_NEAREST)  # same size: resize is a copy
+            mask.append(smooth(b.astype(np.float32), max(1.0, smooth_px)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(exc)
+
+    helper = threading.Thread(target=smooth_mask, name="heatmap-mask", daemon=True) \
+        if breast is not None else None
+    if helper is not None:
+        helper.start()
+    try:
+        if smooth_px > 0:
+            canvas[...] = smooth(canvas, smooth_px)
+    finally:
+        if helper is not None:
+            helper.join()
+    if failed:
+        raise failed[0]
+    if mask:
+        canvas *= mask[0]
     peak = float(canvas.max())
     if peak > 0:
         canvas *= min(before, 1.0) / peak
