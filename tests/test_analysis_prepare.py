@@ -195,3 +195,45 @@ def test_a_codestream_that_contradicts_the_header_goes_back_to_pydicom(tmp_path:
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     with pytest.raises(Exception):  # noqa: B017 - pydicom's own error, whichever it is
         decode_pixels(ds)
+
+
+@pytest.mark.parametrize("case", ["u12-garbage", "u16", "u8-odd", "s12-garbage", "s16",
+                                  "implicit-u12"])
+def test_uncompressed_frames_are_read_from_their_bytes_as_pydicom_reads_them(
+        case: str, tmp_path: Path) -> None:
+    """node.analysis.jpeg2000.native_pixels gives pydicom's pixel_array exactly (values, dtype,
+    a writeable array of its own): the unused high bits cleared, or sign-extended for signed
+    data; files it does not take (big endian, a short pixel data element) go to pydicom."""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from node.analysis.jpeg2000 import decode_pixels, native_pixels
+
+    rng = np.random.default_rng(5)
+    shape = (37, 51) if case == "u8-odd" else (64, 80)
+    dtype = np.uint8 if case == "u8-odd" else np.uint16
+    px = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    bits = {"u12-garbage": 12, "u16": 16, "u8-odd": 8, "s12-garbage": 12, "s16": 16,
+            "implicit-u12": 12}[case]
+    ds = mg_dataset(px, patient_id="T2", study_uid="1.2.3", sop_uid="1.2.3.5", laterality="L",
+                    view="CC", spacing_mm=0.1, bits_stored=bits)
+    if case.startswith("s"):
+        ds.PixelRepresentation = 1
+    if case.startswith("implicit"):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "native.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = pydicom.dcmread(path)
+    got = native_pixels(read)
+    want = pydicom.dcmread(path).pixel_array
+    assert got is not None and got.dtype == want.dtype and got.flags.writeable
+    assert got.flags.owndata and not np.shares_memory(got, np.frombuffer(read.PixelData, np.uint8))
+    np.testing.assert_array_equal(got, want)
+    if bits < 16 and case != "u8-odd":
+        assert int(px.max()) >> bits and int(np.abs(got.astype(np.int32)).max()) < 1 << bits
+    np.testing.assert_array_equal(decode_pixels(read), want)
+    short = pydicom.dcmread(path)
+    short.PixelData = short.PixelData[:-4]
+    assert native_pixels(short) is None  # pydicom's own checks and messages
+    big = pydicom.dcmread(path)
+    big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    assert native_pixels(big) is None

@@ -198,3 +198,62 @@ def test_coarse_noise_of_a_region_is_that_of_the_whole_grid(origin: tuple[int, i
                                       mask_cache=cache_region, origin=origin, shape=shape)
         np.testing.assert_array_equal(got_whole, want)
         np.testing.assert_array_equal(got, want)
+
+
+def test_windows_at_the_edge_come_from_the_reflected_grid() -> None:
+    """With a border narrower than the windows some windows reach past the grid: they are
+    read from the padded (reflected) grid as before, the others straight from the grid: the
+    same features."""
+    image01, _, spacing, view = IMAGES["mias-mdb219-0.2mm"]()
+    full = np.ones(image01.shape, bool)
+    p = candidates.CandidateParams(border_mm=0.4)  # 2 px at 0.2 mm
+    got = candidates.find_candidates(image01, full, spacing, p, view=view)
+    want = reference.find_candidates(image01, full, spacing, reference.CandidateParams(
+        border_mm=0.4), view=view)
+    assert len(got) > 20
+    radius = 8  # the windows' half size at 0.2 mm: some candidates lie closer to the edge
+    assert (np.minimum(got.rows, got.cols).min() < radius
+            or (np.array(image01.shape)[None] - 1 - np.stack([got.rows, got.cols], 1)).min()
+            < radius)
+    _same_candidates(got, want)
+
+
+def test_local_maxima_are_those_of_the_whole_grid_dilation() -> None:
+    """The sparse local-maximum test gives the pixels of ``(b >= snr) & (b >= dilate(b))`` with
+    ``b`` zero outside the mask: plateaus of equal values, maxima on every edge and corner, a
+    mask with holes."""
+    import cv2
+
+    rng = np.random.default_rng(21)
+    best = np.round(rng.gamma(2.0, 1.5, (203, 157)), 1).astype(np.float32)  # many ties
+    best[0, 0] = best[-1, -1] = best[0, -1] = best[-1, 0] = 40.0
+    best[100:103, 50:53] = 30.0  # a 3 x 3 plateau
+    mask = rng.random(best.shape) > 0.1
+    mask[:, :3] = True
+    mask[0, 0] = mask[-1, -1] = mask[0, -1] = mask[-1, 0] = True
+    zeroed = np.where(mask, best, np.float32(0.0))
+    dense = (zeroed >= 4.0) & (zeroed >= cv2.dilate(zeroed, np.ones((5, 5), np.uint8)))
+    got = candidates._local_maxima(best, mask, 4.0)
+    np.testing.assert_array_equal(got, np.flatnonzero(dense))
+    region = mask[10:150, 7:120]  # a non-contiguous view, as find_candidates passes it
+    z = np.where(region, best[10:150, 7:120], np.float32(0.0))
+    want = np.flatnonzero((z >= 4.0) & (z >= cv2.dilate(z, np.ones((5, 5), np.uint8))))
+    np.testing.assert_array_equal(
+        candidates._local_maxima(np.ascontiguousarray(best[10:150, 7:120]), region, 4.0), want)
+
+
+def test_display_copy_is_the_plain_expression() -> None:
+    """display_image's in-place steps give ``clip(small * 255 + 0.5, 0, 255)`` as uint8."""
+    import cv2
+
+    from node.analysis.prepare import display_image
+
+    image01, _, _, _ = IMAGES["bench-small-RCC"]()
+    got, scale = display_image(image01, 1024)
+    size = (got.shape[1], got.shape[0])
+    small = cv2.resize(image01, size, interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(got, np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    same, one = display_image(image01[:500, :400], 1024)  # no resize: the input is untouched
+    assert one == 1.0
+    np.testing.assert_array_equal(same, np.clip(image01[:500, :400] * 255.0 + 0.5, 0, 255)
+                                  .astype(np.uint8))

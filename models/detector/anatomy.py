@@ -80,7 +80,7 @@ def breast_mask(image01: np.ndarray, spacing_mm: float) -> np.ndarray:
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1, 2 * erode + 1))
     comp = cv2.erode(comp, kernel)
     full = cv2.resize(comp, (cols, rows), interpolation=cv2.INTER_NEAREST)
-    return full.astype(bool)
+    return full.view(np.bool_)  # 0/1 bytes: the mask without a copy
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,9 @@ def anatomy(image01: np.ndarray, mask: np.ndarray, spacing_mm: float, view: str 
     scale = spacing_mm / grid
     size = (max(8, int(round(cols * scale))), max(8, int(round(rows * scale))))
     small = _area_downscaled(image01, size)
-    msmall = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    m8 = mask.view(np.uint8) if mask.dtype == np.bool_ and mask.flags.c_contiguous \
+        else mask.astype(np.uint8)  # 0/1, no copy
+    msmall = cv2.resize(m8, size, interpolation=cv2.INTER_NEAREST)
     scale = size[0] / cols
     edge = cv2.distanceTransform(msmall, cv2.DIST_L2, 5).astype(np.float32) * grid
     side = chest_wall_side(msmall.astype(bool))

@@ -113,26 +113,31 @@ def coarse_noise(resp: np.ndarray, mask: np.ndarray, window_px: float, stride: i
     sr, sc = max(1, h2 // step), max(1, w2 // step)
     # coarse first (area average = box filter + decimation), then the window blur on the coarse
     # grid: ~20x cheaper than blurring the full-resolution map with a 12 mm box.
+    sub = max(1, int(np.sqrt(h2 * w2 / 250000)))  # the 98th percentile from ~250k pixels
+    jy, jx = (-gy) % sub, (-gx) % sub
     key = (mask.ctypes.data, mask.shape, stride, sc, sr, origin, rows, cols)
     cached = mask_cache.get(key) if mask_cache is not None else None
     if cached is not None:
-        m, t2 = cached  # the same mask for every band of one image: resized once
+        # the same mask for every band of one image: resized, inverted and sampled once
+        m, t2, outside, sample = cached
     else:
         m2_whole = np.zeros((h2, w2), np.float32)
         m2_whole[gy:gy + r2.shape[0], gx:gx + r2.shape[1]] = m2
         m = cv2.resize(m2_whole, (sc, sr), interpolation=cv2.INTER_AREA)
         t2 = np.zeros((h2, w2), np.float32)  # zero outside the region, whatever the band
+        outside = ~m2
+        sample = np.ascontiguousarray(m2[jy::sub, jx::sub])  # the quantile's pixels in the mask
         if mask_cache is not None:
-            mask_cache[key] = (m, t2)
-    sub = max(1, int(np.sqrt(h2 * w2 / 250000)))  # the 98th percentile from ~250k pixels
-    jy, jx = (-gy) % sub, (-gx) % sub
-    inside = r2[jy::sub, jx::sub][m2[jy::sub, jx::sub]]
+            mask_cache[key] = (m, t2, outside, sample)
+    inside = r2[jy::sub, jx::sub][sample]
     cap = max(float(np.quantile(inside, 0.98)) if inside.size else 1.0, 1e-6)
     part = t2[gy:gy + r2.shape[0], gx:gx + r2.shape[1]]
-    np.abs(r2, out=part)
-    np.minimum(part, np.float32(cap), out=part)
-    np.square(part, out=part)
-    np.copyto(part, np.float32(0.0), where=~m2)
+    # min(|r|, cap)^2 as min(r^2, cap^2): rounding a square is monotonic in |r|, so the two are
+    # equal bit for bit, and the square reads the strided response once (no abs pass)
+    cap32 = np.float32(cap)
+    np.square(r2, out=part)
+    np.minimum(part, np.square(cap32), out=part)
+    np.copyto(part, np.float32(0.0), where=outside)
     num = cv2.resize(t2, (sc, sr), interpolation=cv2.INTER_AREA)
     k = (5, 5)
     num, den = cv2.blur(num, k), cv2.blur(m, k)
@@ -234,8 +239,12 @@ def _peak_centroids(peak: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``cv2.connectedComponentsWithStats(peak, connectivity=8)`` gives (without the background),
     in another order, from the few thousand peak pixels instead of a labelling of the whole
     grid. Local maxima touch only on a plateau of equal values, so most groups are one pixel."""
-    idx = np.flatnonzero(peak)  # raster order, sorted
-    width = peak.shape[1]
+    return _centroids_of(np.flatnonzero(peak), peak.shape[1])
+
+
+def _centroids_of(idx: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_peak_centroids` of the peak pixels at flat indices ``idx`` (raster order, sorted)
+    of a grid ``width`` columns wide."""
     r, c = np.divmod(idx, width)
     if len(idx) == 0:
         return r.astype(np.float64), c.astype(np.float64)
@@ -258,6 +267,34 @@ def _peak_centroids(peak: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count = np.bincount(labels, minlength=n).astype(np.float64)
     return (np.bincount(labels, r.astype(np.float64), n) / count,
             np.bincount(labels, c.astype(np.float64), n) / count)
+
+
+def _local_maxima(best: np.ndarray, mask: np.ndarray, snr: float) -> np.ndarray:
+    """Flat indices (raster order) of ``(b >= snr) & (b >= cv2.dilate(b, 5 x 5))`` with ``b``
+    = ``best`` zeroed outside ``mask`` (in place), tested at the few pixels at or above ``snr``
+    (~0.5 % of the grid) instead of dilating and comparing the whole grid. OpenCV's dilation
+    ignores neighbours beyond the edge (its default border is -inf); so does this."""
+    np.copyto(best, np.float32(0.0), where=~mask)
+    rows, cols = best.shape
+    flat = best.reshape(-1)
+    idx = np.flatnonzero(flat >= snr)
+    v = flat[idx]
+    ok = np.ones(len(idx), bool)
+    r, c = np.divmod(idx, cols)
+    inner = len(idx) == 0 or (r[0] >= 2 and r[-1] < rows - 2 and c.min() >= 2
+                              and c.max() < cols - 2)
+    for dr in range(-2, 3):
+        for dc in range(-2, 3):
+            if dr == 0 and dc == 0:
+                continue
+            if inner:  # every neighbour inside the grid (the usual case: the mask has a border)
+                ok &= v >= flat[idx + (dr * cols + dc)]
+                continue
+            rr, cc = r + dr, c + dc
+            there = (rr >= 0) & (rr < rows) & (cc >= 0) & (cc < cols)
+            nb = flat[np.clip(rr, 0, rows - 1) * cols + np.clip(cc, 0, cols - 1)]
+            ok &= ~there | (v >= nb)
+    return idx[ok]
 
 
 def find_candidates(
@@ -297,13 +334,15 @@ def find_candidates(
     rmask = wmask[r0:r1, c0:c1]
     mask_cache: dict = {}
     prev = cv2.GaussianBlur(region, (0, 0), sigmas[0])
+    spare = np.empty_like(prev)
     best = np.zeros(region.shape, np.float32)
     coarse_sd = []
-    # Buffers are reused in place (the response in the previous blur's, the noise map in one
-    # whole-grid buffer): a few region-sized arrays at a time.
+    # Buffers are reused in place (the response in the previous blur's, the next blur in the
+    # buffer the last response is done with, the noise map in one whole-grid buffer): a few
+    # region-sized arrays, allocated (and page-faulted) once per image, not once per band.
     up = np.empty(work.shape, np.float32)
     for sigma in sigmas[1:]:
-        nxt = cv2.GaussianBlur(prev, (0, 0), sigma)
+        nxt = cv2.GaussianBlur(prev, (0, 0), sigma, dst=spare)
         resp = np.subtract(prev, nxt, out=prev)
         sd = coarse_noise(resp, rmask, p.noise_window_mm / px, mask_cache=mask_cache,
                           origin=(r0, c0), shape=work.shape)
@@ -311,11 +350,10 @@ def find_candidates(
         cv2.resize(sd, (work.shape[1], work.shape[0]), dst=up, interpolation=cv2.INTER_LINEAR)
         resp /= up[r0:r1, c0:c1]
         np.maximum(best, resp, out=best)
-        prev = nxt
-    del prev, nxt, resp, up, mask_cache
-    best[~rmask] = 0.0
-    peak = (best >= p.snr) & (best >= cv2.dilate(best, np.ones((5, 5), np.uint8)))
-    cent_r, cent_c = _peak_centroids(peak)
+        prev, spare = nxt, resp
+    del prev, nxt, resp, spare, up, mask_cache
+    # local maxima of the SNR inside the breast (zeroed outside it) at or above the threshold
+    cent_r, cent_c = _centroids_of(_local_maxima(best, rmask, p.snr), c1 - c0)
     if len(cent_r) == 0:
         return empty
     pr = np.clip(np.round(cent_r + r0).astype(int), 0, work.shape[0] - 1)
@@ -324,16 +362,23 @@ def find_candidates(
     pr, pc = pr[order], pc[order]
     ok = wmask[pr, pc]
     pr, pc = pr[ok], pc[ok]
-    del best, peak
+    del best
     if len(pr) == 0:
         return empty
     # Pass 2, features at the candidates only: Gaussian stencils from local windows.
     hs = [max(1, int(round(s / px))) for s in SCALES_MM]
     radius = max(_gauss(EDGES_MM[-1] / px)[1] + max(hs), 2)
-    padded = np.pad(work, radius, mode="reflect")
-    win = np.lib.stride_tricks.sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1))
-    windows = win[pr, pc].astype(np.float64)  # (n, 2R+1, 2R+1), centred on each candidate
-    del padded, win
+    inner = (pr.min() >= radius and pc.min() >= radius and pr.max() < work.shape[0] - radius
+             and pc.max() < work.shape[1] - radius)
+    if inner:  # no window reaches the edge (the usual case: the border is wider): no padding
+        win = np.lib.stride_tricks.sliding_window_view(work, (2 * radius + 1, 2 * radius + 1))
+        windows = win[pr - radius, pc - radius].astype(np.float64)
+    else:
+        padded = np.pad(work, radius, mode="reflect")
+        win = np.lib.stride_tricks.sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1))
+        windows = win[pr, pc].astype(np.float64)  # (n, 2R+1, 2R+1), centred on each candidate
+        del padded
+    del win
     centre = [_stencils(windows, radius, e / px, 0)[:, 1, 1] for e in EDGES_MM]
     per_scale = np.zeros((len(SCALES_MM), len(pr)))
     noise_k = np.zeros((len(SCALES_MM), len(pr)))

@@ -381,8 +381,10 @@ class AnalysisPipeline:
         )
         clusters = clusters[: self.max_rois_per_image]  # strongest first
         display, scale = display_image(prepared.image01, self.sc_max_side)
-        breast = cv2.resize(prepared.breast_mask.astype(np.uint8), display.shape[::-1],
-                            interpolation=cv2.INTER_NEAREST)
+        mask = prepared.breast_mask
+        m8 = mask.view(np.uint8) if mask.dtype == np.bool_ and mask.flags.c_contiguous \
+            else mask.astype(np.uint8)  # 0/1 bytes either way; the view is no copy
+        breast = cv2.resize(m8, display.shape[::-1], interpolation=cv2.INTER_NEAREST)
         ia = ImageAnalysis(
             sop_instance_uid=item.sop_instance_uid,
             sop_class_uid=item.sop_class_uid,

@@ -99,11 +99,13 @@ def prepare(
     spacing, source = pixel_spacing(ds, fallback_spacing_mm)
     laterality, view = laterality_and_view(ds)
     mask = breast_mask(image01, spacing)
-    log.debug(
-        "prepared %s: %dx%d, %.4f mm (%s), %s %s, %s, breast %.0f%%",
-        uid, image01.shape[0], image01.shape[1], spacing, source, laterality or "?", view or "?",
-        "presentation" if presentation else "processing", 100.0 * mask.mean(),
-    )
+    if log.isEnabledFor(logging.DEBUG):  # the breast fraction is a pass over the whole mask
+        log.debug(
+            "prepared %s: %dx%d, %.4f mm (%s), %s %s, %s, breast %.0f%%",
+            uid, image01.shape[0], image01.shape[1], spacing, source, laterality or "?",
+            view or "?", "presentation" if presentation else "processing",
+            100.0 * mask.mean(),
+        )
     return PreparedImage(
         sop_instance_uid=uid,
         sop_class_uid=str(ds.get("SOPClassUID", "")),
@@ -425,6 +427,11 @@ def display_image(image01: np.ndarray, max_side: int) -> tuple[np.ndarray, float
         size = (max(1, int(round(cols * scale))), max(1, int(round(rows * scale))))
         small = cv2.resize(image01, size, interpolation=cv2.INTER_AREA)
         scale = size[0] / cols
+        if small.dtype == np.float32:  # our own copy: the same float32 steps, in place
+            np.multiply(small, np.float32(255.0), out=small)
+            np.add(small, np.float32(0.5), out=small)
+            np.clip(small, 0, 255, out=small)
+            return small.astype(np.uint8), scale
     else:
         small = image01
     return np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), scale
