@@ -104,3 +104,20 @@ def test_sustained_bench_runs_this_tree_and_a_baseline_back_to_back(tmp_path: Pa
     assert re.search(rf"studies/h: this tree {num}, baseline {num}, ratio \*\*{num}\*\*",
                      res.stdout), res.stdout
     assert re.search(rf"node peak RSS: this tree {num} MiB, baseline {num} MiB", res.stdout)
+
+
+def test_perimage_bench_alternates_this_tree_and_a_baseline(tmp_path: Path) -> None:
+    """bench.perimage runs the per-image work in this tree and in a baseline worktree, taking
+    turns, and prints CPU and wall ms per image, the ratio and whether the clusters agree."""
+    res = subprocess.run([sys.executable, "-m", "bench.perimage", "--baseline", "HEAD",
+                          "--format", "tiny", "--rounds", "1", "--repeats", "1",
+                          "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    num = r"\d+(?:\.\d+)?"
+    for tree in ("baseline", "this tree"):
+        assert re.search(rf"^\| 1 \| {tree} \| 4 \| \*\*{num}\*\* \| {num} \| {num} \| {num} \| "
+                         r"`[0-9a-f]{16}` \|", res.stdout, re.M), res.stdout
+    assert re.search(rf"CPU ms/image \(median of rounds\): this tree {num}, baseline {num}, "
+                     rf"ratio \*\*{num}\*\*", res.stdout), res.stdout
+    assert "clusters: identical in every run" in res.stdout  # HEAD against itself

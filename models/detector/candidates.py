@@ -84,7 +84,8 @@ def to_work_grid(
     work = cv2.resize(image01.astype(np.float32, copy=False), size, interpolation=interp)
     bool_c = mask.dtype == np.bool_ and mask.flags.c_contiguous
     m8 = mask.view(np.uint8) if bool_c else mask.astype(np.uint8)  # 0/1, no copy
-    wmask = cv2.resize(m8, size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    w8 = cv2.resize(m8, size, interpolation=cv2.INTER_NEAREST)
+    wmask = w8.view(np.bool_) if bool_c else w8.astype(bool)  # 0/1 bytes: a view, no copy
     return work, wmask, size[0] / cols
 
 
