@@ -33,6 +33,7 @@ import pydicom
 
 from models.detector.anatomy import reuse_downscaled
 from models.roi import crop_roi
+from node.analysis.allocator import keep_freed_images
 from node.analysis.classify import Classifier
 from node.analysis.heatmap import SparseMap, evidence_map, finish_cam, paste_cam
 from node.analysis.prepare import SkipImage, display_image, prepare
@@ -93,6 +94,8 @@ class AnalysisPipeline:
         max_workers: int | None = None,
     ) -> None:
         analysis = analysis or AnalysisSettings()
+        # the per-image arrays reuse freed blocks instead of new pages (node.analysis.allocator)
+        keep_freed_images()
         self.classifier = Classifier(
             model.card, architecture=model.architecture, device=model.device,
             batch_size=model.batch_size, threshold=model.threshold_override,
