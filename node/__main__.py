@@ -31,6 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # First, while this is the only thread: every arena a stage thread would get is an
     # arena less (node/memory.py).
     arena_max = limit_arenas()
+    from node.analysis.allocator import MMAP_THRESHOLD, keep_freed_images
+
+    kept = keep_freed_images()  # freed image-sized blocks reused (node/analysis/allocator.py)
     settings = _settings(args)
     os.umask(0o077)  # everything the node writes (instances, results, log) is private
     lg = settings.log
@@ -43,7 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     event(logging.getLogger("node.memory"), "process.allocator",
-          arena_max=arena_max if arena_max is not None else "default (not glibc)")
+          arena_max=arena_max if arena_max is not None else "default (not glibc)",
+          mmap_threshold_mib=MMAP_THRESHOLD >> 20 if kept else "default")
     from node.service import Node
 
     roles = None

@@ -24,8 +24,11 @@ from typing import Any
 # mallopt(3) parameters (glibc's malloc.h)
 M_ARENA_MAX = -8
 
-#: Arenas when nothing else is asked: the main heap and one for all the other threads.
-DEFAULT_ARENA_MAX = 2
+#: Arenas when nothing else is asked: one, the main heap, for every thread. Two (the main heap
+#: and one for all the other threads) already cut the idle node's 14 heaps to 1; one also lets
+#: node.analysis.allocator's thresholds work in the preparation threads (a thread arena's
+#: heaps hold at most 64 MiB, less than a float image).
+DEFAULT_ARENA_MAX = 1
 
 
 def _libc() -> Any:

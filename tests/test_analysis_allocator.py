@@ -60,3 +60,7 @@ def test_a_sites_own_malloc_tuning_is_left_alone() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=60, env=dict(os.environ, MALLOC_ARENA_MAX="4"))
     assert out.stdout.strip() == "False", out.stderr
+    tuned = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                           text=True, timeout=60,
+                           env=dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=4096"))
+    assert tuned.stdout.strip() == "False", tuned.stderr

@@ -18,8 +18,11 @@ then share its lock, which large numpy arrays take a few hundred times per image
 small objects have their own allocator).
 
 Linux with glibc only; elsewhere (or when ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``
-or ``MALLOC_ARENA_MAX`` are set in the environment, which glibc reads itself: a site's own
-tuning wins) nothing is changed.
+or ``MALLOC_ARENA_MAX`` are set in the environment, or ``GLIBC_TUNABLES`` names a
+``glibc.malloc.*`` tunable, which glibc reads itself: a site's own tuning wins) nothing is
+changed. ``mammo-node serve`` calls it first, with :func:`node.memory.limit_arenas`, before any
+stage thread exists (a thread that allocated before keeps its own arena); the pipeline calls it
+too, for a process that builds one without serving (benches, tools): once per process.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def keep_freed_images() -> bool:
         return True
     if not sys.platform.startswith("linux") or \
             {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"} \
-            & set(os.environ):
+            & set(os.environ) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     name = ctypes.util.find_library("c")
     try:
