@@ -145,7 +145,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 1
     failures = 0
     try:
-        for f, _ in headers:
+        from node.fastsend import leave_previous_pause
+
+        for n, (f, _) in enumerate(headers):
+            if n:  # pynetdicom's pause may still read as set from the last one (node.fastsend)
+                leave_previous_pause(assoc)
             status = assoc.send_c_store(pydicom.dcmread(f))
             code = int(status.Status) if status and "Status" in status else -1
             print(f"{f}: " + (f"0x{code:04X}" if code >= 0 else "no response"))

@@ -200,8 +200,11 @@ class Receiver:
         ae = GuardedAE(node.ae_title, node.allowed_peer_ips, tls.handshake_timeout_seconds,
                        self.admission)
         ae.maximum_pdu_size = node.max_pdu_size
-        # node.admission enforces the pool (and the reserve); pynetdicom's own count is above it.
-        ae.maximum_associations = self.admission.capacity + 1
+        # node.admission enforces the pool (and the reserve); pynetdicom's own count is only a
+        # bound on threads, well above it: it counts association threads that are still ending
+        # after their slot was released (a burst of port probes), and must not reject the next
+        # peer with "local limit exceeded" when the node has room.
+        ae.maximum_associations = 2 * self.admission.capacity + 16
         ae.network_timeout = node.network_timeout
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.network_timeout

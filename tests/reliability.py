@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
+from node.fastsend import leave_previous_pause
 from tests.netutil import StoreSCP, wait_for_port
 from tests.tools import require_binary
 
@@ -68,6 +69,9 @@ class RawSender:
     def send(self, path: Path) -> int:
         """The DIMSE status of one C-STORE of ``path`` (NO_RESPONSE when none came)."""
         assoc = self._connect()
+        # back to back on one association, pynetdicom's reactor may still read as paused from
+        # the last request and take this answer first (node.fastsend.leave_previous_pause)
+        leave_previous_pause(assoc)
         try:
             rsp = assoc.send_c_store(path)
         except (ValueError, AttributeError, RuntimeError):

@@ -142,13 +142,14 @@ def test_a_500_instance_study_then_a_four_view_study(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_an_analysis_is_prompt_and_the_job_resumes(tmp_path: Path) -> None:
-    # A slow analysis: 120 small images, all analysed (~10-30 s on two cores).
+    # A slow analysis: 120 small images, all analysed at completion (~5-30 s on two cores;
+    # no pre-analysis, which would have prepared them as they arrived and left ~1 s of work).
     study = big_study(tmp_path / "slow", 120, tag="redteam-sigterm")
     study_uid = uid_from("redteam-sigterm", "study")
     node = NodeProcess(tmp_path / "node",
                        node={"shutdown_timeout": 3},
                        study={"stable_seconds": 600, "complete_on_four_views": False},
-                       analysis={"max_images_per_study": 120}).start()
+                       analysis={"max_images_per_study": 120, "preanalysis_workers": 0}).start()
     try:
         res = storescu(node.port, study, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
