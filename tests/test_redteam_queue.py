@@ -142,14 +142,16 @@ def test_a_500_instance_study_then_a_four_view_study(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_an_analysis_is_prompt_and_the_job_resumes(tmp_path: Path) -> None:
-    # A slow analysis: 120 small images, all analysed at completion (~5-30 s on two cores;
-    # no pre-analysis, which would have prepared them as they arrived and left ~1 s of work).
-    study = big_study(tmp_path / "slow", 120, tag="redteam-sigterm")
+    # A slow analysis: 400 images of 256 x 256, all analysed at completion (several seconds on
+    # two cores; no pre-analysis, which would have prepared them as they arrived and left ~1 s
+    # of work). 120 images of 128 x 128 took ~1.7 s on a fast CI machine: the SIGTERM 1 s after
+    # the start then found the analysis past its last safe point, and the job was done.
+    study = big_study(tmp_path / "slow", 400, size=256, tag="redteam-sigterm")
     study_uid = uid_from("redteam-sigterm", "study")
     node = NodeProcess(tmp_path / "node",
                        node={"shutdown_timeout": 3},
                        study={"stable_seconds": 600, "complete_on_four_views": False},
-                       analysis={"max_images_per_study": 120, "preanalysis_workers": 0}).start()
+                       analysis={"max_images_per_study": 400, "preanalysis_workers": 0}).start()
     try:
         res = storescu(node.port, study, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
@@ -185,7 +187,10 @@ def test_sigterm_during_an_analysis_is_prompt_and_the_job_resumes(tmp_path: Path
         assert "analysis.superseded" in log or "node.stop_timeout" in log
         # After a restart the job runs again and completes: one attempt, counted once.
         node.start()
+        t1 = time.monotonic()
         wait_until(lambda: "analysis.done" in node.log(), 300, 0.5, "analysis after restart")
+        print(f"the re-queued analysis ran again and was done {time.monotonic() - t1:.1f} s "
+              "after the restart")
         with node_db(node.data_dir) as con:
             state, attempts = con.execute("SELECT state, attempts FROM jobs").fetchone()
             results = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
