@@ -54,22 +54,44 @@ def complete_ready_studies(
 ) -> list[str]:
     """Complete every study that is ready; returns their Study Instance UIDs."""
     now = now or utcnow()
+    if db.is_sqlite and not _any_ready(db, stable_seconds, complete_on_four_views, now):
+        return []  # the usual check: nothing ready, and the write lock was never taken
     done: list[str] = []
     with db.session() as s:
+        # Locked (queue.receiving_studies): an instance being recorded into one of these
+        # studies is either read below or waits for this transaction's commit.
         for study in queue.receiving_studies(s):
-            instances = list(
-                s.execute(select(Instance).where(Instance.study_id == study.id)).scalars()
-            )
-            quiet = (now - study.last_received_at).total_seconds() >= stable_seconds
-            first = s.execute(select(Job.id).where(Job.study_id == study.id).limit(1)
-                              ).first() is None
-            four = complete_on_four_views and first and has_four_views(instances)
-            if not (quiet or four):
+            ready = _ready(s, study, stable_seconds, complete_on_four_views, now)
+            if ready is None:
                 continue
-            _complete(s, study, instances, reason="four views" if four and not quiet else
-                      "stable")
+            reason, instances = ready
+            _complete(s, study, instances, reason=reason)
             done.append(study.study_uid)
     return done
+
+
+def _any_ready(db: Database, stable_seconds: float, complete_on_four_views: bool,
+               now: dt.datetime) -> bool:
+    """Whether some receiving study looks ready, read without a lock: on SQLite the locked pass
+    holds every receiver's commit back while it reads, so it runs only when it has work."""
+    with db.session() as s:
+        studies = s.execute(select(Study).where(Study.state == queue.StudyState.RECEIVING)
+                            ).scalars()
+        return any(_ready(s, st, stable_seconds, complete_on_four_views, now) is not None
+                   for st in studies)
+
+
+def _ready(s: Session, study: Study, stable_seconds: float, complete_on_four_views: bool,
+           now: dt.datetime) -> tuple[str, list[Instance]] | None:
+    """(why the study is complete, its instances), or None while it is still arriving."""
+    instances = list(s.execute(select(Instance).where(Instance.study_id == study.id)).scalars())
+    quiet = (now - study.last_received_at).total_seconds() >= stable_seconds
+    first = s.execute(select(Job.id).where(Job.study_id == study.id).limit(1)
+                      ).first() is None
+    four = complete_on_four_views and first and has_four_views(instances)
+    if not (quiet or four):
+        return None
+    return ("four views" if four and not quiet else "stable"), instances
 
 
 def _complete(s: Session, study: Study, instances: list[Instance], reason: str) -> None:

@@ -119,6 +119,19 @@ class Holder:
 
 
 # -- studies ---------------------------------------------------------------------------------
+def lock_for_writing(s: Session) -> None:
+    """SQLite: take the database's write lock now, before reading what this transaction will
+    change. pysqlite begins a transaction at the first INSERT/UPDATE/DELETE, so the SELECTs
+    before it read outside any transaction, and another connection could commit between a read
+    and the write based on it: a completion keyed without the instance being recorded (the
+    study then ``complete`` with an instance no analysis saw), or an instance recorded into a
+    study completed under it. An UPDATE that matches no row still takes the lock (waiting up
+    to the busy timeout for the writer that holds it); a transaction that changes nothing
+    commits without writing. PostgreSQL locks the rows instead (``FOR UPDATE``)."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(update(Study).where(Study.id.is_(None)).values(generation=Study.generation))
+
+
 def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Study, str | None]:
     """The study an arriving instance belongs to, created or re-opened (``receiving``).
     Returns (study, the state it was re-opened from, or None)."""
@@ -138,7 +151,9 @@ def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Stud
                 study.state == StudyState.RECEIVING:
             return study, None
     else:
-        study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar()
+        lock_for_writing(s)
+        study = s.execute(select(Study).where(Study.study_uid == study_uid)
+                          .execution_options(populate_existing=True)).scalar()
     if study is None:
         study = Study(study_uid=study_uid, state=StudyState.RECEIVING, generation=1,
                       created_at=now, last_received_at=now)
@@ -157,11 +172,15 @@ def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Stud
 
 def receiving_studies(s: Session) -> list[Study]:
     """Studies still receiving; on PostgreSQL locked for this transaction, skipping those another
-    node is completing or storing an instance into right now (they are looked at next time)."""
+    node is completing or storing an instance into right now (they are looked at next time); on
+    SQLite with the database's write lock held (:func:`lock_for_writing`), so that an instance
+    being recorded is either in what the caller reads next or waits for its commit."""
     q = select(Study).where(Study.state == StudyState.RECEIVING).order_by(Study.id)
     if s.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
-    return list(s.execute(q).scalars())
+    else:
+        lock_for_writing(s)
+    return list(s.execute(q.execution_options(populate_existing=True)).scalars())
 
 
 @dataclass(frozen=True)
