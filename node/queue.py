@@ -540,16 +540,25 @@ def finish_delivery(s: Session, delivery_id: int, holder: str | None,
     statuses = [o.status for o in kinds.values() if o.status]
     if statuses:  # a closing pass that sent nothing keeps the last answer
         d.last_status = statuses[-1]
-    grown = ok and seen is not None and any(
+    # Only kinds refused for good (no transient failure, the destination still configured):
+    # the other kinds still go. One recorded while this pass was in flight, or still to be
+    # built, sends the delivery round again; the refused kinds stay failed (not re-sent) and
+    # the delivery ends failed once the rest went (the branch on ``refused`` below).
+    only_refused = not ok and retry_at is None and bool(kinds) and "*" not in kinds and all(
+        o.ok or o.permanent for o in kinds.values())
+    progressed = ok or only_refused
+    grown = progressed and seen is not None and any(
         i not in seen for i in s.execute(select(ResultObject.id).where(
             ResultObject.result_id == d.result_id)).scalars())
-    building = ok and not grown and s.execute(
+    building = progressed and not grown and s.execute(
         select(Job.state).join(Result, Result.job_id == Job.id)
         .where(Result.id == d.result_id)).scalar() == JobState.RUNNING
     if grown:
         d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, now
+        d.last_error = errors[:2000] if only_refused else d.last_error
     elif building:  # the result is open: its next kind (or its job's end) wakes it
-        d.state, d.attempts, d.last_error = DeliveryState.PENDING, 0, None
+        d.state, d.attempts = DeliveryState.PENDING, 0
+        d.last_error = errors[:2000] if only_refused else None
         d.next_attempt_at = now + OPEN_RESULT_RECHECK
     elif ok and (refused := [f"{k}: {r.last_error}" for k, r in sorted(rows.items())
                              if r.state == DeliveryKindState.FAILED and k not in kinds]):

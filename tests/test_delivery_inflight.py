@@ -67,3 +67,60 @@ def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) 
     assert transport.sent == [["sc.dcm"], ["gsps.dcm"]]  # the SC once, then the rebuilt GSPS
     with db.session() as s:
         assert s.query(Delivery).one().state == "done"
+
+
+class RefuseFirstWhileNextIsBuilt:
+    """Refuses the first kind for good (0xA700); while it is refused, the worker records the
+    result's next kind (the SCs built while the SR was being sent)."""
+
+    def __init__(self, db: Database, result_id: int) -> None:
+        self.db, self.result_id, self.sent = db, result_id, []
+
+    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
+        self.sent.append(sorted(p.name for p in paths))
+        if len(self.sent) == 1:
+            with self.db.session() as s:
+                s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
+                                   sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
+                queue_deliveries(s, self.result_id, [dest.name])
+            return SendOutcome(False, True, "0xA700", "C-STORE refused with 0xA700")
+        return SendOutcome(True, False, "0x0000", "")
+
+
+def test_a_kind_recorded_while_another_is_refused_is_still_sent(tmp_path: Path) -> None:
+    # Seen in the full suite under load (tests/test_outage.py): the SR was refused while the SCs
+    # were recorded, the delivery became failed at once, and the SCs were withheld until
+    # `mammo-node retry`. One refused kind must not withhold the others.
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    with db.session() as s:
+        study = Study(study_uid="1.2.3", state="complete")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
+        s.add(job)
+        s.flush()
+        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
+        s.add(result)
+        s.flush()
+        s.add(ResultObject(result_id=result.id, sop_class_uid=SECONDARY_CAPTURE,
+                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
+        s.add(Delivery(result_id=result.id, destination="pacs"))
+        result_id = result.id
+    transport = RefuseFirstWhileNextIsBuilt(db, result_id)
+    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
+                       objects=["sc", "gsps"])
+    deliverer = Deliverer(DeliverySettings(), [dest], DeliveryContext(
+        db, Spool(tmp_path / "data"), transports={"dicom": transport}))
+
+    assert deliverer.run_due() == 1
+    with db.session() as s:  # the SC was refused, the GSPS is still to go: due again
+        d = s.query(Delivery).one()
+        assert d.state == "pending", d.state
+        assert "0xA700" in (d.last_error or "")
+    assert deliverer.run_due() == 1
+    assert transport.sent == [["sc.dcm"], ["gsps.dcm"]]  # the refused SC is not sent again
+    with db.session() as s:  # everything else went: failed, with the refusal that made it so
+        d = s.query(Delivery).one()
+        assert d.state == "failed"
+        assert "0xA700" in (d.last_error or "")
