@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 
-from node.db import Delivery, Job, Result, Study
+from node.db import Database, Delivery, Job, Result, ResultObject, Study
 from node.service import Node
 from tests.netutil import storescu, wait_until
 
@@ -46,3 +47,22 @@ def wait_done(node: Node, study_uid: str, timeout: float = 60) -> None:
     """Until the study's last job finished (done or failed)."""
     wait_until(lambda: (j := jobs(node, study_uid)) and j[-1][0] in ("done", "failed"),
                timeout, 0.1, f"a finished job for {study_uid}")
+
+
+def result_with_one_sc(db: Database, destination: str = "pacs") -> int:
+    """A finished job's result holding one SC (relpath ``r/sc.dcm``), its delivery to
+    ``destination`` due; returns the result's id."""
+    with db.session() as s:
+        study = Study(study_uid="1.2.3", state="complete")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
+        s.add(job)
+        s.flush()
+        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
+        s.add(result)
+        s.flush()
+        s.add(ResultObject(result_id=result.id, sop_class_uid=SecondaryCaptureImageStorage,
+                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
+        s.add(Delivery(result_id=result.id, destination=destination))
+        return result.id

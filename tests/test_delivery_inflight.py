@@ -10,33 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GRAYSCALE_SOFTCOPY_PS
-from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
 from node.config import DeliverySettings, Destination
-from node.db import Database, Delivery, Job, Result, ResultObject, Study
+from node.db import Database, Delivery, ResultObject
 from node.deliver import Deliverer, DeliveryContext, SendOutcome
 from node.queue import queue_deliveries
 from node.store import Spool
-
-
-def _result_with_one_sc(tmp_path: Path) -> tuple[Database, int]:
-    """A finished job's result holding one SC, with its delivery to "pacs" due."""
-    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    db.create_schema()
-    with db.session() as s:
-        study = Study(study_uid="1.2.3", state="complete")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
-        s.add(job)
-        s.flush()
-        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
-        s.add(result)
-        s.flush()
-        s.add(ResultObject(result_id=result.id, sop_class_uid=SECONDARY_CAPTURE,
-                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
-        s.add(Delivery(result_id=result.id, destination="pacs"))
-        return db, result.id
+from tests.inprocess import result_with_one_sc
 
 
 class RebuildWhileSending:
@@ -56,7 +36,9 @@ class RebuildWhileSending:
 
 
 def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) -> None:
-    db, result_id = _result_with_one_sc(tmp_path)
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    result_id = result_with_one_sc(db)
     transport = RebuildWhileSending(db, result_id)
     dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
                        objects=["sc", "gsps"])
@@ -96,7 +78,9 @@ def test_a_kind_recorded_while_another_is_refused_is_still_sent(tmp_path: Path) 
     # Seen in the full suite under load (tests/test_outage.py): the SR was refused while the SCs
     # were recorded, the delivery became failed at once, and the SCs were withheld until
     # `mammo-node retry`. One refused kind must not withhold the others.
-    db, result_id = _result_with_one_sc(tmp_path)
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    result_id = result_with_one_sc(db)
     transport = RefuseFirstWhileNextIsBuilt(db, result_id)
     dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
                        objects=["sc", "gsps"])

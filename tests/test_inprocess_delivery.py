@@ -21,7 +21,7 @@ from node.deliver import Deliverer, DeliveryContext
 from node.service import Node
 from node.store import Spool
 from tests.fakeanalyser import FakeAnalyser
-from tests.inprocess import deliveries, send, wait_done
+from tests.inprocess import deliveries, result_with_one_sc, send, wait_done
 from tests.netutil import StoreSCP, free_port, wait_until
 from tests.smallstudies import small_study
 
@@ -81,21 +81,8 @@ def test_a_destination_that_comes_back_gets_everything(
 def test_backoff_doubles_up_to_its_maximum_and_is_recorded(db, tmp_path: Path) -> None:
     """The retry time written after a failed attempt follows the backoff rule."""
     from node.config import Destination
-    from node.db import Job, Result, ResultObject, Study
 
-    with db.session() as s:
-        study = Study(study_uid="1.2.3", state="complete")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, generation=1, input_key="k", state="done")
-        s.add(job)
-        s.flush()
-        result = Result(study_id=study.id, job_id=job.id, analysis_key="a")
-        s.add(result)
-        s.flush()
-        s.add(ResultObject(result_id=result.id, sop_class_uid=SECONDARY_CAPTURE,
-                           sop_uid="1.2.3.8", relpath="r/sc.dcm"))
-        s.add(Delivery(result_id=result.id, destination="pacs"))
+    result_with_one_sc(db)
     spool = Spool(tmp_path / "data")
     (spool.path("r/sc.dcm")).parent.mkdir(parents=True, exist_ok=True)
     small = small_study(tmp_path / "in", 13, views=1)[0]
