@@ -75,10 +75,8 @@ def _any_ready(db: Database, stable_seconds: float, complete_on_four_views: bool
     """Whether some receiving study looks ready, read without a lock: on SQLite the locked pass
     holds every receiver's commit back while it reads, so it runs only when it has work."""
     with db.session() as s:
-        studies = s.execute(select(Study).where(Study.state == queue.StudyState.RECEIVING)
-                            ).scalars()
         return any(_ready(s, st, stable_seconds, complete_on_four_views, now) is not None
-                   for st in studies)
+                   for st in queue.receiving_studies(s, lock=False))
 
 
 def _ready(s: Session, study: Study, stable_seconds: float, complete_on_four_views: bool,

@@ -170,15 +170,16 @@ def receive_instance(s: Session, study_uid: str, now: dt.datetime) -> tuple[Stud
     return study, previous
 
 
-def receiving_studies(s: Session) -> list[Study]:
-    """Studies still receiving; on PostgreSQL locked for this transaction, skipping those another
-    node is completing or storing an instance into right now (they are looked at next time); on
-    SQLite with the database's write lock held (:func:`lock_for_writing`), so that an instance
-    being recorded is either in what the caller reads next or waits for its commit."""
+def receiving_studies(s: Session, lock: bool = True) -> list[Study]:
+    """Studies still receiving. ``lock``: on PostgreSQL locked for this transaction, skipping
+    those another node is completing or storing an instance into right now (they are looked at
+    next time); on SQLite with the database's write lock held (:func:`lock_for_writing`), so
+    that an instance being recorded is either in what the caller reads next or waits for its
+    commit. Without ``lock``, a look that decides nothing."""
     q = select(Study).where(Study.state == StudyState.RECEIVING).order_by(Study.id)
-    if s.get_bind().dialect.name == "postgresql":
+    if lock and s.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
-    else:
+    elif lock:
         lock_for_writing(s)
     return list(s.execute(q.execution_options(populate_existing=True)).scalars())
 

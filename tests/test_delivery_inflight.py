@@ -18,32 +18,44 @@ from node.queue import queue_deliveries
 from node.store import Spool
 from tests.inprocess import result_with_one_sc
 
+_ACCEPTED = SendOutcome(True, False, "0x0000", "")
+_REFUSED = SendOutcome(False, True, "0xA700", "C-STORE refused with 0xA700")
 
-class RebuildWhileSending:
-    """Records what is sent; during the first send the worker adds a rebuilt kind."""
 
-    def __init__(self, db: Database, result_id: int) -> None:
-        self.db, self.result_id, self.sent = db, result_id, []
+class KindAddedDuringFirstSend:
+    """Records what is sent; during the first send the worker records another kind (a rebuilt
+    one, or the next kind of a result still being built), and that send gets ``first``."""
+
+    def __init__(self, db: Database, result_id: int, first: SendOutcome) -> None:
+        self.db, self.result_id, self.first = db, result_id, first
+        self.sent: list[list[str]] = []
 
     def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
         self.sent.append(sorted(p.name for p in paths))
-        if len(self.sent) == 1:
-            with self.db.session() as s:  # what the worker does when a retried kind is built
-                s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
-                                   sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
-                queue_deliveries(s, self.result_id, [dest.name])
-        return SendOutcome(True, False, "0x0000", "")
+        if len(self.sent) > 1:
+            return _ACCEPTED
+        with self.db.session() as s:  # what the worker does when it records a kind
+            s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
+                               sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
+            queue_deliveries(s, self.result_id, [dest.name])
+        return self.first
+
+
+def _deliverer(tmp_path: Path, first: SendOutcome
+               ) -> tuple[Database, Deliverer, KindAddedDuringFirstSend]:
+    """A result with one SC due to "pacs" (which takes SCs and GSPS), sent through
+    :class:`KindAddedDuringFirstSend`."""
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    transport = KindAddedDuringFirstSend(db, result_with_one_sc(db), first)
+    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
+                       objects=["sc", "gsps"])
+    return db, Deliverer(DeliverySettings(), [dest], DeliveryContext(
+        db, Spool(tmp_path / "data"), transports={"dicom": transport})), transport
 
 
 def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    db.create_schema()
-    result_id = result_with_one_sc(db)
-    transport = RebuildWhileSending(db, result_id)
-    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
-                       objects=["sc", "gsps"])
-    deliverer = Deliverer(DeliverySettings(), [dest], DeliveryContext(
-        db, Spool(tmp_path / "data"), transports={"dicom": transport}))
+    db, deliverer, transport = _deliverer(tmp_path, _ACCEPTED)
 
     assert deliverer.run_due() == 1
     with db.session() as s:  # the attempt saw only the SC: the delivery is due again, not done
@@ -56,36 +68,11 @@ def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) 
         assert s.query(Delivery).one().state == "done"
 
 
-class RefuseFirstWhileNextIsBuilt:
-    """Refuses the first kind for good (0xA700); while it is refused, the worker records the
-    result's next kind (the SCs built while the SR was being sent)."""
-
-    def __init__(self, db: Database, result_id: int) -> None:
-        self.db, self.result_id, self.sent = db, result_id, []
-
-    def send(self, dest: Destination, paths: Sequence[Path]) -> SendOutcome:
-        self.sent.append(sorted(p.name for p in paths))
-        if len(self.sent) == 1:
-            with self.db.session() as s:
-                s.add(ResultObject(result_id=self.result_id, sop_class_uid=GRAYSCALE_SOFTCOPY_PS,
-                                   sop_uid="1.2.3.9", relpath="r/gsps.dcm"))
-                queue_deliveries(s, self.result_id, [dest.name])
-            return SendOutcome(False, True, "0xA700", "C-STORE refused with 0xA700")
-        return SendOutcome(True, False, "0x0000", "")
-
-
 def test_a_kind_recorded_while_another_is_refused_is_still_sent(tmp_path: Path) -> None:
     # Seen in the full suite under load (tests/test_outage.py): the SR was refused while the SCs
     # were recorded, the delivery became failed at once, and the SCs were withheld until
     # `mammo-node retry`. One refused kind must not withhold the others.
-    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    db.create_schema()
-    result_id = result_with_one_sc(db)
-    transport = RefuseFirstWhileNextIsBuilt(db, result_id)
-    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
-                       objects=["sc", "gsps"])
-    deliverer = Deliverer(DeliverySettings(), [dest], DeliveryContext(
-        db, Spool(tmp_path / "data"), transports={"dicom": transport}))
+    db, deliverer, transport = _deliverer(tmp_path, _REFUSED)
 
     assert deliverer.run_due() == 1
     with db.session() as s:  # the SC was refused, the GSPS is still to go: due again
