@@ -235,6 +235,13 @@ class Deliverer:
             event(log, "delivery.kinds_sent", destination=name, study_id=study_id,
                   objects=sent, kinds=",".join(outcomes) or "none", status=last_status,
                   ms=ms, next="the result's next kind")
+        elif not transient and state == "pending":
+            # a kind refused for good (logged above) while others are still to go: not a retry
+            event(log, "delivery.kinds_sent", logging.WARNING, destination=name,
+                  study_id=study_id, objects=sent, kinds=",".join(
+                      k for k, o in outcomes.items() if o.ok) or "none",
+                  refused=",".join(refused), status=last_status, ms=ms,
+                  next="the result's other kinds")
         else:
             event(log, "delivery.failed", logging.WARNING if state == "pending" else logging.ERROR,
                   destination=name, study_id=study_id, attempt=attempts, state=state,

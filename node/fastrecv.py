@@ -53,6 +53,7 @@ _WRITEBACK_STEP = 4 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 # (seconds of silence allowed inside a PDU, minimum bytes/s after that grace); None: no limit.
 _read_limits: tuple[float, float] | None = None
+_incoming_dir: str | None = None  # where C-STORE datasets stream to (the spool's incoming/)
 log = logging.getLogger("node.fastrecv")
 
 
@@ -73,6 +74,8 @@ class _HashingTempFile:
     """A ``NamedTemporaryFile`` whose ``write`` also updates a SHA-256 and a byte count."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _incoming_dir is not None and "dir" not in kwargs and len(args) < 7:
+            kwargs["dir"] = _incoming_dir  # pynetdicom names no folder
         self._file = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
         self.name = self._file.name
         self.file = self._file.file
@@ -120,6 +123,14 @@ def discarded(path: Path | str) -> int | None:
             return None
         del _pending[str(Path(path))]
     return entry.size
+
+
+def set_incoming_dir(path: Path | str | None) -> None:
+    """Stream received C-STORE datasets into ``path`` (the spool's incoming/, on the same
+    filesystem as the store, so adopting one is a rename). Only these temp files go there: the
+    process's ``tempfile`` default is left alone. None: tempfile's default."""
+    global _incoming_dir
+    _incoming_dir = None if path is None else str(path)
 
 
 def set_read_limits(pdu_timeout: float | None, min_rate_bytes: float = 0.0) -> None:

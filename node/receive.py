@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -196,7 +195,7 @@ class Receiver:
         fastrecv.set_space_guard(lambda: spool.free_mb() >= node.min_free_mb)
         # Inside a PDU: at most pdu_timeout s of silence, then at least min_receive_rate B/s.
         fastrecv.set_read_limits(node.pdu_timeout, node.min_receive_rate_kib * 1024)
-        tempfile.tempdir = str(spool.incoming)
+        fastrecv.set_incoming_dir(spool.incoming)  # the datasets' temp files, nothing else
         ae = GuardedAE(node.ae_title, node.allowed_peer_ips, tls.handshake_timeout_seconds,
                        self.admission)
         ae.maximum_pdu_size = node.max_pdu_size

@@ -76,12 +76,9 @@ def inprocess_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """``inprocess_node(analyser, destinations, **sections)``: the real service (receiver,
     completion, worker, report builders, deliverer) started in this process with the given
     analyser (a :class:`tests.fakeanalyser.FakeAnalyser` by default); stopped at teardown."""
-    import tempfile
-
     from node.service import Node
 
     started: list[Node] = []
-    tempdir = tempfile.tempdir  # the receiver points it at its spool's incoming/
 
     def start(analyser: object | None = None, destinations: list[dict[str, object]] = (),
               **sections: dict[str, object]) -> Node:
@@ -95,4 +92,3 @@ def inprocess_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     for node in reversed(started):
         if not node._stopped.is_set():
             node.stop(5)
-    tempfile.tempdir = tempdir

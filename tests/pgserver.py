@@ -58,8 +58,8 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = require_postgres()
         self.run_as: list[str] = []
-        # Not tempfile's current default: an in-process Receiver points tempfile.tempdir at its
-        # incoming/ (pynetdicom streams datasets there), a folder the postgres user cannot enter.
+        # The system's temp folder, which the postgres user can enter (a test's tmp_path, where
+        # the node's data_dir lives, may not be).
         system_tmp = os.environ.get("TMPDIR") or "/tmp"
         self.root = Path(tempfile.mkdtemp(prefix="mammo-pg-", dir=system_tmp))
         if os.geteuid() == 0:

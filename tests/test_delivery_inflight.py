@@ -6,9 +6,11 @@ deliverer used to mark the delivery done at the end and the new kind was never s
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GRAYSCALE_SOFTCOPY_PS
 
 from node.config import DeliverySettings, Destination
@@ -68,13 +70,20 @@ def test_a_kind_added_while_the_delivery_is_sending_is_sent_too(tmp_path: Path) 
         assert s.query(Delivery).one().state == "done"
 
 
-def test_a_kind_recorded_while_another_is_refused_is_still_sent(tmp_path: Path) -> None:
+def test_a_kind_recorded_while_another_is_refused_is_still_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Seen in the full suite under load (tests/test_outage.py): the SR was refused while the SCs
     # were recorded, the delivery became failed at once, and the SCs were withheld until
     # `mammo-node retry`. One refused kind must not withhold the others.
     db, deliverer, transport = _deliverer(tmp_path, _REFUSED)
 
-    assert deliverer.run_due() == 1
+    with caplog.at_level(logging.INFO, logger="node.deliver"):
+        assert deliverer.run_due() == 1
+    lines = [r.getMessage() for r in caplog.records]
+    # the admin's log: the refusal, and that the rest is still to go (no "failed", no retry)
+    assert any(m.startswith("delivery.kind_failed") and "kind=sc" in m for m in lines), lines
+    assert any(m.startswith("delivery.kinds_sent") and "refused=sc" in m for m in lines), lines
+    assert not any(m.startswith("delivery.failed") for m in lines), lines
     with db.session() as s:  # the SC was refused, the GSPS is still to go: due again
         d = s.query(Delivery).one()
         assert d.state == "pending", d.state

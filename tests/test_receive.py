@@ -365,3 +365,24 @@ def test_large_mammogram_streams_to_disk(receiver: Receiver, tmp_path: Path) -> 
         inst = s.execute(select(Instance)).scalar_one()
     assert inst.size == path.stat().st_size or abs(inst.size - path.stat().st_size) < 1024
     assert np.array_equal(pydicom.dcmread(receiver.spool.path(inst.relpath)).pixel_array, pixels)
+
+
+def test_datasets_stream_into_incoming_and_the_process_tempdir_is_left_alone(
+        receiver: Receiver) -> None:
+    # pynetdicom creates each chunked dataset's temp file without naming a folder: it must land
+    # in the spool's incoming/ (same filesystem: adopting is a rename; swept at start), while
+    # every other temp file of the process (reports, models, tests) stays in the system's.
+    import tempfile
+
+    from node import fastrecv
+
+    assert Path(tempfile.gettempdir()) != receiver.spool.incoming
+    f = fastrecv._HashingTempFile(delete=False, mode="wb", suffix=".dcm")  # pynetdicom's call
+    try:
+        assert Path(f.name).parent == receiver.spool.incoming
+    finally:
+        f.close()
+        Path(f.name).unlink()
+        fastrecv.take_digest(f.name)
+    with tempfile.NamedTemporaryFile() as other:
+        assert Path(other.name).parent != receiver.spool.incoming
