@@ -60,8 +60,8 @@ def ingest_section(cfg: list, work: Path) -> tuple[list[str], dict]:
 
     rows = ["| files | images | MB | storescp s | storescp MB/s | storescp img/s | node s | "
             "node MB/s | node img/s | node/dcmtk | storescp+fsync MB/s | node/(dcmtk+fsync) | "
-            "storescp peak RSS MiB | node peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "node/(dcmtk+sha256+fsync) | storescp peak RSS MiB | node peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = {}
     for fmt, syntax, studies, repeats in cfg:
         with tempfile.TemporaryDirectory(prefix="mammo-bench-in-", dir=work) as tmp:
@@ -72,7 +72,8 @@ def ingest_section(cfg: list, work: Path) -> tuple[list[str], dict]:
                     f"{smb:.0f} | {sis:.1f} | {r.seconds['node']:.2f} | {nmb:.0f} | {nis:.1f} | "
                     f"**{r.ratio:.2f}** | "
                     + (f"{r.rate('storescp+fsync')[0]:.0f} | **{r.durable_ratio:.2f}** | "
-                       if r.durable_ratio is not None else "n/a (no cc) | n/a | ")
+                       f"{r.hashed_ratio or 0:.2f} | "
+                       if r.durable_ratio is not None else "n/a (no cc) | n/a | n/a | ")
                     + f"{r.peak_rss_mib['storescp']:.0f} | "
                     f"{r.peak_rss_mib['node']:.0f} |")
         ratios[r.label] = r.ratio

@@ -10,7 +10,10 @@ ratio and the peak RSS (VmHWM) of each receiving process. storescp writes withou
 fsyncs every instance and its directory before acknowledging. The native durable ceiling is
 ``storescp+fsync``: the same storescp with bench/native/fsync_on_close.c preloaded (each file it
 saves is fsynced, and its directory, before the C-STORE answer), built with ``cc`` when one is
-installed (else that column is left out). TCP_NODELAY=1 is set for dcmtk (it
+installed (else that column is left out). ``storescp+fsync+sha256`` also takes the SHA-256 of
+each file before its fsync (the digest the node records for duplicate detection): a native
+receiver that keeps both of the node's promises, so node/that ratio is Python against C++ for
+the same work (the node's SQLite commit aside). TCP_NODELAY=1 is set for dcmtk (it
 otherwise leaves Nagle on and stalls ~40 ms per C-STORE).
 """
 
@@ -63,6 +66,7 @@ class IngestResult:
     peak_rss_mib: dict[str, float]
     ratio: float  # node/dcmtk throughput, median of per-pair ratios (>1 = node faster)
     durable_ratio: float | None = None  # node / (storescp + fsync per file), likewise
+    hashed_ratio: float | None = None  # node / (storescp + SHA-256 + fsync per file), likewise
     base_ratios: dict[str, float] | None = None  # node-base / storescp, storescp+fsync, node
     cpu_ms_per_image: dict[str, float] | None = None  # receiver CPU (user+sys), median run
 
@@ -115,10 +119,12 @@ def run_once(kind: str, files: list[Path], work: Path, pdu: int = PDU,
     if kind.startswith("storescp"):
         out.mkdir(parents=True)
         server_env = dict(env)
-        if kind == "storescp+fsync":
+        if kind in ("storescp+fsync", "storescp+fsync+sha256"):
             shim = fsync_shim(work)
             assert shim is not None
             server_env["LD_PRELOAD"] = str(shim)
+            if kind.endswith("+sha256"):  # the node's digest too (bench/native/fsync_on_close.c)
+                server_env["MAMMO_SHIM_SHA256"] = "1"
         server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out), "+xa",
                                    "-pdu", str(PDU), str(port)], env=server_env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,7 +185,7 @@ def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = 
             raise RuntimeError(f"{tool} (dcmtk) is needed: apt-get install dcmtk")
     mb = sum(f.stat().st_size for f in files) / 1e6
     kinds = ["storescp", "node"] + (["node-base"] if baseline else []) + (
-        ["storescp+fsync"] if fsync_shim(work) else [])
+        ["storescp+fsync", "storescp+fsync+sha256"] if fsync_shim(work) else [])
     runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
     run_once("node", files[:1], work, pdu)  # warm-up (imports, page cache)
     if baseline:
@@ -199,6 +205,7 @@ def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = 
                           for k, v in runs.items()},
         ratio=_paired(runs, "node", "storescp") or 0.0,
         durable_ratio=_paired(runs, "node", "storescp+fsync"),
+        hashed_ratio=_paired(runs, "node", "storescp+fsync+sha256"),
         base_ratios=base,
     )
 
@@ -277,12 +284,14 @@ def main() -> None:
           " (each receiver warmed by one other image first)")
     for kind in r.seconds:
         mbs, ips = r.rate(kind)
-        print(f"{kind:<14} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
+        print(f"{kind:<21} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
               f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB"
               + (f" CPU {r.cpu_ms_per_image[kind]:6.1f} ms/img" if r.cpu_ms_per_image else ""))
     print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
     if r.durable_ratio is not None:
         print(f"node/(dcmtk + fsync per file) throughput ratio: {r.durable_ratio:.2f}")
+    if r.hashed_ratio is not None:
+        print(f"node/(dcmtk + SHA-256 + fsync per file) throughput ratio: {r.hashed_ratio:.2f}")
     if r.base_ratios:
         print(f"baseline tree: {baseline}")
         for k, v in r.base_ratios.items():

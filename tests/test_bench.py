@@ -121,3 +121,38 @@ def test_perimage_bench_alternates_this_tree_and_a_baseline(tmp_path: Path) -> N
     assert re.search(rf"CPU ms/image \(median of rounds\): this tree {num}, baseline {num}, "
                      rf"ratio \*\*{num}\*\*", res.stdout), res.stdout
     assert "clusters: identical in every run" in res.stdout  # HEAD against itself
+
+
+def test_native_ceiling_shim_fsyncs_and_hashes_what_storescp_saves(tmp_path: Path) -> None:
+    """bench/native/fsync_on_close.c, preloaded into a real storescp with MAMMO_SHIM_SHA256=2,
+    takes the SHA-256 of each instance it saves (printed to stderr to be checked here): the
+    ``storescp+fsync+sha256`` column of bench.ingest really does the node's hashing work."""
+    import hashlib
+    import os
+
+    from bench.ingest import fsync_shim
+    from tests.netutil import free_port, storescu, wait_for_port
+    from tests.testdata import mias_to_mg
+
+    for tool in ("storescu", "storescp"):
+        require_binary(tool)
+    shim = fsync_shim(tmp_path)
+    if shim is None:
+        pytest.skip("no C compiler (cc): the bench leaves the native-ceiling columns out")
+    src = tmp_path / "one.dcm"
+    mias_to_mg("mdb209").save_as(src, enforce_file_format=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    port = free_port()
+    server = subprocess.Popen(["storescp", "-aet", "MAMMO_AI", "-od", str(out), "+xa", str(port)],
+                              env=dict(os.environ, LD_PRELOAD=str(shim), MAMMO_SHIM_SHA256="2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, 30, server)
+        assert storescu(port, [src]).returncode == 0
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    (saved,) = list(out.iterdir())
+    digest = hashlib.sha256(saved.read_bytes()).hexdigest()
+    assert f"{digest}  {saved}" in err, err[-2000:]
