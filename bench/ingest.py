@@ -69,6 +69,7 @@ class IngestResult:
     hashed_ratio: float | None = None  # node / (storescp + SHA-256 + fsync per file), likewise
     base_ratios: dict[str, float] | None = None  # node-base / storescp, storescp+fsync, node
     cpu_ms_per_image: dict[str, float] | None = None  # receiver CPU (user+sys), median run
+    best_seconds: dict[str, float] | None = None  # fastest run per server ("at its best")
 
     def rate(self, server: str) -> tuple[float, float]:
         s = self.seconds[server]
@@ -200,6 +201,7 @@ def compare(files: list[Path], work: Path, repeats: int, label: str, pdu: int = 
     return IngestResult(
         label=label, images=len(files), mb=mb,
         seconds={k: statistics.median(r[0] for r in v) for k, v in runs.items()},
+        best_seconds={k: min(r[0] for r in v) for k, v in runs.items()},
         peak_rss_mib={k: max(r[1] for r in v) for k, v in runs.items()},
         cpu_ms_per_image={k: 1000 * statistics.median(r[2] for r in v) / len(files)
                           for k, v in runs.items()},
@@ -286,8 +288,13 @@ def main() -> None:
         mbs, ips = r.rate(kind)
         print(f"{kind:<21} {r.seconds[kind]:7.2f} s {mbs:8.1f} MB/s {ips:7.1f} img/s "
               f"peak RSS {r.peak_rss_mib[kind]:7.1f} MiB"
-              + (f" CPU {r.cpu_ms_per_image[kind]:6.1f} ms/img" if r.cpu_ms_per_image else ""))
+              + (f" CPU {r.cpu_ms_per_image[kind]:6.1f} ms/img" if r.cpu_ms_per_image else "")
+              + (f" best {r.best_seconds[kind]:5.2f} s" if r.best_seconds else ""))
     print(f"node/dcmtk throughput ratio: {r.ratio:.2f}")
+    if r.best_seconds:  # the "storescp at its best": fastest run against fastest run
+        print("best run against best run: " + ", ".join(
+            f"node/{k} {r.best_seconds[k] / r.best_seconds['node']:.2f}"
+            for k in r.best_seconds if k.startswith("storescp")))
     if r.durable_ratio is not None:
         print(f"node/(dcmtk + fsync per file) throughput ratio: {r.durable_ratio:.2f}")
     if r.hashed_ratio is not None:
