@@ -431,7 +431,10 @@ class Database:
         kwargs: dict = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 60}
-        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True, **kwargs)
+        # pre-ping (a SELECT 1 per checkout) finds a PostgreSQL connection the server dropped;
+        # a SQLite connection is a local file and cannot be dropped
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not self.is_sqlite,
+                                            **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False, future=True)

@@ -528,10 +528,9 @@ class Receiver:
     def _store(self, tmp: Path, ds: Dataset, calling_aet: str) -> StoredInstance | None:
         """Make durable and record; None when the same content was already stored."""
         sop_uid = str(ds.SOPInstanceUID)
-        with self.db.session() as s:
-            existing = s.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar()
+        existing = self._stored_digest(sop_uid)
         if existing is not None:
-            self._duplicate(tmp, existing)
+            self._duplicate(tmp, sop_uid, existing)
             return None
         relpath, size, sha = self.spool.adopt(tmp)
         faults.hit("store.after_write")
@@ -567,9 +566,7 @@ class Receiver:
         except IntegrityError:
             # Another association stored the same SOP Instance UID a moment ago.
             self.spool.remove(relpath)
-            with self.db.session() as s:
-                existing = s.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar()
-            if existing is not None and existing.sha256 == sha:
+            if self._stored_digest(sop_uid) == sha:
                 return None
             raise Refused(STATUS_CONFLICT, "SOP Instance UID stored concurrently with "
                                            "different content") from None
@@ -579,7 +576,14 @@ class Receiver:
         return StoredInstance(study_uid, sop_uid, laterality, view, relpath,
                               str(ds.SOPClassUID))
 
-    def _duplicate(self, tmp: Path, existing: Instance) -> None:
+    def _stored_digest(self, sop_uid: str) -> str | None:
+        """The SHA-256 of the instance already stored under ``sop_uid``, None if there is none.
+        One column on a plain connection: no ORM session for the question every C-STORE asks."""
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(Instance.sha256).where(
+                Instance.sop_uid == sop_uid)).scalar()
+
+    def _duplicate(self, tmp: Path, sop_uid: str, stored_sha256: str) -> None:
         """The same content again: forget the new copy; other content: :class:`Refused`."""
         import hashlib
 
@@ -592,10 +596,10 @@ class Receiver:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
             digest = h.hexdigest()
-        if digest == existing.sha256:
+        if digest == stored_sha256:
             _unlink(tmp)
             return
-        raise Refused(STATUS_CONFLICT, f"SOP Instance UID {existing.sop_uid} already stored "
+        raise Refused(STATUS_CONFLICT, f"SOP Instance UID {sop_uid} already stored "
                                        "with different content")
 
 
