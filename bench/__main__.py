@@ -72,7 +72,7 @@ def ingest_section(cfg: list, work: Path) -> tuple[list[str], dict]:
                     f"{smb:.0f} | {sis:.1f} | {r.seconds['node']:.2f} | {nmb:.0f} | {nis:.1f} | "
                     f"**{r.ratio:.2f}** | "
                     + (f"{r.rate('storescp+fsync')[0]:.0f} | **{r.durable_ratio:.2f}** | "
-                       f"{r.hashed_ratio or 0:.2f} | "
+                       + (f"{r.hashed_ratio:.2f} | " if r.hashed_ratio is not None else "n/a | ")
                        if r.durable_ratio is not None else "n/a (no cc) | n/a | n/a | ")
                     + f"{r.peak_rss_mib['storescp']:.0f} | "
                     f"{r.peak_rss_mib['node']:.0f} |")
